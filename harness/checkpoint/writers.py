@@ -1,0 +1,146 @@
+"""Streaming shard writers: one tensor in memory at a time, never a whole shard.
+
+`.bin` shards are written in torch's own zip format record by record through torch's
+`PyTorchFileWriter` (the writer `torch.save` uses), so the files are what `torch.save` of the
+same state dict would produce: same records, same order, same 64-byte data alignment, valid
+CRCs. safetensors shards get their header first (every offset is known from the plan), then
+the tensors' bytes straight from the fill chunks, with no intermediate copy.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import sys
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import torch
+import torch._utils
+
+from ..layout import TensorInfo
+
+Chunks = Callable[[TensorInfo], Iterable[bytes | memoryview]]
+Progress = Callable[[int], None]
+
+_STORAGE_TYPES = {"float16": torch.HalfStorage, "bfloat16": torch.BFloat16Storage,
+                  "float32": torch.FloatStorage}
+SAFETENSORS_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Storage:
+    """Stands for a tensor's storage while pickling; becomes torch's persistent id."""
+
+    def __init__(self, key: str, info: TensorInfo):
+        self.key, self.info = key, info
+
+
+class _Tensor:
+    """Pickles exactly as torch.save pickles a contiguous CPU tensor."""
+
+    def __init__(self, storage: _Storage):
+        self.storage = storage
+
+    def __reduce_ex__(self, protocol):
+        shape = self.storage.info.shape
+        stride = tuple(_contiguous_strides(shape))
+        return (torch._utils._rebuild_tensor_v2,
+                (self.storage, 0, shape, stride, False, OrderedDict()))
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> list[int]:
+    strides, step = [], 1
+    for dim in reversed(shape):
+        strides.append(step)
+        step *= dim
+    return list(reversed(strides))
+
+
+class _Pickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, _Storage):
+            return ("storage", _STORAGE_TYPES[obj.info.dtype], obj.key, "cpu", obj.info.numel)
+        return None
+
+
+def _state_pickle(tensors: Sequence[TensorInfo]) -> bytes:
+    # A plain dict, as transformers' shard_checkpoint hands to torch.save; protocol 2 as torch.
+    state = {t.key: _Tensor(_Storage(str(i), t)) for i, t in enumerate(tensors)}
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=2).dump(state)
+    return buf.getvalue()
+
+
+def write_bin(path: Path, tensors: Sequence[TensorInfo], chunks: Chunks,
+              progress: Progress | None = None) -> None:
+    """One `.bin` shard, written record by record in torch.save's record order."""
+    largest = max((t.nbytes for t in tensors), default=0)
+    # One reusable buffer the size of the largest tensor: the only tensor-sized allocation.
+    buffer = torch.empty(largest, dtype=torch.uint8)
+    view, storage = buffer.numpy(), buffer.untyped_storage()
+    writer = torch._C.PyTorchFileWriter(str(path), True, 64)
+    records = [("data.pkl", _state_pickle(tensors)), (".format_version", b"1"),
+               (".storage_alignment", b"64"), ("byteorder", sys.byteorder.encode())]
+    for name, data in records:
+        writer.write_record(name, data, len(data))
+    for i, info in enumerate(tensors):
+        pos = 0
+        for chunk in chunks(info):
+            view[pos:pos + len(chunk)] = memoryview(chunk).cast("B")
+            pos += len(chunk)
+        if pos != info.nbytes:
+            raise ValueError(f"{info.key}: produced {pos} bytes, expected {info.nbytes}")
+        # The writer takes the first nbytes of the storage: this tensor's bytes.
+        writer.write_record(f"data/{i}", storage, info.nbytes)
+        if progress:
+            progress(info.nbytes)
+    writer.write_end_of_file()
+    del writer  # closes the file, so the fsync below covers everything
+    fsync_path(path)
+
+
+def safetensors_order(tensors: Sequence[TensorInfo]) -> list[TensorInfo]:
+    """safetensors' own layout order: wider dtypes first (keeps data aligned), then by name."""
+    return sorted(tensors, key=lambda t: (-t.nbytes // max(t.numel, 1), t.key))
+
+
+def safetensors_header(tensors: Sequence[TensorInfo]) -> bytes:
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in safetensors_order(tensors):
+        header[t.key] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                         "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes with spaces
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def write_safetensors(path: Path, tensors: Sequence[TensorInfo], chunks: Chunks,
+                      progress: Progress | None = None) -> None:
+    with open(path, "wb") as f:
+        f.write(safetensors_header(tensors))
+        for info in safetensors_order(tensors):
+            written = 0
+            for chunk in chunks(info):
+                written += f.write(chunk)
+            if written != info.nbytes:
+                raise ValueError(f"{info.key}: produced {written} bytes, expected {info.nbytes}")
+            if progress:
+                progress(info.nbytes)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+WRITERS = {"bin": write_bin, "safetensors": write_safetensors}
