@@ -1,0 +1,66 @@
+"""Build benchmark: a synthetic checkpoint against a raw write of the same bytes, same run.
+
+The raw write is `dd` from /dev/zero with `conv=fdatasync`, the fastest this disk takes the
+same byte count durably; the builder fsyncs every shard too, so the ratio compares like with
+like. Both run as child processes: their wall time and peak RSS are theirs alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from tabulate import tabulate
+
+from ..cache import cache_root, ensure_space
+from ..measure import run_measured
+from ..plan import make_plan
+from ..specs import BuildSpec
+
+_CHILD = ("import json, sys; from harness.specs import spec_from_dict; "
+          "from harness.synth import build; "
+          "build(spec_from_dict(json.loads(sys.argv[1])), sys.argv[2], force=True)")
+
+
+def _raw_write(folder: Path, nbytes: int):
+    target = folder / "raw-write.bin"
+    try:
+        return run_measured(["dd", "if=/dev/zero", f"of={target}", "bs=64M",
+                             f"count={nbytes}", "iflag=count_bytes", "conv=fdatasync"])
+    finally:
+        target.unlink(missing_ok=True)
+
+
+def _row(name: str, nbytes: int, m) -> dict:
+    return {"step": name, "bytes": nbytes, "wall_s": round(m.wall_s, 2),
+            "MB_per_s": round(nbytes / m.wall_s / 1e6, 1),
+            "peak_rss_MiB": round(m.peak_rss_bytes / 2**20, 1)}
+
+
+def bench_build(spec: BuildSpec, out: Path | None = None, json_path: Path | None = None) -> int:
+    nbytes = make_plan(spec).total_size
+    root = Path(out).parent if out else cache_root()
+    target = Path(out) if out else root / f"bench-{spec.model.name}-{spec.checkpoint.format}"
+    ensure_space(spec, root)
+    raw = _raw_write(root, nbytes)
+    built = run_measured([sys.executable, "-c", _CHILD,
+                          json.dumps(dataclasses.asdict(spec)), str(target)])
+    if not out:
+        shutil.rmtree(target, ignore_errors=True)
+    if raw.returncode or built.returncode:
+        print(f"llava-harness: benchmark step failed:\n{raw.stderr}{built.stderr}",
+              file=sys.stderr)
+        return 1
+    rows = [_row("raw write (dd, fdatasync)", nbytes, raw),
+            _row(f"build {spec.model.name} {spec.checkpoint.format}", nbytes, built)]
+    ratio = raw.wall_s / built.wall_s
+    print(tabulate(rows, headers="keys", tablefmt="github"))
+    print(f"\nbuild speed / raw write speed: {ratio:.2f}x (goal >= 0.70x); "
+          f"peak RSS {built.peak_rss_bytes / 2**30:.2f} GiB (goal <= 1 GiB)")
+    if json_path:
+        Path(json_path).write_text(json.dumps({"spec": dataclasses.asdict(spec), "rows": rows,
+                                               "speed_ratio": ratio}, indent=2) + "\n")
+    return 0

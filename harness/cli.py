@@ -1,0 +1,170 @@
+"""`llava-harness` command line: build, verify, run, bench.
+
+Bad input ends in one line on stderr naming the file or value and what was wrong, and a
+non-zero exit; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .checkpoint.atomic import OutputExistsError
+from .checkpoint.reader import CheckpointError
+from .presets import PRESET_NAMES, build_spec
+from .specs import DTYPES, FORMATS, PLACEMENTS, SpecError, check_projector_type, parse_size
+
+EXIT_BAD_INPUT = 2
+
+
+def _projector(text: str) -> str:
+    try:
+        check_projector_type(text)
+    except SpecError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except SpecError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
+    return value
+
+
+def _add_spec_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny", choices=PRESET_NAMES)
+    p.add_argument("--format", choices=FORMATS)
+    shards = p.add_mutually_exclusive_group()
+    shards.add_argument("--shards", type=_positive_int, help="number of shards")
+    shards.add_argument("--max-shard-size", type=_size, help="e.g. 5GB, 10GB, 2GiB")
+    p.add_argument("--projector", type=_projector, help="linear | mlpNx_gelu | identity")
+    p.add_argument("--placement", choices=PLACEMENTS)
+    p.add_argument("--dtype", choices=DTYPES)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-legacy-buffers", action="store_true",
+                   help="leave out the per-layer rotary_emb.inv_freq buffers")
+    p.add_argument("--with-vision-tower", action="store_true",
+                   help="also build a local CLIP tower (always on for tiny)")
+
+
+def spec_from_args(args: argparse.Namespace):
+    model, ck = {}, {}
+    if args.projector:
+        model["projector_type"] = args.projector
+    if args.dtype:
+        model["dtype"] = args.dtype
+    for name in ("format", "placement", "seed", "shards", "max_shard_size"):
+        if getattr(args, name) is not None:
+            ck[name] = getattr(args, name)
+    if args.no_legacy_buffers:
+        ck["legacy_buffers"] = False
+    return build_spec(args.preset, model=model, checkpoint=ck,
+                      with_vision_tower=True if args.with_vision_tower else None)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from .plan import make_plan
+
+    spec = spec_from_args(args)
+    if args.plan:
+        print(json.dumps(make_plan(spec).describe(), indent=2))
+        return 0
+    if args.out is None:
+        raise SpecError("--out is required unless --plan is given")
+    from .synth import build
+
+    plan = build(spec, args.out, force=args.force)
+    print(f"built {spec.model.name} ({plan.format}, {len(plan.shards)} shard(s), "
+          f"{len(plan.tensors)} tensors, {plan.total_size:,} bytes) at {args.out}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import verify
+
+    problems = verify(spec_from_args(args), args.folder, data=not args.layout_only)
+    for line in problems:
+        print(line, file=sys.stderr)
+    if not problems:
+        print(f"{args.folder}: matches the spec ({'layout' if args.layout_only else 'layout and data'})")
+    return 1 if problems else 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .run import run_tiny
+
+    return run_tiny(spec_from_args(args), keep=args.keep)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench.build import bench_build
+
+    return bench_build(spec_from_args(args), out=args.out, json_path=args.json)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llava-harness",
+                                     description="Benchmark and validation harness for LLaVA "
+                                                 "checkpoints.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("build", help="write a synthetic LLaVA checkpoint")
+    _add_spec_options(p)
+    p.add_argument("--out", type=Path)
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--plan", action="store_true",
+                   help="print the index it would write, as JSON, and write nothing")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("verify", help="check a built folder against its spec")
+    p.add_argument("folder", type=Path)
+    _add_spec_options(p)
+    p.add_argument("--layout-only", action="store_true", help="skip the tensor bytes")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("run", help="build the tiny default and check it end to end")
+    _add_spec_options(p)
+    p.add_argument("--keep", type=Path, help="keep the built checkpoint at this folder")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("bench", help="benchmarks")
+    bench = p.add_subparsers(dest="bench", required=True)
+    b = bench.add_parser("build", help="build speed and memory against a raw disk write")
+    _add_spec_options(b)
+    b.add_argument("--out", type=Path, help="where to build (default: the cache folder)")
+    b.add_argument("--json", type=Path, help="write the figures here")
+    b.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (SpecError, CheckpointError, OutputExistsError) as exc:
+        print(f"llava-harness: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as exc:
+        print(f"llava-harness: error: {exc.filename or ''}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("llava-harness: interrupted; nothing was left behind", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
