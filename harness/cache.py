@@ -17,7 +17,6 @@ from pathlib import Path
 
 from .plan import make_plan
 from .specs import BuildSpec
-from .synth import build
 
 # Bump when fill.py changes the bytes a (seed, key) produces.
 FILL_VERSION = 1
@@ -77,6 +76,8 @@ def ensure_space(spec: BuildSpec, root: Path) -> None:
 
 def cached_build(spec: BuildSpec, root: Path | None = None) -> Path:
     """The cached folder for `spec`, building it first when missing or failing the check."""
+    from .synth import build  # imports torch; keep `import harness.cache` light for the CLI
+
     folder = cache_path(spec, root)
     if is_valid(folder):
         return folder

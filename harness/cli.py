@@ -11,12 +11,20 @@ import json
 import sys
 from pathlib import Path
 
+from .cache import CacheError
 from .checkpoint.atomic import OutputExistsError
 from .checkpoint.reader import CheckpointError
 from .presets import PRESET_NAMES, build_spec
 from .specs import DTYPES, FORMATS, PLACEMENTS, SpecError, check_projector_type, parse_size
 
 EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad option in one line (no usage dump), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
 
 
 def _projector(text: str) -> str:
@@ -93,9 +101,16 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    """Exit 2 when the folder cannot be read at all, 1 when it reads but differs from the
+    spec, 0 when it matches."""
+    from .checkpoint.reader import open_folder
     from .verify import verify
 
-    problems = verify(spec_from_args(args), args.folder, data=not args.layout_only)
+    spec = spec_from_args(args)
+    folder = open_folder(args.folder)
+    for file in folder.files:
+        folder.header(file)  # unreadable input: CheckpointError, one line, exit 2
+    problems = verify(spec, args.folder, data=not args.layout_only)
     for line in problems:
         print(line, file=sys.stderr)
     if not problems:
@@ -112,14 +127,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench.build import bench_build
 
-    return bench_build(spec_from_args(args), out=args.out, json_path=args.json)
+    return bench_build(spec_from_args(args), out=args.out, json_path=args.json,
+                       force=args.force)
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llava-harness",
+    parser = _Parser(prog="llava-harness",
                                      description="Benchmark and validation harness for LLaVA "
                                                  "checkpoints.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("build", help="write a synthetic LLaVA checkpoint")
     _add_spec_options(p)
@@ -141,11 +157,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("bench", help="benchmarks")
-    bench = p.add_subparsers(dest="bench", required=True)
+    bench = p.add_subparsers(dest="bench", required=True, parser_class=_Parser)
     b = bench.add_parser("build", help="build speed and memory against a raw disk write")
     _add_spec_options(b)
     b.add_argument("--out", type=Path, help="where to build (default: the cache folder)")
     b.add_argument("--json", type=Path, help="write the figures here")
+    b.add_argument("--force", action="store_true", help="replace an existing --out")
     b.set_defaults(func=cmd_bench)
     return parser
 
@@ -154,12 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (SpecError, CheckpointError, OutputExistsError) as exc:
+    except (SpecError, CheckpointError, OutputExistsError, CacheError) as exc:
         print(f"llava-harness: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as exc:
-        print(f"llava-harness: error: {exc.filename or ''}: {exc.strerror or exc}",
-              file=sys.stderr)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"llava-harness: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("llava-harness: interrupted; nothing was left behind", file=sys.stderr)

@@ -16,7 +16,17 @@ PROJECTOR_PREFIX = "model.mm_projector."
 VISION_PREFIX = "model.vision_tower.vision_tower."
 IMAGE_NEWLINE = "model.image_newline"
 
-DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+# Bytes per element of every dtype a checkpoint may hold (the reader meets more than we write).
+DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "int64": 8, "int32": 4,
+               "int16": 2, "int8": 1, "uint8": 1, "bool": 1, "float8_e4m3fn": 1,
+               "float8_e5m2": 1}
+
+
+def shape_numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 @dataclass(frozen=True)
@@ -31,10 +41,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return shape_numel(self.shape)
 
     @property
     def nbytes(self) -> int:

@@ -1,13 +1,15 @@
 """Process-level measurements: wall time, peak RSS and peak anonymous memory of a child.
 
 Benchmarks run the measured work in a child process so the parent's imports and caches never
-count. Max RSS (from the kernel, exact) counts file-backed mmap pages too, so lazy readers are
-also judged by anonymous memory (`RssAnon`), sampled from /proc while the child runs.
+count. Peak RSS is the child's `VmHWM`, which the kernel resets at exec (the rusage max RSS
+does not: it inherits the forking parent's high-water mark). RSS counts file-backed mmap
+pages too, so lazy readers are also judged by anonymous memory (`RssAnon`). Both are sampled
+from /proc while the child runs; VmHWM is a high-water mark, so sampling loses nothing but
+the last few milliseconds.
 """
 
 from __future__ import annotations
 
-import os
 import resource
 import subprocess
 import threading
@@ -24,42 +26,43 @@ class Measured:
     stderr: str
 
 
-def _rss_anon(pid: int) -> int | None:
+def _status_bytes(pid: int) -> dict[str, int]:
+    """VmHWM and RssAnon of a live process, in bytes (empty once it has exited)."""
+    out = {}
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
+                name = line.split(":", 1)[0]
+                if name in ("VmHWM", "RssAnon"):
+                    out[name] = int(line.split()[1]) * 1024
     except OSError:
-        return None
-    return None
+        pass
+    return out
 
 
 def run_measured(cmd: list[str], env: dict | None = None, sample_s: float = 0.02) -> Measured:
-    """Run `cmd` and measure it; peak RSS comes from wait4's rusage of that very child."""
+    """Run `cmd` and measure its wall time, peak RSS and peak anonymous memory."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
-    peak_anon: list[int] = []
+    peaks = {"VmHWM": 0, "RssAnon": 0}
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            value = _rss_anon(proc.pid)
-            if value is not None:
-                peak_anon.append(value)
+            for name, value in _status_bytes(proc.pid).items():
+                peaks[name] = max(peaks[name], value)
             done.wait(sample_s)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     stderr_chunks = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc.wait()
     wall = time.perf_counter() - start
     done.set()
     sampler.join()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return Measured(wall, usage.ru_maxrss * 1024, max(peak_anon) if peak_anon else None,
-                    proc.returncode, stderr_chunks[-4000:])
+    return Measured(wall, peaks["VmHWM"], peaks["RssAnon"] or None, proc.returncode,
+                    stderr_chunks[-4000:])
 
 
 def self_peak_rss_bytes() -> int:

@@ -68,8 +68,12 @@ def _vision_tower(folder: Path) -> str:
 
 
 def run_tiny(spec: BuildSpec, keep: Path | None = None) -> int:
+    from .checkpoint.atomic import check_target
     from .synth import build
     from .verify import data_problems, layout_problems
+
+    if keep:
+        check_target(Path(keep), force=False)  # refuse before any work; never replace it
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(tempfile.mkdtemp(prefix="llava-harness-run-"))
@@ -83,7 +87,7 @@ def run_tiny(spec: BuildSpec, keep: Path | None = None) -> int:
         return "none"
 
     try:
-        ok = _check("build", lambda: f"{len(build(spec, folder, force=bool(keep)).tensors)} "
+        ok = _check("build", lambda: f"{len(build(spec, folder).tensors)} "
                                      f"tensors at {folder}", rows)
         if ok:
             _check("index and files consistent, layout as planned",

@@ -185,8 +185,8 @@ class CheckpointSpec:
             _positive("CheckpointSpec", self, "shards")
         if self.max_shard_size is not None:
             _positive("CheckpointSpec", self, "max_shard_size")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            _fail("CheckpointSpec", "seed", self.seed, "must be a non-negative integer")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            _fail("CheckpointSpec", "seed", self.seed, "must be an integer in [0, 2**63)")
 
     def replace(self, **overrides) -> "CheckpointSpec":
         _check_fields(CheckpointSpec, overrides)

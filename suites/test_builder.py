@@ -206,6 +206,40 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch, failure):
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
+def test_interrupt_between_the_swap_renames_restores_the_old_output(tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    build(bare(build_spec("tiny")), target)
+    before = tree_digest(target)
+    real_rename = Path.rename
+
+    def rename(self, dest):
+        if Path(dest) == target.absolute() and self.name.endswith(".partial"):
+            raise KeyboardInterrupt  # after the old output was moved aside
+        return real_rename(self, dest)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        build(bare(build_spec("tiny", checkpoint={"seed": 3})), target, force=True)
+    monkeypatch.undo()
+    assert tree_digest(target) == before and leftovers(tmp_path) == []
+
+
+def test_output_appearing_during_the_build_is_not_replaced(tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    real = synth.write_configs
+
+    def racing(spec, folder, tower):
+        real(spec, folder, tower)
+        target.mkdir()
+        (target / "someone-elses.txt").write_text("x")
+
+    monkeypatch.setattr(synth, "write_configs", racing)
+    with pytest.raises(OutputExistsError):
+        build(bare(build_spec("tiny")), target)
+    assert [p.name for p in target.iterdir()] == ["someone-elses.txt"]
+    assert leftovers(tmp_path) == []
+
+
 def test_failure_under_force_keeps_the_old_output(tmp_path, monkeypatch):
     target = tmp_path / "out"
     build(bare(build_spec("tiny")), target)

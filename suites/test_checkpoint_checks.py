@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -148,17 +149,86 @@ def test_cli_refuses_existing_output_without_touching_it(tmp_path, capsys):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["x"]
 
 
-def test_cli_verify_reports_a_broken_folder(folder, capsys):
+def test_cli_verify_unreadable_folder_exits_2(folder, capsys):
     (folder / SHARD1).write_bytes(b"not a zip")
-    assert main(["verify", str(folder), "--preset", "tiny"]) == 1
-    err = capsys.readouterr().err
-    assert SHARD1 in err and "Traceback" not in err
+    assert main(["verify", str(folder), "--preset", "tiny"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and SHARD1 in err and "not a readable torch" in err
+
+
+def test_cli_verify_readable_but_different_exits_1(folder, capsys):
+    assert main(["verify", str(folder), "--preset", "tiny", "--seed", "5"]) == 1
+    assert "differs from the bytes its seed and key generate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["build", "--shards", "0"], ["build", "--seed", "abc"],
+                                  ["build", "--preset", "llava-v9"], ["build", "--format", "gguf"],
+                                  ["verify"], ["frobnicate"]])
+def test_cli_bad_option_is_one_line_exit_2(capsys, argv):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("llava-harness")
+
+
+@pytest.mark.parametrize("mutate, words", [
+    (lambda p: p.write_bytes((2**40).to_bytes(8, "little") + b"{}"), ["header length"]),
+    (lambda p: p.write_bytes((2).to_bytes(8, "little") + b"[]"), ["list", "not an object"]),
+    (lambda p: p.write_bytes((10).to_bytes(8, "little") + b'{"a": {}} '), ["a", "lacks"]),
+])
+def test_malformed_safetensors_header(tmp_path, mutate, words):
+    (tmp_path / "c").mkdir()
+    mutate(tmp_path / "c" / "model.safetensors")
+    with pytest.raises(CheckpointError) as err:
+        open_folder(tmp_path / "c").header("model.safetensors")
+    for word in words:
+        assert word in str(err.value)
+
+
+@pytest.mark.parametrize("index, words", [
+    ({"metadata": None, "weight_map": {"a": "../x.bin"}}, ["../x.bin", "not a file name"]),
+    ({"weight_map": {"a": 3}}, ["3"]),
+    ({"metadata": {"total_size": "big"}, "weight_map": {"a": "x.bin"}}, ["total_size", "big"]),
+    ({"weight_map": {}}, ["no weight_map"]),
+])
+def test_malformed_index(tmp_path, index, words):
+    (tmp_path / INDEX).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError) as err:
+        open_folder(tmp_path)
+    assert str(tmp_path / INDEX) in str(err.value)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_run_keep_refuses_an_existing_folder(tmp_path, capsys):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.txt").write_text("precious")
+    assert main(["run", "--keep", str(tmp_path / "mine")]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "thesis.txt").read_text() == "precious"
+
+
+def test_measured_peak_is_the_childs_own():
+    """The parent's high-water mark must not leak into the child's figure (rusage's does)."""
+    from harness.measure import run_measured
+
+    ballast = bytearray(400 * 2**20)
+    ballast[:: 4096] = b"x" * len(ballast[:: 4096])  # touch every page
+    child = run_measured([sys.executable, "-c", "b = bytearray(200 * 2**20); b[::4096] = "
+                                                "b'y' * len(b[::4096]); import time; "
+                                                "time.sleep(0.3)"])
+    assert child.returncode == 0
+    assert 200 * 2**20 <= child.peak_rss_bytes < 350 * 2**20
+    del ballast
 
 
 def test_console_script_build_and_verify(tmp_path):
     """The installed entry point, end to end, as a user runs it."""
     out = tmp_path / "st"
-    cmd = [sys.executable, "-m", "harness.cli"]
+    script = shutil.which("llava-harness")
+    assert script, "the llava-harness console script is not installed"
+    cmd = [script]
     subprocess.run(cmd + ["build", "--preset", "tiny", "--format", "safetensors", "--shards",
                           "3", "--placement", "split", "--out", str(out)], check=True)
     done = subprocess.run(cmd + ["verify", str(out), "--preset", "tiny", "--format",

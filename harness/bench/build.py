@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import tempfile
 import sys
 from pathlib import Path
 
 from tabulate import tabulate
 
 from ..cache import cache_root, ensure_space
+from ..checkpoint.atomic import check_target
 from ..measure import run_measured
 from ..plan import make_plan
 from ..specs import BuildSpec
@@ -26,7 +29,9 @@ _CHILD = ("import json, sys; from harness.specs import spec_from_dict; "
 
 
 def _raw_write(folder: Path, nbytes: int):
-    target = folder / "raw-write.bin"
+    fd, name = tempfile.mkstemp(prefix=".raw-write.", dir=folder)
+    os.close(fd)
+    target = Path(name)
     try:
         return run_measured(["dd", "if=/dev/zero", f"of={target}", "bs=64M",
                              f"count={nbytes}", "iflag=count_bytes", "conv=fdatasync"])
@@ -40,10 +45,14 @@ def _row(name: str, nbytes: int, m) -> dict:
             "peak_rss_MiB": round(m.peak_rss_bytes / 2**20, 1)}
 
 
-def bench_build(spec: BuildSpec, out: Path | None = None, json_path: Path | None = None) -> int:
+def bench_build(spec: BuildSpec, out: Path | None = None, json_path: Path | None = None,
+                force: bool = False) -> int:
     nbytes = make_plan(spec).total_size
-    root = Path(out).parent if out else cache_root()
+    root = Path(out).absolute().parent if out else cache_root()
     target = Path(out) if out else root / f"bench-{spec.model.name}-{spec.checkpoint.format}"
+    # The child builds with force (a rerun replaces its own output); a user's folder at --out
+    # is only replaced when they said so.
+    check_target(target, force or not out)
     ensure_space(spec, root)
     raw = _raw_write(root, nbytes)
     built = run_measured([sys.executable, "-c", _CHILD,

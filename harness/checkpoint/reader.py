@@ -13,14 +13,16 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from ..layout import DTYPE_BYTES, shape_numel
 from ..plan import INDEX_NAMES, SINGLE_NAMES
 
 SAFETENSORS_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
                      "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
                      "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-ITEM_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "int64": 8, "int32": 4,
-              "int16": 2, "int8": 1, "uint8": 1, "bool": 1, "float8_e4m3fn": 1,
-              "float8_e5m2": 1}
+
+
+# safetensors itself refuses headers above 100 MB; a bigger claim is a corrupt file.
+MAX_HEADER_BYTES = 100 * 10**6
 
 
 class CheckpointError(Exception):
@@ -36,14 +38,11 @@ class TensorMeta:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return shape_numel(self.shape)
 
     @property
     def nbytes(self) -> int:
-        return self.numel * ITEM_BYTES.get(self.dtype, 0)
+        return self.numel * DTYPE_BYTES.get(self.dtype, 0)
 
 
 def _read_json(path: Path) -> dict:
@@ -64,6 +63,9 @@ def safetensors_header(path: Path) -> dict[str, TensorMeta]:
             raise CheckpointError(f"{path}: truncated: {size} bytes, too short for a "
                                   "safetensors header")
         n = int.from_bytes(head, "little")
+        if n > MAX_HEADER_BYTES:
+            raise CheckpointError(f"{path}: not safetensors: header length {n} is over the "
+                                  f"{MAX_HEADER_BYTES} byte limit")
         if n > size - 8:
             raise CheckpointError(f"{path}: truncated or not safetensors: header length {n} "
                                   f"exceeds the file's {size} bytes")
@@ -72,12 +74,20 @@ def safetensors_header(path: Path) -> dict[str, TensorMeta]:
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"{path}: safetensors header is not valid JSON ({exc})") \
                 from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is a {type(header).__name__}, "
+                              "not an object")
     header.pop("__metadata__", None)
     metas, end = {}, 0
     for key, entry in header.items():
-        dtype = SAFETENSORS_NAMES.get(entry.get("dtype"), str(entry.get("dtype")).lower())
-        metas[key] = TensorMeta(key, tuple(entry["shape"]), dtype, path.name)
-        end = max(end, entry["data_offsets"][1])
+        try:
+            shape, (_, stop) = tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+            dtype = SAFETENSORS_NAMES.get(entry["dtype"], str(entry["dtype"]).lower())
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: header entry for {key} lacks a valid dtype, shape "
+                                  "or data_offsets") from None
+        metas[key] = TensorMeta(key, shape, dtype, path.name)
+        end = max(end, int(stop))
     if 8 + n + end > size:
         raise CheckpointError(f"{path}: truncated: header describes {8 + n + end} bytes, the "
                               f"file has {size}")
@@ -98,10 +108,13 @@ def load_bin(path: Path) -> dict:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: not a readable torch checkpoint, truncated or "
                               f"corrupt ({first})") from None
-    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                            for k, v in obj.items()):
+    if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict of tensor names to tensors, got "
                               f"{type(obj).__name__}")
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a "
+                                  "tensor under a string name")
     return obj
 
 
@@ -143,9 +156,11 @@ class CheckpointFolder:
         return out
 
     def file_of(self, key: str) -> str:
-        if self.weight_map is not None:
-            return self.weight_map[key]
-        return self.files[0]
+        if self.weight_map is None:
+            return self.files[0]
+        if key not in self.weight_map:
+            raise CheckpointError(f"{self.path / self.index_file}: does not list {key}")
+        return self.weight_map[key]
 
     def read(self, keys: list[str]) -> dict:
         """Only the named tensors, opening only the files that hold them."""
@@ -180,6 +195,27 @@ class CheckpointFolder:
         return {n: state[n] for n in names}
 
 
+def _weight_map(index: Path, data: dict) -> dict[str, str]:
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: has no weight_map")
+    for key, file in weight_map.items():
+        # A shard is a plain file name in this folder; a path could read outside it.
+        if not isinstance(file, str) or not file or "/" in file or "\\" in file \
+                or file in (".", ".."):
+            raise CheckpointError(f"{index}: weight_map maps {key} to {file!r}, not a file "
+                                  "name in this folder")
+    return dict(weight_map)
+
+
+def _total_size(index: Path, data: dict) -> int | None:
+    metadata = data.get("metadata") or {}
+    total = metadata.get("total_size") if isinstance(metadata, dict) else None
+    if total is not None and not isinstance(total, int):
+        raise CheckpointError(f"{index}: metadata.total_size is {total!r}, not an integer")
+    return total
+
+
 def open_folder(path: Path) -> CheckpointFolder:
     """Find a checkpoint's format and index; safetensors wins when both are present."""
     path = Path(path)
@@ -189,11 +225,8 @@ def open_folder(path: Path) -> CheckpointFolder:
         index = path / INDEX_NAMES[fmt]
         if index.is_file():
             data = _read_json(index)
-            weight_map = data.get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise CheckpointError(f"{index}: has no weight_map")
-            total = data.get("metadata", {}).get("total_size")
-            return CheckpointFolder(path, fmt, index.name, dict(weight_map), total)
+            return CheckpointFolder(path, fmt, index.name, _weight_map(index, data),
+                                    _total_size(index, data))
         if (path / SINGLE_NAMES[fmt]).is_file():
             return CheckpointFolder(path, fmt, None, None, None)
     raise CheckpointError(f"{path}: no checkpoint found (expected an index file or "
