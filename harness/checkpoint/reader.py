@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -132,6 +132,8 @@ class CheckpointFolder:
     index_file: str | None
     weight_map: dict[str, str] | None
     total_size: int | None
+    # Headers read so far: consistency checks, key sets and reads all need them, once.
+    _headers: dict[str, dict[str, TensorMeta]] = field(default_factory=dict, repr=False)
 
     @property
     def files(self) -> list[str]:
@@ -140,6 +142,11 @@ class CheckpointFolder:
         return sorted(set(self.weight_map.values()))
 
     def header(self, file: str) -> dict[str, TensorMeta]:
+        if file not in self._headers:
+            self._headers[file] = self._read_header(file)
+        return self._headers[file]
+
+    def _read_header(self, file: str) -> dict[str, TensorMeta]:
         path = self.path / file
         if not path.is_file():
             source = self.index_file or "checkpoint folder"
