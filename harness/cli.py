@@ -104,13 +104,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """Exit 2 when the folder cannot be read at all, 1 when it reads but differs from the
     spec, 0 when it matches."""
     from .checkpoint.reader import open_folder
-    from .verify import verify
+    from .verify import data_problems, layout_problems
 
     spec = spec_from_args(args)
     folder = open_folder(args.folder)
     for file in folder.files:
         folder.header(file)  # unreadable input: CheckpointError, one line, exit 2
-    problems = verify(spec, args.folder, data=not args.layout_only)
+    problems = layout_problems(spec, folder)
+    if not problems and not args.layout_only:
+        problems = data_problems(spec, folder)
     for line in problems:
         print(line, file=sys.stderr)
     if not problems:

@@ -69,6 +69,7 @@ def _vision_tower(folder: Path) -> str:
 
 def run_tiny(spec: BuildSpec, keep: Path | None = None) -> int:
     from .checkpoint.atomic import check_target
+    from .checkpoint.reader import open_folder
     from .synth import build
     from .verify import data_problems, layout_problems
 
@@ -81,7 +82,7 @@ def run_tiny(spec: BuildSpec, keep: Path | None = None) -> int:
     rows: list = []
 
     def problems(fn):
-        found = fn(spec, folder)
+        found = fn(spec, open_folder(folder))
         if found:
             raise ValueError(f"{len(found)} problem(s), first: {found[0]}")
         return "none"

@@ -6,59 +6,63 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint.reader import CheckpointError, consistency_problems, open_folder
+from .checkpoint.reader import (CheckpointError, CheckpointFolder, consistency_problems,
+                                open_folder)
 from .fill import tensor_bytes
+from .layout import TensorInfo
 from .plan import make_plan
 from .specs import BuildSpec
 
 
-def layout_problems(spec: BuildSpec, folder_path: Path) -> list[str]:
+def matches_generated(spec: BuildSpec, info: TensorInfo, tensor: torch.Tensor) -> bool:
+    """True when a loaded tensor holds exactly the bytes (seed, key) generate."""
+    raw = tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+    return raw == tensor_bytes(spec.checkpoint.seed, info, spec.model)
+
+
+def layout_problems(spec: BuildSpec, folder: CheckpointFolder) -> list[str]:
     """Index vs files, and files vs plan: key set, shard of each key, shapes and dtypes."""
     plan = make_plan(spec)
-    try:
-        folder = open_folder(folder_path)
-    except CheckpointError as exc:
-        return [str(exc)]
     problems = consistency_problems(folder)
     if problems:
         return problems
     if folder.format != plan.format:
-        return [f"{folder_path}: format {folder.format}, the spec says {plan.format}"]
+        return [f"{folder.path}: format {folder.format}, the spec says {plan.format}"]
     expected = {t.key: (s.name, t) for s in plan.shards for t in s.tensors}
     found = folder.tensors
     for key in sorted(expected.keys() - found.keys()):
-        problems.append(f"{folder_path / expected[key][0]}: missing {key}")
+        problems.append(f"{folder.path / expected[key][0]}: missing {key}")
     for key in sorted(found.keys() - expected.keys()):
-        problems.append(f"{folder_path / found[key].file}: unexpected tensor {key}")
+        problems.append(f"{folder.path / found[key].file}: unexpected tensor {key}")
     for key in sorted(expected.keys() & found.keys()):
         file, info = expected[key]
         meta = found[key]
         if (meta.file, meta.shape, meta.dtype) != (file, info.shape, info.dtype):
-            problems.append(f"{folder_path / meta.file}: {key} is {meta.dtype}{list(meta.shape)}"
+            problems.append(f"{folder.path / meta.file}: {key} is {meta.dtype}{list(meta.shape)}"
                             f" in {meta.file}, the spec says {info.dtype}{list(info.shape)} in "
                             f"{file}")
     return problems
 
 
-def data_problems(spec: BuildSpec, folder_path: Path) -> list[str]:
+def data_problems(spec: BuildSpec, folder: CheckpointFolder) -> list[str]:
     """Regenerate every tensor from (seed, key) and compare bytes, one shard at a time."""
-    plan = make_plan(spec)
-    folder = open_folder(folder_path)
     problems = []
-    for shard in plan.shards:
+    for shard in make_plan(spec).shards:
         loaded = folder.read([t.key for t in shard.tensors])
         for info in shard.tensors:
-            tensor = loaded.pop(info.key)
-            raw = tensor.contiguous().view(-1).view(torch.uint8).numpy()
-            if raw.tobytes() != tensor_bytes(spec.checkpoint.seed, info, spec.model):
-                problems.append(f"{folder_path / shard.name}: {info.key} differs from the "
+            if not matches_generated(spec, info, loaded.pop(info.key)):
+                problems.append(f"{folder.path / shard.name}: {info.key} differs from the "
                                 "bytes its seed and key generate")
-        del loaded
     return problems
 
 
 def verify(spec: BuildSpec, folder_path: Path, data: bool = True) -> list[str]:
-    problems = layout_problems(spec, folder_path)
+    """Every problem found, one line each; the folder's headers are read once."""
+    try:
+        folder = open_folder(folder_path)
+    except CheckpointError as exc:
+        return [str(exc)]
+    problems = layout_problems(spec, folder)
     if not problems and data:
-        problems = data_problems(spec, folder_path)
+        problems = data_problems(spec, folder)
     return problems
