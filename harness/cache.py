@@ -15,6 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
+from .errors import HarnessError
 from .plan import make_plan
 from .specs import BuildSpec
 
@@ -23,7 +24,7 @@ FILL_VERSION = 1
 ENV_VAR = "LLAVA_HARNESS_CACHE"
 
 
-class CacheError(RuntimeError):
+class CacheError(HarnessError, RuntimeError):
     pass
 
 

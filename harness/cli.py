@@ -1,4 +1,5 @@
-"""`llava-harness` command line: build, verify, run, bench.
+"""`llava-harness` command line: build, verify, run, bench build here; the other commands live
+one module each in `harness/commands/` and register themselves.
 
 Bad input ends in one line on stderr naming the file or value and what was wrong, and a
 non-zero exit; never a traceback.
@@ -11,9 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from .cache import CacheError
-from .checkpoint.atomic import OutputExistsError
-from .checkpoint.reader import CheckpointError
+from .errors import HarnessError
 from .presets import PRESET_NAMES, build_spec
 from .specs import DTYPES, FORMATS, PLACEMENTS, SpecError, check_projector_type, parse_size
 
@@ -166,6 +165,10 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", type=Path, help="write the figures here")
     b.add_argument("--force", action="store_true", help="replace an existing --out")
     b.set_defaults(func=cmd_bench)
+
+    from .commands import register_all
+
+    register_all(sub, bench)
     return parser
 
 
@@ -173,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (SpecError, CheckpointError, OutputExistsError, CacheError) as exc:
+    except HarnessError as exc:
         print(f"llava-harness: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as exc:

@@ -12,6 +12,8 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 
+from .errors import HarnessError
+
 DTYPES = ("float16", "bfloat16", "float32")
 ARCHS = ("llama", "mistral")
 FORMATS = ("bin", "safetensors")
@@ -20,7 +22,7 @@ ASPECT_RATIOS = ("pad", "square", "anyres")
 _MLP_GELU = re.compile(r"^mlp(\d+)x_gelu$")
 
 
-class SpecError(ValueError):
+class SpecError(HarnessError, ValueError):
     """A spec field has a value outside what is allowed."""
 
 

@@ -10,8 +10,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..errors import HarnessError
 
-class OutputExistsError(FileExistsError):
+
+class OutputExistsError(HarnessError, FileExistsError):
     """The output folder exists and replacing it was not asked for."""
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+from ..errors import HarnessError
 from ..layout import DTYPE_BYTES, shape_numel
 from ..plan import INDEX_NAMES, SINGLE_NAMES
 
@@ -25,7 +26,7 @@ SAFETENSORS_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F6
 MAX_HEADER_BYTES = 100 * 10**6
 
 
-class CheckpointError(Exception):
+class CheckpointError(HarnessError):
     """Bad checkpoint input; the message is one line naming the file and the fault."""
 
 
