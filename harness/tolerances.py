@@ -1,0 +1,55 @@
+"""Tolerances for arithmetic comparisons, read from `fixtures/tolerances.toml` (one data file).
+
+Each entry names its reason; a test that compares within a tolerance gets it from here by a
+dotted name, so every bound in the project is reviewable in one place.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from .errors import HarnessError
+
+TOLERANCES_FILE = Path(__file__).resolve().parent.parent / "fixtures" / "tolerances.toml"
+
+
+class ToleranceError(HarnessError):
+    pass
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    name: str
+    reason: str
+    atol: float = 0.0
+    rtol: float = 0.0
+    top1: float | None = None
+
+    def close_kwargs(self) -> dict:
+        """Keyword arguments for `torch.testing.assert_close`."""
+        return {"atol": self.atol, "rtol": self.rtol}
+
+
+@lru_cache(maxsize=1)
+def _table() -> dict:
+    try:
+        with open(TOLERANCES_FILE, "rb") as fh:
+            return tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ToleranceError(f"{TOLERANCES_FILE}: cannot read tolerances: {exc}") from None
+
+
+def tolerance(name: str) -> Tolerance:
+    """`tolerance("lora_merge.float32")` -> the entry `[lora_merge.float32]`."""
+    node = _table()
+    for part in name.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ToleranceError(f"{TOLERANCES_FILE}: no tolerance named {name!r}")
+        node = node[part]
+    if "reason" not in node:
+        raise ToleranceError(f"{TOLERANCES_FILE}: [{name}] has no reason")
+    fields = {k: node[k] for k in ("atol", "rtol", "top1") if k in node}
+    return Tolerance(name=name, reason=node["reason"], **fields)
