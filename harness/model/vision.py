@@ -1,0 +1,91 @@
+"""The CLIP vision tower as LLaVA wraps it: features from one hidden layer, CLS dropped.
+
+It is created empty with the model and loaded afterwards from the local folder the config names
+(`mm_vision_tower`), as the original does: vision tensors stored inside a LLaVA checkpoint are
+ignored. Nothing is ever downloaded: a tower name that is not a local folder is an error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import HarnessError
+
+
+class VisionTowerError(HarnessError):
+    pass
+
+
+class VisionTower(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.tower_path = getattr(config, "mm_vision_tower", None) or getattr(
+            config, "vision_tower", None)
+        self.select_layer = config.mm_vision_select_layer
+        self.select_feature = getattr(config, "mm_vision_select_feature", "patch")
+        if self.select_feature not in ("patch", "cls_patch"):
+            raise VisionTowerError(f"mm_vision_select_feature {self.select_feature!r}: expected "
+                                   "'patch' or 'cls_patch'")
+        self.is_loaded = False
+        self.image_processor = None
+
+    def load_model(self, path: str | Path | None = None, *, dtype: torch.dtype | None = None,
+                   device: str | torch.device | None = None) -> None:
+        """Read the CLIP weights and image processor from `path` (default: the config's
+        `mm_vision_tower`), in `dtype` on `device`."""
+        from transformers import CLIPImageProcessor, CLIPVisionModel
+
+        if self.is_loaded:
+            return
+        folder = Path(path or self.tower_path)
+        if not (folder / "config.json").is_file():
+            raise VisionTowerError(
+                f"{folder}: vision tower folder not found (mm_vision_tower); the harness never "
+                "downloads: build one locally or pass its folder")
+        self.image_processor = CLIPImageProcessor.from_pretrained(folder)
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        tower = CLIPVisionModel.from_pretrained(folder, **kwargs)
+        tower.requires_grad_(False)
+        if device is not None:
+            tower = tower.to(device)
+        self.vision_tower = tower.eval()
+        self.is_loaded = True
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vision_tower.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.vision_tower.device
+
+    @property
+    def hidden_size(self) -> int:
+        return self.vision_tower.config.hidden_size
+
+    @property
+    def num_patches_per_side(self) -> int:
+        cfg = self.vision_tower.config
+        return cfg.image_size // cfg.patch_size
+
+    def _select(self, hidden_states: tuple) -> torch.Tensor:
+        features = hidden_states[self.select_layer]
+        return features[:, 1:] if self.select_feature == "patch" else features
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list:
+        """Run in the tower's dtype; hand features back in the images' dtype (the original
+        casts both ways: a float16 image batch through a float32 tower gives float16)."""
+        if not self.is_loaded:
+            raise VisionTowerError("the vision tower is not loaded; call load_model() first")
+        if isinstance(images, list):
+            return [self._one(image.unsqueeze(0)).to(image.dtype) for image in images]
+        return self._one(images).to(images.dtype)
+
+    def _one(self, batch: torch.Tensor) -> torch.Tensor:
+        out = self.vision_tower(batch.to(device=self.device, dtype=self.dtype),
+                                output_hidden_states=True)
+        return self._select(out.hidden_states)
