@@ -201,7 +201,11 @@ def _tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(folder, use_fast=False)
+        with warnings.catch_warnings():
+            # It reads config.json too, and transformers 5 warns about the published
+            # `rope_scaling: null`; the tokenizer does not use it.
+            warnings.filterwarnings("ignore", message=".*rope_scaling", category=FutureWarning)
+            return AutoTokenizer.from_pretrained(folder, use_fast=False)
     except (OSError, ValueError) as exc:
         raise LoadError(f"{folder}: no usable tokenizer: {str(exc).splitlines()[0]}") from None
 
@@ -237,10 +241,13 @@ def _require_multimodal(model, missing: set[str], supplied: set[str], path: Path
 def _load_projector_only(path: Path, base: Path | None, opts: _Options):
     arch, config, model, missing = _load_base_for(path, base, opts, "projector-only")
     file = next(path / n for n in PROJECTOR_FILES if (path / n).is_file())
-    weights = normalise_trainable_keys(_read_weights(file), set(model.state_dict()), file)
+    raw = _read_weights(file)
+    # The type check comes first: keys of another projector type would otherwise surface as
+    # "matches no tensor", which hides the real fault.
+    _check_projector_type(config, {k.split("mm_projector.", 1)[1]: tuple(v.shape)
+                                   for k, v in raw.items() if "mm_projector." in k}, file)
+    weights = normalise_trainable_keys(raw, set(model.state_dict()), file)
     prefix = MULTIMODAL_PREFIXES[0]
-    shapes = {k[len(prefix):]: tuple(v.shape) for k, v in weights.items() if k.startswith(prefix)}
-    _check_projector_type(config, shapes, file)
     expected = {k for k in _expected_multimodal(model) if k.startswith(prefix)}
     if set(weights) & expected != expected:
         lacking = sorted(expected - set(weights))

@@ -1,0 +1,374 @@
+"""`load_pretrained_model`: every load path gives the full model's logits, on tiny checkpoints.
+
+The full model itself is checked against a hand computation (CLIP hidden layer -2 without CLS,
+the projector as functional ops, the embeddings spliced by index, transformers' plain Llama /
+Mistral on `inputs_embeds`), bit for bit in every dtype. The projector-only path must then be
+bit-identical to the full model and the LoRA path within the tolerance in fixtures/. Each check
+is also run against a planted perturbation to show it would fail.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from harness.backbone import load_language_model
+from harness.checkpoint.reader import open_folder
+from harness.cli import main as cli_main
+from harness.model.images import process_images
+from harness.model.probe import probe_ids, probe_image, probe_logits
+from harness.model.splice import IMAGE_TOKEN_INDEX
+from harness.ops.load import LoadError, LoadWarning, load, load_pretrained_model
+from harness.tolerances import tolerance
+
+ARCHES = ("llama", "mistral")
+FORMATS = ("bin", "safetensors")
+DTYPES = ("float32", "float16", "bfloat16")
+# bitsandbytes' CPU 4-bit kernel packs weights in blocks of 32 rows x 64 columns: the quantized
+# cases use an intermediate size that divides (the tiny default's 172 does not).
+QUANT_MODEL = {"intermediate_size": 192}
+LM_LINEARS = r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
+
+
+@dataclass(frozen=True)
+class Case:
+    arch: str
+    fmt: str
+    dtype: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.arch}-{self.fmt}-{self.dtype}"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+CASES = [Case(a, f, d) for a in ARCHES for f in FORMATS for d in DTYPES]
+
+
+def _build(factory, case: Case, **model) -> Path:
+    return factory(model={"arch": case.arch, "dtype": case.dtype, **model},
+                   checkpoint={"format": case.fmt})
+
+
+def _load(path, base=None, name=None, **kw):
+    """Load on CPU; the folder-name warning is tested on its own, not repeated everywhere."""
+    kw.setdefault("device", "cpu")
+    if name is not None:
+        return load(path, base, name, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LoadWarning)
+        return load(path, base, Path(path).name, **kw)
+
+
+# --- the hand computation the full model is checked against --------------------------------
+
+def _hand_logits(folder: Path, dtype: torch.dtype, ids: torch.Tensor) -> torch.Tensor:
+    """Logits for one image token in `ids`, computed without the harness's model classes."""
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    config = json.loads((folder / "config.json").read_text())
+    lm = load_language_model(folder)  # stored in `dtype`; no cast: rotary buffers stay float32
+    processor = CLIPImageProcessor.from_pretrained(folder / "vision_tower")
+    clip = CLIPVisionModel.from_pretrained(folder / "vision_tower", dtype=dtype).eval()
+    proj = open_folder(folder).read([k for k in open_folder(folder).tensors
+                                     if k.startswith("model.mm_projector.")])
+    with torch.no_grad():
+        pixels = process_images([probe_image()], processor, _Cfg(config)).to(dtype)
+        hidden = clip(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+        x = F.linear(hidden, proj["model.mm_projector.0.weight"],
+                     proj["model.mm_projector.0.bias"])
+        x = F.linear(F.gelu(x), proj["model.mm_projector.2.weight"],
+                     proj["model.mm_projector.2.bias"])
+        at = int(torch.where(ids[0] == IMAGE_TOKEN_INDEX)[0])
+        embed = lm.model.embed_tokens
+        embeds = torch.cat([embed(ids[0, :at]), x[0], embed(ids[0, at + 1:])])[None]
+        return lm(inputs_embeds=embeds).logits
+
+
+class _Cfg:
+    def __init__(self, data: dict):
+        self.__dict__.update(data)
+
+
+# --- the load paths ------------------------------------------------------------------------
+
+def _projector_folder(src: Path, out: Path) -> Path:
+    """What stage-1 training leaves: config.json and mm_projector.bin with full model keys."""
+    out.mkdir(parents=True, exist_ok=True)
+    folder = open_folder(src)
+    keys = [k for k in folder.tensors if k.startswith("model.mm_projector.")]
+    torch.save(folder.read(keys), out / "mm_projector.bin")
+    shutil.copy(src / "config.json", out / "config.json")
+    return out
+
+
+def _language_model_base(src: Path, out: Path) -> Path:
+    """A Vicuna-like base: the language model alone, no projector, with tokenizer."""
+    if not out.exists():
+        lm = load_language_model(src)
+        lm.save_pretrained(out)
+        for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                     "special_tokens_map.json"):
+            if (src / name).exists():
+                shutil.copy(src / name, out / name)
+    return out
+
+
+def _lora_folder(src: Path, out: Path, dtype: torch.dtype, seed: int = 0) -> tuple[Path, object]:
+    """A LoRA the LLaVA way: adapter via save_pretrained, the projector (changed, so it
+    matters) in non_lora_trainables.bin under base_model.model.model.mm_projector.*, and
+    config.json. Returns the folder and the unmerged PEFT model it came from."""
+    from peft import LoraConfig, get_peft_model
+
+    model = _load(src, dtype="float32").model
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.get_model().mm_projector.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    # The language model's linears only (a regex: short names would also match the CLIP
+    # tower's q/k/v_proj, which is not loaded yet when the loader applies the adapter).
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=LM_LINEARS, init_lora_weights=False,
+                        lora_dropout=0.0)
+    peft_model = get_peft_model(model, config)
+    out.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(out)
+    trainables = {f"base_model.model.{k}": v.detach().clone()
+                  for k, v in peft_model.base_model.model.state_dict().items()
+                  if "mm_projector" in k}
+    torch.save(trainables, out / "non_lora_trainables.bin")
+    shutil.copy(src / "config.json", out / "config.json")
+    return out, peft_model.to(dtype).eval()
+
+
+# --- full model ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_full_model_equals_hand_computation(tiny_checkpoint_factory, case):
+    folder = _build(tiny_checkpoint_factory, case)
+    loaded = _load(folder, dtype=case.dtype)
+    assert (loaded.kind, loaded.arch) == ("llava", case.arch)
+    ids = probe_ids(512)
+    ours = probe_logits(loaded.model, loaded.image_processor, ids=ids)
+    assert ours.dtype == case.torch_dtype
+    assert torch.equal(ours, _hand_logits(folder, case.torch_dtype, ids))
+
+
+def test_full_model_check_fails_on_a_perturbed_weight(tiny_checkpoint_factory, tmp_path):
+    case = Case("llama", "safetensors", "float32")
+    folder = _build(tiny_checkpoint_factory, case)
+    ids = probe_ids(512)
+    expected = _hand_logits(folder, torch.float32, ids)
+    loaded = _load(folder, dtype="float32")
+    with torch.no_grad():
+        loaded.model.get_model().layers[1].mlp.down_proj.weight[3, 5] += 1e-3
+    assert not torch.equal(probe_logits(loaded.model, loaded.image_processor, ids=ids),
+                           expected)
+
+
+# --- projector-only ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_projector_only_is_bit_identical_to_full(tiny_checkpoint_factory, tmp_path, case):
+    folder = _build(tiny_checkpoint_factory, case)
+    full = _load(folder, dtype=case.dtype)
+    base = _language_model_base(folder, tmp_path / "vicuna-like")
+    proj = _projector_folder(folder, tmp_path / "stage1")
+    loaded = _load(proj, base, dtype=case.dtype)
+    assert loaded.kind == "projector"
+    assert torch.equal(probe_logits(loaded.model, loaded.image_processor),
+                       probe_logits(full.model, full.image_processor))
+
+
+def test_projector_only_check_fails_on_a_perturbed_projector(tiny_checkpoint_factory, tmp_path):
+    folder = _build(tiny_checkpoint_factory, Case("llama", "bin", "float32"))
+    full = _load(folder, dtype="float32")
+    proj = _projector_folder(folder, tmp_path / "stage1")
+    weights = torch.load(proj / "mm_projector.bin", weights_only=True)
+    weights["model.mm_projector.2.bias"][0] += 1e-3
+    torch.save(weights, proj / "mm_projector.bin")
+    loaded = _load(proj, folder, dtype="float32")
+    assert not torch.equal(probe_logits(loaded.model, loaded.image_processor),
+                           probe_logits(full.model, full.image_processor))
+
+
+# --- LoRA ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_lora_merged_matches_unmerged(tiny_checkpoint_factory, tmp_path, case):
+    folder = _build(tiny_checkpoint_factory, case)
+    base = _language_model_base(folder, tmp_path / "vicuna-like")
+    adapter, unmerged = _lora_folder(folder, tmp_path / "llava-lora", case.torch_dtype)
+    loaded = _load(adapter, base, dtype=case.dtype)
+    assert loaded.kind == "lora"
+    tol = tolerance(f"loader.lora_merge.{case.dtype}")
+    merged = probe_logits(loaded.model, loaded.image_processor).float()
+    reference = probe_logits(unmerged, loaded.image_processor).float()
+    torch.testing.assert_close(merged, reference, **tol.close_kwargs())
+    # The adapter and the trainables changed the model: the check above can fail.
+    plain = _load(folder, dtype=case.dtype)
+    assert not torch.allclose(merged, probe_logits(plain.model, plain.image_processor).float(),
+                              **tol.close_kwargs())
+
+
+@pytest.mark.parametrize("prefix", ["base_model.model.model.", "base_model.model.", "model.", ""],
+                         ids=["base_model.model.model", "base_model.model", "model", "bare"])
+def test_non_lora_trainables_prefixes_all_load_the_projector(tiny_checkpoint_factory, tmp_path,
+                                                              prefix):
+    folder = _build(tiny_checkpoint_factory, Case("llama", "bin", "float32"))
+    base = _language_model_base(folder, tmp_path / "vicuna-like")
+    adapter, _ = _lora_folder(folder, tmp_path / "lora", torch.float32)
+    stored = torch.load(adapter / "non_lora_trainables.bin", weights_only=True)
+    renamed = {prefix + k.removeprefix("base_model.model.model."): v for k, v in stored.items()}
+    torch.save(renamed, adapter / "non_lora_trainables.bin")
+    model = _load(adapter, base, dtype="float32").model
+    for key, value in stored.items():
+        target = "model." + key.removeprefix("base_model.model.model.")
+        assert torch.equal(model.state_dict()[target], value)
+
+
+def test_lora_without_projector_anywhere_is_an_error(tiny_checkpoint_factory, tmp_path):
+    folder = _build(tiny_checkpoint_factory, Case("llama", "bin", "float32"))
+    base = _language_model_base(folder, tmp_path / "vicuna-like")
+    adapter, _ = _lora_folder(folder, tmp_path / "lora", torch.float32)
+    (adapter / "non_lora_trainables.bin").unlink()
+    with pytest.raises(LoadError, match="projector would stay random"):
+        _load(adapter, base, dtype="float32")
+
+
+# --- names and signature -------------------------------------------------------------------
+
+def test_folder_names_do_not_decide_the_path(tiny_checkpoint_factory, tmp_path):
+    folder = _build(tiny_checkpoint_factory, Case("llama", "bin", "float32"))
+    plain_name = tmp_path / "model-a"
+    shutil.copytree(folder, plain_name)
+    with pytest.warns(LoadWarning, match="the files say 'llava'"):
+        loaded = _load(plain_name, name=plain_name.name, dtype="float32")
+    reference = _load(folder, dtype="float32")
+    assert loaded.kind == "llava"
+    assert torch.equal(probe_logits(loaded.model, loaded.image_processor),
+                       probe_logits(reference.model, reference.image_processor))
+    proj = _projector_folder(folder, tmp_path / "checkpoint-5000")
+    assert _load(proj, folder, dtype="float32").kind == "projector"
+
+
+def test_original_signature_and_return(tiny_checkpoint_factory):
+    folder = _build(tiny_checkpoint_factory, Case("llama", "bin", "float32"))
+    tokenizer, model, processor, context_len = load_pretrained_model(
+        str(folder), None, "llava-tiny", device="cpu")
+    assert model.dtype == torch.float16  # the original's default
+    assert processor is not None and context_len == 2048
+    assert len(tokenizer) == model.config.vocab_size
+    assert model.get_vision_tower().dtype == torch.float16
+
+
+def test_name_rule_is_available(tiny_checkpoint_factory):
+    folder = _build(tiny_checkpoint_factory, Case("llama", "bin", "float32"))
+    # The original's rule: no 'llava' in the name -> plain language model, which transformers
+    # cannot build from `model_type: llava` (LLaVA issues #1510/#402): a clear error.
+    with pytest.raises(Exception, match="llava|Llava|model_type"):
+        _load(folder, name="vicuna-tiny", detect="name")
+
+
+# --- quantized -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["4bit", "8bit"])
+def test_quantized_keeps_projector_and_tower_and_stays_close(tiny_checkpoint_factory, mode):
+    folder = _build(tiny_checkpoint_factory, Case("llama", "bin", "float32"), **QUANT_MODEL)
+    reference = _load(folder, dtype="float32")
+    loaded = _load(folder, dtype="float16", load_4bit=mode == "4bit", load_8bit=mode == "8bit")
+    inner = loaded.model.get_model()
+    assert type(inner.layers[0].self_attn.q_proj).__module__.startswith("bitsandbytes")
+    for module in inner.mm_projector.modules():
+        assert not type(module).__module__.startswith("bitsandbytes")
+    assert {p.dtype for p in inner.mm_projector.parameters()} == {torch.float16}
+    assert {p.dtype for p in inner.vision_tower.parameters()} == {torch.float16}
+    tol = tolerance(f"loader.quantized.{mode}")
+    ours = probe_logits(loaded.model, loaded.image_processor).float()
+    ref = probe_logits(reference.model, reference.image_processor)
+    torch.testing.assert_close(ours, ref, **tol.close_kwargs())
+    assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= tol.top1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["none", "4bit", "8bit"])
+def test_loads_on_cuda(tiny_checkpoint_factory, mode):
+    folder = _build(tiny_checkpoint_factory, Case("llama", "safetensors", "float32"),
+                    **QUANT_MODEL)
+    reference = _load(folder, dtype="float32")
+    loaded = load(folder, None, "llava-tiny", device="cuda", dtype="float16",
+                  load_4bit=mode == "4bit", load_8bit=mode == "8bit")
+    assert loaded.model.device.type == "cuda"
+    tol = tolerance(f"loader.quantized.{'8bit' if mode == 'none' else mode}")
+    ours = probe_logits(loaded.model, loaded.image_processor).float().cpu()
+    torch.testing.assert_close(ours, probe_logits(reference.model, reference.image_processor),
+                               **tol.close_kwargs())
+
+
+# --- bad input: one line, exit 2 ------------------------------------------------------------
+
+def _cli_load(capsys, *args) -> tuple[int, str]:
+    """The CLI in-process (a subprocess per case costs an import of torch + transformers)."""
+    code = cli_main(["load", *map(str, args), "--device", "cpu"])
+    return code, capsys.readouterr().err
+
+
+def _one_line_error(result, *fragments):
+    code, stderr = result
+    assert code == 2, stderr
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def test_bad_inputs_are_one_clear_line(tiny_checkpoint_factory, tmp_path, capsys):
+    folder = _build(tiny_checkpoint_factory, Case("llama", "safetensors", "float32"))
+    adapter, _ = _lora_folder(folder, tmp_path / "lora", torch.float32)
+    _one_line_error(_cli_load(capsys, adapter), "needs a base model")
+
+    proj = _projector_folder(folder, tmp_path / "stage1")
+    _one_line_error(_cli_load(capsys, proj), "needs a base model")
+
+    wrong = _projector_folder(folder, tmp_path / "wrong-type")
+    weights = torch.load(wrong / "mm_projector.bin", weights_only=True)
+    torch.save({"model.mm_projector.weight": weights["model.mm_projector.0.weight"],
+                "model.mm_projector.bias": weights["model.mm_projector.0.bias"]},
+               wrong / "mm_projector.bin")
+    _one_line_error(_cli_load(capsys, wrong, "--base", folder), "mm_projector.bin",
+                    "linear", "mlp2x_gelu")
+
+    no_tower = tmp_path / "no-tower"
+    shutil.copytree(folder, no_tower)
+    shutil.rmtree(no_tower / "vision_tower")
+    config = json.loads((no_tower / "config.json").read_text())
+    config["mm_vision_tower"] = str(no_tower / "vision_tower")
+    (no_tower / "config.json").write_text(json.dumps(config))
+    _one_line_error(_cli_load(capsys, no_tower), "vision tower folder not found")
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(folder, truncated)
+    shard = min(truncated.glob("model-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-100])
+    _one_line_error(_cli_load(capsys, truncated), shard.name)
+
+
+def test_projector_keys_of_the_wrong_type_in_a_full_checkpoint(tiny_checkpoint_factory,
+                                                              tmp_path):
+    folder = _build(tiny_checkpoint_factory, Case("llama", "bin", "float32"))
+    lying = tmp_path / "llava-lying-config"
+    shutil.copytree(folder, lying)
+    config = json.loads((lying / "config.json").read_text())
+    config["mm_projector_type"] = "linear"
+    (lying / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LoadError, match="projector tensors are mlp2x_gelu.*'linear'"):
+        _load(lying, dtype="float32")
