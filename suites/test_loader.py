@@ -25,6 +25,7 @@ from harness.cli import main as cli_main
 from harness.model.images import process_images
 from harness.model.probe import probe_ids, probe_image, probe_logits
 from harness.model.splice import IMAGE_TOKEN_INDEX
+from harness.model.vision import ORIGINAL_CLIP_ATTENTION
 from harness.ops.load import LoadError, LoadWarning, load, load_pretrained_model
 from harness.tolerances import tolerance
 
@@ -79,12 +80,16 @@ def _hand_logits(folder: Path, dtype: torch.dtype, ids: torch.Tensor) -> torch.T
     config = json.loads((folder / "config.json").read_text())
     lm = load_language_model(folder)  # stored in `dtype`; no cast: rotary buffers stay float32
     processor = CLIPImageProcessor.from_pretrained(folder / "vision_tower")
-    clip = CLIPVisionModel.from_pretrained(folder / "vision_tower", dtype=dtype).eval()
+    # As the original: the tower stays float32 (device_map "auto"), images arrive in the model
+    # dtype and the features go back to it; attention computed the transformers-4.37 way.
+    clip = CLIPVisionModel.from_pretrained(folder / "vision_tower", dtype=torch.float32,
+                                           attn_implementation=ORIGINAL_CLIP_ATTENTION).eval()
     proj = open_folder(folder).read([k for k in open_folder(folder).tensors
                                      if k.startswith("model.mm_projector.")])
     with torch.no_grad():
         pixels = process_images([probe_image()], processor, _Cfg(config)).to(dtype)
-        hidden = clip(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+        hidden = clip(pixels.float(), output_hidden_states=True).hidden_states[-2][:, 1:]
+        hidden = hidden.to(dtype)
         x = F.linear(hidden, proj["model.mm_projector.0.weight"],
                      proj["model.mm_projector.0.bias"])
         x = F.linear(F.gelu(x), proj["model.mm_projector.2.weight"],
@@ -268,7 +273,8 @@ def test_original_signature_and_return(tiny_checkpoint_factory):
     assert model.dtype == torch.float16  # the original's default
     assert processor is not None and context_len == 2048
     assert len(tokenizer) == model.config.vocab_size
-    assert model.get_vision_tower().dtype == torch.float16
+    # The original's default device_map "auto" leaves the tower float32 (no cast).
+    assert model.get_vision_tower().dtype == torch.float32
 
 
 def test_name_rule_is_available(tiny_checkpoint_factory):
@@ -291,7 +297,7 @@ def test_quantized_keeps_projector_and_tower_and_stays_close(tiny_checkpoint_fac
     for module in inner.mm_projector.modules():
         assert not type(module).__module__.startswith("bitsandbytes")
     assert {p.dtype for p in inner.mm_projector.parameters()} == {torch.float16}
-    assert {p.dtype for p in inner.vision_tower.parameters()} == {torch.float16}
+    assert {p.dtype for p in inner.vision_tower.parameters()} == {torch.float32}
     tol = tolerance(f"loader.quantized.{mode}")
     ours = probe_logits(loaded.model, loaded.image_processor).float()
     ref = probe_logits(reference.model, reference.image_processor)

@@ -19,6 +19,30 @@ class VisionTowerError(HarnessError):
     pass
 
 
+# LLaVA's released code runs CLIP under transformers 4.37, whose CLIPAttention scales the
+# queries before the product and takes the softmax in the tower's own dtype; transformers 5's
+# eager path scales after and upcasts the softmax, and sdpa fuses it all. The results differ in
+# the last bits (1e-7 in float32 on the tiny tower), so the tower runs this function to give
+# the original's features bit for bit.
+ORIGINAL_CLIP_ATTENTION = "llava_original_clip"
+
+
+def _original_clip_attention(module, query, key, value, attention_mask, scaling, dropout=0.0,
+                             **kwargs):
+    weights = torch.matmul(query * scaling, key.transpose(-1, -2))
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = nn.functional.softmax(weights, dim=-1)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ORIGINAL_CLIP_ATTENTION, _original_clip_attention)
+
+
 class VisionTower(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -46,8 +70,10 @@ class VisionTower(nn.Module):
                 f"{folder}: vision tower folder not found (mm_vision_tower); the harness never "
                 "downloads: build one locally or pass its folder")
         self.image_processor = CLIPImageProcessor.from_pretrained(folder)
+        _register_attention()
         kwargs = {"dtype": dtype} if dtype is not None else {}
-        tower = CLIPVisionModel.from_pretrained(folder, **kwargs)
+        tower = CLIPVisionModel.from_pretrained(
+            folder, attn_implementation=ORIGINAL_CLIP_ATTENTION, **kwargs)
         tower.requires_grad_(False)
         if device is not None:
             tower = tower.to(device)

@@ -188,6 +188,7 @@ class _Options:
     device: str
     device_map: object
     vision_tower: Path | None
+    tower_dtype: torch.dtype
     hf_kwargs: dict
 
     def model_kwargs(self) -> dict:
@@ -303,11 +304,18 @@ def _finish_llava(model, tokenizer, opts: _Options):
         tokenizer.add_tokens(["<im_start>", "<im_end>"], special_tokens=True)
     if len(tokenizer) != model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
-    # The tower runs in the load dtype (for 4-bit, also the compute dtype). The original leaves
-    # it float32 under its default device_map="auto" and casts it to float16 otherwise.
     tower = model.get_vision_tower()
-    tower.load_model(opts.vision_tower, dtype=opts.dtype, device=model.device)
+    tower.load_model(opts.vision_tower, dtype=opts.tower_dtype, device=model.device)
     return tower.image_processor
+
+
+def _tower_dtype(requested, device_map, dtype: torch.dtype) -> torch.dtype:
+    """The original loads CLIP in float32 and casts it to float16 only when the caller passes
+    a device_map other than "auto" (its default, also on CPU): so by default the tower runs in
+    float32 whatever the model's dtype. Same rule here, the cast going to the load dtype."""
+    if requested is not None:
+        return as_dtype(requested)
+    return torch.float32 if device_map == "auto" else dtype
 
 
 def _choose_kind(model_path: Path, model_base, model_name: str, detect: str) -> tuple[str, list]:
@@ -328,7 +336,8 @@ def _choose_kind(model_path: Path, model_base, model_name: str, detect: str) -> 
 
 def load(model_path, model_base=None, model_name: str | None = None, *, load_8bit=False,
          load_4bit=False, device_map="auto", device="cuda", use_flash_attn=False,
-         dtype=None, detect="files", vision_tower=None, **kwargs) -> Loaded:
+         dtype=None, detect="files", vision_tower=None, vision_tower_dtype=None,
+         **kwargs) -> Loaded:
     """Load any LLaVA folder; see the module docstring. Returns everything the CLI reports."""
     start = time.perf_counter()
     path = Path(model_path)
@@ -342,7 +351,9 @@ def load(model_path, model_base=None, model_name: str | None = None, *, load_8bi
         kwargs["attn_implementation"] = "flash_attention_2"
     opts = _Options(dtype=dtype, quant=quantization_config(load_8bit, load_4bit, dtype),
                     device=device, device_map=device_map if device == "cuda" else {"": device},
-                    vision_tower=Path(vision_tower) if vision_tower else None, hf_kwargs=kwargs)
+                    vision_tower=Path(vision_tower) if vision_tower else None,
+                    tower_dtype=_tower_dtype(vision_tower_dtype, device_map, dtype),
+                    hf_kwargs=kwargs)
     arch, model, tokenizer = _LOADERS[kind](path, base, opts)
     processor = None
     if kind in ("llava", "lora", "projector"):
@@ -359,7 +370,8 @@ def load_pretrained_model(model_path, model_base, model_name, load_8bit=False, l
                           device_map="auto", device="cuda", use_flash_attn=False, **kwargs):
     """The original's signature and return: (tokenizer, model, image_processor, context_len).
     Extra keywords: `dtype`/`torch_dtype`, `detect` ('files' or 'name'), `vision_tower`
-    (a local CLIP folder overriding the config's `mm_vision_tower`)."""
+    (a local CLIP folder overriding the config's `mm_vision_tower`), `vision_tower_dtype`
+    (default as the original: float32 under device_map="auto", else the load dtype)."""
     loaded = load(model_path, model_base, model_name, load_8bit=load_8bit, load_4bit=load_4bit,
                   device_map=device_map, device=device, use_flash_attn=use_flash_attn, **kwargs)
     return loaded.tokenizer, loaded.model, loaded.image_processor, loaded.context_len
