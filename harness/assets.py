@@ -90,9 +90,8 @@ Version 2.1 fixed 17 bugs and added support for larger images [beta].
 # Syllable pieces for the deterministic pseudo-word generator.  Real English alone
 # only yields a few thousand BPE merges; unique pseudo-words supply the rest so the
 # trainer can always reach the requested vocabulary size exactly.
-_ONSETS = ("b c d f g h j k l m n p r s t v w y z br cr dr fr gr pr tr bl cl fl "
-           "gl pl sl st sp sk sh ch th qu wh").split()
-_NUCLEI = "a e i o u ai ea ee oa oo ou ie ay".split()
+_ONSETS = ["b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "y", "z", "br", "cr", "dr", "fr", "gr", "pr", "tr", "bl", "cl", "fl", "gl", "pl", "sl", "st", "sp", "sk", "sh", "ch", "th", "qu", "wh"]
+_NUCLEI = ["a", "e", "i", "o", "u", "ai", "ea", "ee", "oa", "oo", "ou", "ie", "ay"]
 _CODAS = ("", "", "", "n", "r", "s", "l", "t", "m", "nd", "st", "ck", "ng", "x", "ph")
 
 # Llama reserves ids 0..2 for <unk>/<s>/</s> and 3..258 for the 256 byte pieces.

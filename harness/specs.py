@@ -151,7 +151,7 @@ class ModelSpec:
     def has_image_newline(self) -> bool:
         return "unpad" in self.mm_patch_merge_type
 
-    def replace(self, **overrides) -> "ModelSpec":
+    def replace(self, **overrides) -> ModelSpec:
         """A copy with fields replaced; `vision_<field>` and `mm_hidden_size` reach the tower."""
         vision_fields = {}
         for key in list(overrides):
@@ -190,7 +190,7 @@ class CheckpointSpec:
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             _fail("CheckpointSpec", "seed", self.seed, "must be an integer in [0, 2**63)")
 
-    def replace(self, **overrides) -> "CheckpointSpec":
+    def replace(self, **overrides) -> CheckpointSpec:
         _check_fields(CheckpointSpec, overrides)
         if "shards" in overrides and overrides["shards"] is not None:
             overrides.setdefault("max_shard_size", None)

@@ -11,8 +11,8 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 import sys
+import tempfile
 from pathlib import Path
 
 from tabulate import tabulate
