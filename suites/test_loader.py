@@ -378,3 +378,18 @@ def test_projector_keys_of_the_wrong_type_in_a_full_checkpoint(tiny_checkpoint_f
     (lying / "config.json").write_text(json.dumps(config))
     with pytest.raises(LoadError, match="projector tensors are mlp2x_gelu.*'linear'"):
         _load(lying, dtype="float32")
+
+
+def test_cli_reports_what_it_loaded(tiny_checkpoint_factory, capsys):
+    folder = _build(tiny_checkpoint_factory, Case("llama", "bin", "float32"))
+    assert cli_main(["load", str(folder), "--device", "cpu", "--dtype", "float32",
+                     "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    spec = tiny_checkpoint_factory.spec_of(folder).model
+    projector = spec.mm_hidden_size * spec.hidden_size + spec.hidden_size \
+        + spec.hidden_size * spec.hidden_size + spec.hidden_size
+    assert facts["kind"] == "llava" and facts["architecture"] == "llama"
+    assert facts["projector_type"] == "mlp2x_gelu"
+    assert facts["parameters_projector"] == projector
+    assert facts["dtype"] == "float32" and facts["device"] == "cpu"
+    assert facts["load_s"] > 0 and facts["memory_footprint_bytes"] > 0
