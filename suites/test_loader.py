@@ -393,3 +393,36 @@ def test_cli_reports_what_it_loaded(tiny_checkpoint_factory, capsys):
     assert facts["parameters_projector"] == projector
     assert facts["dtype"] == "float32" and facts["device"] == "cpu"
     assert facts["load_s"] > 0 and facts["memory_footprint_bytes"] > 0
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_plain_language_model_path(tiny_checkpoint_factory, tmp_path, arch):
+    """A Vicuna-like folder loads as a plain LM; its text logits are the LLaVA model's."""
+    folder = _build(tiny_checkpoint_factory, Case(arch, "safetensors", "float32"))
+    base = _language_model_base(folder, tmp_path / "vicuna-like")
+    plain = _load(base, name="vicuna-tiny", dtype="float32")
+    assert (plain.kind, plain.arch, plain.image_processor) == ("language_model", arch, None)
+    full = _load(folder, dtype="float32")
+    ids = probe_ids(512, images=0)
+    with torch.no_grad():
+        assert torch.equal(plain.model(input_ids=ids).logits, full.model(input_ids=ids).logits)
+
+
+def test_plain_language_model_lora_path(tiny_checkpoint_factory, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    folder = _build(tiny_checkpoint_factory, Case("llama", "safetensors", "float32"))
+    base = _language_model_base(folder, tmp_path / "vicuna-like")
+    lm = _load(base, dtype="float32").model
+    peft_model = get_peft_model(lm, LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                               init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "vicuna-lora")
+    loaded = _load(tmp_path / "vicuna-lora", base, dtype="float32")
+    assert loaded.kind == "language_model_lora"
+    ids = probe_ids(512, images=0)
+    tol = tolerance("loader.lora_merge.float32")
+    with torch.no_grad():
+        merged, unmerged = loaded.model(input_ids=ids).logits, peft_model(input_ids=ids).logits
+        torch.testing.assert_close(merged, unmerged, **tol.close_kwargs())
+        assert not torch.allclose(merged, _load(base, dtype="float32").model(
+            input_ids=ids).logits, **tol.close_kwargs())

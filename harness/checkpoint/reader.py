@@ -190,7 +190,7 @@ class CheckpointFolder:
 
             self.header(file)  # validates truncation before safe_open maps it
             with safe_open(path, framework="pt") as f:
-                missing = [n for n in names if n not in f]
+                missing = [n for n in names if n not in f.keys()]  # noqa: SIM118 (safe_open is not a container)
                 if missing:
                     raise CheckpointError(f"{path}: index lists {missing[0]} in this shard, "
                                           "but the shard does not hold it")
