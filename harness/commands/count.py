@@ -1,0 +1,49 @@
+"""`llava-harness count CKPT | --preset NAME [--json]`: projector parameters three ways
+(formula, meta-device module, tensor shapes), the projector type from the config and from the
+tensors, total and stage-1 trainable parameters. Exit 1 when the three counts differ."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def register(sub, bench) -> None:
+    from ..presets import PRESET_NAMES
+
+    p = sub.add_parser("count", help="projector and model parameter counts of a checkpoint or "
+                                     "preset")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("checkpoint", nargs="?", type=Path, help="checkpoint folder")
+    source.add_argument("--preset", choices=PRESET_NAMES)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_count)
+
+
+def _table(counts) -> str:
+    from tabulate import tabulate
+
+    d = counts.to_dict()
+    rows = [["projector type (config / tensors)",
+             f"{d['projector_type']['config']} / {d['projector_type']['inferred']}"],
+            ["mm_hidden_size -> hidden_size", f"{counts.mm_hidden_size} -> {counts.hidden_size}"]]
+    rows += [[f"projector params ({way})", f"{n:,}"]
+             for way, n in d["projector_params"].items()]
+    rows += [[f"params: {group}", f"{n:,}"] for group, n in d["params"].items()]
+    rows += [["buffer elements (not parameters)", f"{counts.buffer_elements:,}"],
+             ["trainable in stage 1 (projector only)", f"{counts.trainable_stage1:,}"]]
+    return tabulate(rows, tablefmt="github", headers=[counts.source, ""])
+
+
+def cmd_count(args: argparse.Namespace) -> int:
+    from ..ops.counts import count_checkpoint, count_preset
+
+    counts = count_preset(args.preset) if args.preset else count_checkpoint(args.checkpoint)
+    print(json.dumps(counts.to_dict(), indent=2) if args.json else _table(counts))
+    if not counts.agree:
+        print(f"llava-harness: projector counts disagree: formula {counts.formula:,}, module "
+              f"{counts.module:,}, tensors {counts.tensors:,}", file=sys.stderr)
+        return 1
+    return 0
