@@ -120,9 +120,30 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .run import run_tiny
+    from .run import RunOptions, run_suites
 
-    return run_tiny(spec_from_args(args), keep=args.keep)
+    return run_suites(RunOptions(
+        suites=args.suites, preset=args.preset, checkpoint=args.checkpoint,
+        report_dir=args.report_dir, suites_dir=args.suites_dir, realsize=args.realsize,
+        select=args.select, baseline=args.baseline, checks=args.fail, run_id=args.run_id))
+
+
+def _run_id(text: str) -> str:
+    from .results import ResultsError, check_run_id
+
+    try:
+        return check_run_id(text)
+    except ResultsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _suite_names(text: str) -> tuple[str, ...]:
+    from .run import RunError, parse_suite_names
+
+    try:
+        return parse_suite_names(text)
+    except RunError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -152,9 +173,27 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout-only", action="store_true", help="skip the tensor bytes")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("run", help="build the tiny default and check it end to end")
-    _add_spec_options(p)
-    p.add_argument("--keep", type=Path, help="keep the built checkpoint at this folder")
+    p = sub.add_parser("run", help="run the suites (tiny default or --checkpoint DIR) and "
+                                   "write a report")
+    p.add_argument("--preset", default="tiny", choices=PRESET_NAMES,
+                   help="synthetic checkpoint to validate without --checkpoint")
+    p.add_argument("--checkpoint", type=Path, metavar="DIR",
+                   help="validate this checkpoint folder instead (default suites: checkpoint)")
+    p.add_argument("--suites", type=_suite_names, metavar="A,B",
+                   help="suite names, comma-separated, or 'all' (default: builder, checkpoint, "
+                        "extraction, counts)")
+    p.add_argument("--report-dir", type=Path, default=Path("reports"), metavar="DIR",
+                   help="reports go to DIR/<run-id>/ (default: reports)")
+    p.add_argument("--suites-dir", type=Path, metavar="DIR",
+                   help="the suites folder (default: the checkout's suites/)")
+    p.add_argument("--realsize", action="store_true", help="also run real-size tests")
+    p.add_argument("-k", dest="select", metavar="EXPR", help="pytest -k selection")
+    p.add_argument("--run-id", type=_run_id, help="run id (default: UTC time + random suffix)")
+    from .gate import check_arg
+
+    p.add_argument("--baseline", type=Path, metavar="FILE", help="results file to gate against")
+    p.add_argument("--fail", type=check_arg, action="append", default=[], metavar="EXPR",
+                   help="gate check, e.g. 'peak_rss:+5%%'; repeatable")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("bench", help="benchmarks")

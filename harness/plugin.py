@@ -3,22 +3,34 @@
 Installed with the package, so `pip install llava-harness` makes these fixtures available in
 any repository. All options live in one group, `llava`, each parsed by a `type=` function that
 rejects a bad value at parse time, naming it.
+
+Results: every test's outcome (with the skip or failure reason), the metrics it recorded
+through `llava_record` and any pytest-benchmark statistics are collected during the session.
+Nothing is written unless `--llava-report-dir DIR` is given: then `DIR/<run-id>/` gets
+results.json, report.md and results.csv. `--llava-baseline FILE --llava-fail EXPR` gates the
+run's metrics at session end (a failed check fails the session).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
 import pytest
 
-from .presets import build_spec
+from .gate import check_arg
+from .presets import PRESET_NAMES, build_spec
 
 MARKERS = {
     "gpu": "needs a CUDA GPU; skipped with a reason on CPU",
     "realsize": "builds or reads real-size (7B/13B) checkpoints; run with --realsize",
     "slow": "takes more than a few seconds on 2 CPU cores",
 }
+
+_COLLECTOR = pytest.StashKey["Collector"]()
+_GATE_LINES = pytest.StashKey[list]()
+_REPORT_PATH = pytest.StashKey[Path]()
 
 _NO_GPU = "needs a CUDA GPU (torch.cuda.is_available() is False on this machine)"
 _NO_REALSIZE = ("real-size: builds a 13.5 GB+ checkpoint into the cache; run with --realsize "
@@ -32,6 +44,38 @@ def _existing_or_creatable_dir(text: str) -> Path:
     return path
 
 
+def _report_dir(text: str) -> Path:
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: exists and is not a folder")
+    return path
+
+
+def _run_id(text: str) -> str:
+    from .results import ResultsError, check_run_id
+
+    try:
+        return check_run_id(text)
+    except ResultsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _baseline(text: str):
+    from .results import ResultsError, load_results
+
+    try:
+        return load_results(Path(text).expanduser())
+    except ResultsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _checkpoint_dir(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: not a folder")
+    return path
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("llava", "llava-harness")
     group.addoption("--realsize", action="store_true", default=False,
@@ -39,6 +83,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--llava-cache", type=_existing_or_creatable_dir, default=None,
                     metavar="DIR", help="cache folder for real-size builds "
                                         "(default: $LLAVA_HARNESS_CACHE or ~/.cache/llava-harness)")
+    group.addoption("--llava-report-dir", type=_report_dir, default=None, metavar="DIR",
+                    help="write DIR/<run-id>/results.json, report.md and results.csv at the end "
+                         "(default: write nothing)")
+    group.addoption("--llava-run-id", type=_run_id, default=None, metavar="ID",
+                    help="the run id (default: UTC time + random suffix)")
+    group.addoption("--llava-baseline", type=_baseline, default=None, metavar="FILE",
+                    help="results file to gate this run against (with --llava-fail)")
+    group.addoption("--llava-fail", type=check_arg, action="append", default=[],
+                    metavar="EXPR", help="gate check, e.g. 'peak_rss:+5%%' or "
+                                         "'extract_wall_s:<=0.5'; repeatable")
+    group.addoption("--llava-checkpoint", type=_checkpoint_dir, default=None, metavar="DIR",
+                    help="validate this checkpoint folder (default: a synthetic one of "
+                         "--llava-preset)")
+    group.addoption("--llava-preset", choices=PRESET_NAMES, default="tiny",
+                    help="preset of the synthetic checkpoint used without --llava-checkpoint")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -47,6 +106,10 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
+    from .report.collector import Collector
+    from .run import SUITES
+
+    config.stash[_COLLECTOR] = Collector(SUITES)
 
 
 def _cuda_available() -> bool:
@@ -117,3 +180,152 @@ def realsize_checkpoint_factory(llava_cache: Path):
         return cached_build(build_spec(preset, model=model, checkpoint=checkpoint), llava_cache)
 
     return factory
+
+
+# -- results: a fixture to record metrics, outcomes from the reports, written at the end -------
+
+class MetricRecorder:
+    """`llava_record(name, value, unit, direction=None)`: a metric of the current test's case.
+
+    Units are strings ("s", "MiB", "tokens/s", "params", "ratio"); the direction (lower /
+    higher / none is better) defaults from the unit (time and memory lower, "/s" higher).
+    """
+
+    def __init__(self, collector, nodeid: str):
+        self._collector, self._nodeid = collector, nodeid
+
+    def __call__(self, name: str, value, unit: str, direction: str | None = None) -> None:
+        self._collector.add_metric(self._nodeid, name, value, unit, direction)
+
+    def update(self, metrics: dict) -> None:
+        """`{"name": (value, unit) or (value, unit, direction)}` all at once."""
+        for name, spec in metrics.items():
+            self(name, *spec)
+
+
+@pytest.fixture
+def llava_record(request: pytest.FixtureRequest) -> MetricRecorder:
+    return MetricRecorder(request.config.stash[_COLLECTOR], request.node.nodeid)
+
+
+@pytest.fixture(scope="session")
+def llava_checkpoint_spec(pytestconfig: pytest.Config):
+    """The BuildSpec of the synthetic checkpoint under test; None for a user's folder."""
+    if pytestconfig.getoption("--llava-checkpoint") is not None:
+        return None
+    return build_spec(pytestconfig.getoption("--llava-preset"))
+
+
+@pytest.fixture(scope="session")
+def llava_checkpoint(pytestconfig: pytest.Config, llava_checkpoint_spec,
+                     tiny_checkpoint_factory: CheckpointFactory) -> Path:
+    """The folder under validation: `--llava-checkpoint DIR`, else a synthetic one of
+    `--llava-preset` (tiny: built per session; real size: the cache, with --realsize)."""
+    user = pytestconfig.getoption("--llava-checkpoint")
+    if user is not None:
+        return user
+    preset = pytestconfig.getoption("--llava-preset")
+    if preset == "tiny":
+        return tiny_checkpoint_factory(preset)
+    if not pytestconfig.getoption("--realsize"):
+        pytest.skip(f"--llava-preset {preset}: {_NO_REALSIZE}")
+    from .cache import cache_root, cached_build
+
+    root = pytestconfig.getoption("--llava-cache") or cache_root()
+    return cached_build(llava_checkpoint_spec, root)
+
+
+def _reason(report: pytest.TestReport) -> str | None:
+    if report.skipped:
+        if hasattr(report, "wasxfail"):
+            return f"xfail: {report.wasxfail}".rstrip(": ")
+        longrepr = report.longrepr
+        text = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        return text.removeprefix("Skipped: ")
+    crash = getattr(report.longrepr, "reprcrash", None)
+    text = crash.message if crash is not None else str(report.longrepr or "")
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    return f"{report.when}: {first}" if report.when != "call" else first
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call):
+    report = yield
+    collector = item.config.stash[_COLLECTOR]
+    nodeid = item.nodeid
+    if report.when == "setup":
+        module = getattr(item, "module", None)
+        collector.describe(nodeid, getattr(module, "__doc__", None))
+    if report.when == "call":
+        bench = getattr(item, "funcargs", {}).get("benchmark")
+        stats = getattr(getattr(bench, "stats", None), "stats", None)
+        if stats:  # pytest-benchmark ran: fold its statistics into this case
+            from .report.collector import benchmark_metrics
+
+            collector.add_metrics(nodeid, benchmark_metrics(stats))
+    if report.passed and not hasattr(report, "wasxfail"):
+        collector.outcome(nodeid, "passed")
+    elif report.skipped:
+        collector.outcome(nodeid, "skipped", _reason(report))
+    elif report.failed:
+        outcome = "failed" if report.when == "call" else "error"
+        collector.outcome(nodeid, outcome, _reason(report))
+    else:  # an unexpected pass of an xfail
+        collector.outcome(nodeid, "passed")
+    return report
+
+
+def _relative(arg: str, root: Path) -> str:
+    return arg.removeprefix(f"{root}/")
+
+
+def _settings(config: pytest.Config) -> dict[str, str]:
+    """What a reader of the report needs to know about how this run was made."""
+    user = config.getoption("--llava-checkpoint")
+    out = {"checkpoint": str(Path(user).absolute()) if user is not None
+           else f"synthetic ({config.getoption('--llava-preset')} preset)",
+           "realsize": str(config.getoption("--realsize")).lower(),
+           "pytest_args": " ".join(_relative(arg, config.rootpath)
+                                   for arg in config.invocation_params.args)}
+    baseline = config.getoption("--llava-baseline")
+    if baseline is not None:
+        out["baseline_run"] = baseline.run_id
+    return out
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
+    config = session.config
+    report_dir = config.getoption("--llava-report-dir")
+    checks = config.getoption("--llava-fail")
+    if report_dir is None and not checks:
+        return  # the default run writes nothing and measures nothing
+    from .environment import current
+
+    results = config.stash[_COLLECTOR].results(config.getoption("--llava-run-id"), current(),
+                                               _settings(config))
+    if report_dir is not None:
+        from .report import write_report
+
+        paths = write_report(results, Path(report_dir) / results.run_id)
+        config.stash[_REPORT_PATH] = paths["markdown"]
+    if checks:
+        from .gate import evaluate
+
+        gate = evaluate(checks, results, config.getoption("--llava-baseline"), outcomes=False)
+        config.stash[_GATE_LINES] = [f"warning: {w}" for w in gate.warnings] + gate.lines()
+        if not gate.ok and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
+    lines = config.stash.get(_GATE_LINES, None)
+    if lines is not None:
+        terminalreporter.section("llava-harness gate")
+        for line in lines:
+            terminalreporter.write_line(line)
+        if not any(line.startswith("FAIL") for line in lines):
+            terminalreporter.write_line(f"all {len(config.getoption('--llava-fail'))} "
+                                        "check(s) passed")
+    path = config.stash.get(_REPORT_PATH, None)
+    if path is not None:
+        terminalreporter.write_line(f"llava-harness report: {path}")

@@ -1,109 +1,212 @@
-"""`llava-harness run`: build the tiny default and check it end to end.
+"""`llava-harness run`: the main job. Runs suites through pytest, writes the report, says where.
 
-Until the full main job (suites + report) lands, this is what the README's first command runs:
-build, verify layout and every tensor's bytes, load the language model strictly into
-transformers' Llama/Mistral class and run it, load the tokenizer (fast and slow) and the CLIP
-tower offline, and print what was checked.
+The suites live in the repository's `suites/` folder, next to the `harness` package in a
+checkout or an editable install; a wheel does not ship them, so a non-editable install needs
+`--suites-dir` pointing at a checkout's `suites/`. Each suite name maps to one file; a name
+whose file does not exist (yet) is skipped with a message. pytest runs in a child process
+(its own imports, its own exit code), with the plugin writing `<report-dir>/<run-id>/`; its
+output is streamed and kept in `pytest.log` there.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
-import time
+import subprocess
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from tabulate import tabulate
+from .errors import HarnessError
 
-from .specs import BuildSpec
+# Suite name -> file in suites/. `run --suites a,b` picks by these names; records name their
+# suite the same way.
+SUITES = {
+    "specs": "test_specs_and_plan.py",
+    "builder": "test_builder.py",
+    "assets": "test_assets.py",
+    "checks": "test_checkpoint_checks.py",
+    "checkpoint": "test_checkpoint_folder.py",
+    "extraction": "test_extraction.py",
+    "counts": "test_projector_counts.py",
+    "loader": "test_loader.py",
+    "strip": "test_backbone_strip.py",
+    "convert": "test_convert.py",
+    "lora": "test_lora_merge.py",
+    "quant": "test_quant_load.py",
+    "realsize": "test_realsize_build.py",
+    "results": "test_results.py",
+    "report": "test_report.py",
+    "gate": "test_gate.py",
+    "run": "test_run.py",
+}
+# The default: what a user means by "check the tiny default end to end" and what CI can afford
+# before the full `pytest suites` (which runs everything anyway): the builder (build, layout,
+# LM strictly loaded and run, tokenizer, tower), the checkpoint-folder validation (index,
+# projector type and counts, extraction, strip), and the extraction and counts suites.
+DEFAULT_SUITES = ("builder", "checkpoint", "extraction", "counts")
+# With --checkpoint, the suites that look at the user's folder.
+CHECKPOINT_SUITES = ("checkpoint",)
+# pytest's own "usage error" / "internal error" / "no tests" exit codes.
+_PYTEST_USAGE, _PYTEST_INTERNAL, _PYTEST_NO_TESTS = 4, 3, 5
 
 
-def _check(name: str, fn, rows: list) -> bool:
-    start = time.perf_counter()
+class RunError(HarnessError):
+    pass
+
+
+def suites_dir_default() -> Path:
+    return Path(__file__).resolve().parent.parent / "suites"
+
+
+def parse_suite_names(text: str) -> tuple[str, ...]:
+    """'extraction,counts' -> names; 'all' -> every known suite; an unknown name is an error
+    naming it and the known ones."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise RunError(f"--suites {text!r}: no suite named")
+    if names == ("all",):
+        return tuple(SUITES)
+    unknown = [n for n in names if n not in SUITES]
+    if unknown:
+        raise RunError(f"--suites: unknown suite {unknown[0]!r}; known: "
+                       f"{', '.join(SUITES)}, or all")
+    return tuple(dict.fromkeys(names))
+
+
+def suite_files(names: tuple[str, ...], suites_dir: Path) -> tuple[list[Path], list[str]]:
+    """(existing files, one message per skipped name)."""
+    files, skipped = [], []
+    for name in names:
+        path = suites_dir / SUITES[name]
+        if path.is_file():
+            files.append(path)
+        else:
+            skipped.append(f"suite {name}: {path} does not exist (yet); skipped")
+    return files, skipped
+
+
+@dataclass
+class RunOptions:
+    suites: tuple[str, ...] | None = None
+    preset: str = "tiny"
+    checkpoint: Path | None = None
+    report_dir: Path = Path("reports")
+    suites_dir: Path | None = None
+    realsize: bool = False
+    select: str | None = None
+    baseline: Path | None = None
+    checks: list = field(default_factory=list)
+    run_id: str | None = None
+
+
+def pytest_command(files: list[Path], opts: RunOptions, run_id: str) -> list[str]:
+    cmd = [sys.executable, "-m", "pytest", *map(str, files), "-q", "-p", "no:cacheprovider",
+           "--tb=line", "--llava-report-dir", str(Path(opts.report_dir).absolute()),
+           "--llava-run-id", run_id, "--llava-preset", opts.preset]
+    if opts.checkpoint is not None:
+        cmd += ["--llava-checkpoint", str(Path(opts.checkpoint).absolute())]
+    if opts.realsize:
+        cmd.append("--realsize")
+    if opts.select:
+        cmd += ["-k", opts.select]
+    return cmd
+
+
+def _stream(cmd: list[str], cwd: Path, log: Path) -> tuple[int, list[str]]:
+    """Run, echoing output as it comes and keeping it in `log`; (exit code, last lines)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.setdefault("HYPOTHESIS_PROFILE", "ci")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    tail: list[str] = []
+    with open(log, "w", encoding="utf-8") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            out.write(line)
+            tail = (tail + [line.rstrip("\n")])[-20:]
+        return proc.wait(), tail
+
+
+def _check_inputs(opts: RunOptions) -> Path:
+    suites_dir = Path(opts.suites_dir) if opts.suites_dir else suites_dir_default()
+    if not suites_dir.is_dir():
+        raise RunError(f"{suites_dir}: no suites folder here (a non-editable install does not "
+                       "ship the suites; pass --suites-dir pointing at a llava-harness "
+                       "checkout's suites/)")
+    report_dir = Path(opts.report_dir)
+    if report_dir.exists() and not report_dir.is_dir():
+        raise RunError(f"--report-dir {report_dir}: exists and is not a folder")
+    if opts.checkpoint is not None:
+        from .checkpoint.reader import open_folder
+
+        open_folder(Path(opts.checkpoint))  # not a checkpoint at all: one line, exit 2
+    if any(c.needs_baseline for c in opts.checks) and opts.baseline is None:
+        first = next(c for c in opts.checks if c.needs_baseline)
+        raise RunError(f"--fail {first.text!r} is relative and needs --baseline")
+    return suites_dir
+
+
+def summarize(results) -> list[str]:
+    from tabulate import tabulate
+
+    from .report.single import outcome_counts
+    from .results import OUTCOMES
+
+    rows = []
+    for suite in results.suites:
+        counts = outcome_counts(r for r in results.records if r.suite == suite)
+        rows.append([suite] + [counts[o] for o in OUTCOMES])
+    lines = [tabulate(rows, headers=["suite", *OUTCOMES], tablefmt="github")]
+    for r in results.records:
+        if r.outcome in ("failed", "error"):
+            lines.append(f"{r.outcome.upper()} {r.id}: {r.reason or 'no reason given'}")
+    return lines
+
+
+def run_suites(opts: RunOptions) -> int:
+    from .results import ResultsError, load_results, new_run_id
+
+    suites_dir = _check_inputs(opts)
+    names = opts.suites or (CHECKPOINT_SUITES if opts.checkpoint is not None
+                            else DEFAULT_SUITES)
+    files, skipped = suite_files(names, suites_dir)
+    for line in skipped:
+        print(f"llava-harness run: {line}", file=sys.stderr)
+    if not files:
+        raise RunError(f"none of the suites {', '.join(names)} exists under {suites_dir}")
+    baseline = load_results(opts.baseline) if opts.baseline is not None else None
+    run_id = opts.run_id or new_run_id()
+    run_folder = Path(opts.report_dir) / run_id
+    code, tail = _stream(pytest_command(files, opts, run_id), suites_dir.parent,
+                         run_folder / "pytest.log")
     try:
-        detail = fn()
-        ok = True
-    except Exception as exc:  # noqa: BLE001 - every failure becomes one report row
-        detail, ok = f"{type(exc).__name__}: {exc}".splitlines()[0], False
-    rows.append([name, "ok" if ok else "FAILED", f"{time.perf_counter() - start:.2f}", detail])
-    return ok
+        results = load_results(run_folder / "results.json")
+    except ResultsError:
+        last = next((t for t in reversed(tail) if t.strip()), "no output")
+        raise RunError(f"pytest exited {code} without writing results ({last.strip()}); "
+                       f"its output is in {run_folder / 'pytest.log'}") from None
+    print("\n" + "\n".join(summarize(results)))
+    gate_failed = _gate(opts, results, baseline)
+    print(f"\nreport: {run_folder / 'report.md'}")
+    if code == _PYTEST_NO_TESTS:
+        print("llava-harness run: no test was selected; that is a failure", file=sys.stderr)
+        return 1
+    if code in (_PYTEST_USAGE, _PYTEST_INTERNAL):
+        return 2
+    return 1 if code or gate_failed else 0
 
 
-def _language_model(folder: Path) -> str:
-    import torch
+def _gate(opts: RunOptions, results, baseline) -> bool:
+    if not opts.checks:
+        return False
+    from .gate import evaluate
 
-    from .backbone import load_language_model
-
-    model = load_language_model(folder)
-    with torch.no_grad():
-        logits = model(torch.tensor([[1, 17, 42, 7]])).logits
-    if not torch.isfinite(logits).all():
-        raise ValueError("non-finite logits")
-    return f"{type(model).__name__}, {model.num_parameters():,} params, logits {list(logits.shape)}"
-
-
-def _tokenizer(folder: Path) -> str:
-    from transformers import AutoTokenizer
-
-    text = "A photo of 3 cats on a café table."
-    ids = [AutoTokenizer.from_pretrained(folder, use_fast=fast)(text).input_ids
-           for fast in (True, False)]
-    if ids[0] != ids[1]:
-        raise ValueError(f"fast and slow tokenizers disagree: {ids[0]} vs {ids[1]}")
-    return f"fast == slow, {len(ids[0])} ids"
-
-
-def _vision_tower(folder: Path) -> str:
-    import torch
-    from transformers import CLIPVisionModel
-
-    path = json.loads((folder / "config.json").read_text())["mm_vision_tower"]
-    tower = CLIPVisionModel.from_pretrained(path)
-    size = tower.config.image_size
-    with torch.no_grad():
-        out = tower(torch.zeros(1, 3, size, size), output_hidden_states=True)
-    return f"{len(out.hidden_states)} hidden states of {list(out.hidden_states[-2].shape)}"
-
-
-def run_tiny(spec: BuildSpec, keep: Path | None = None) -> int:
-    from .checkpoint.atomic import check_target
-    from .checkpoint.reader import open_folder
-    from .synth import build
-    from .verify import data_problems, layout_problems
-
-    if keep:
-        check_target(Path(keep), force=False)  # refuse before any work; never replace it
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    work = Path(tempfile.mkdtemp(prefix="llava-harness-run-"))
-    folder = Path(keep) if keep else work / spec.model.name
-    rows: list = []
-
-    def problems(fn):
-        found = fn(spec, open_folder(folder))
-        if found:
-            raise ValueError(f"{len(found)} problem(s), first: {found[0]}")
-        return "none"
-
-    try:
-        ok = _check("build", lambda: f"{len(build(spec, folder).tensors)} "
-                                     f"tensors at {folder}", rows)
-        if ok:
-            _check("index and files consistent, layout as planned",
-                   lambda: problems(layout_problems), rows)
-            _check("every tensor's bytes regenerate from (seed, key)",
-                   lambda: problems(data_problems), rows)
-            _check("language model loads strictly and runs", lambda: _language_model(folder),
-                   rows)
-            if spec.with_tokenizer:
-                _check("tokenizer loads offline", lambda: _tokenizer(folder), rows)
-            if spec.with_vision_tower:
-                _check("CLIP tower loads offline and runs", lambda: _vision_tower(folder), rows)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    print(tabulate(rows, headers=["check", "result", "seconds", "detail"], tablefmt="github"))
-    failed = sum(r[1] != "ok" for r in rows)
-    print(f"\n{len(rows) - failed} passed, {failed} failed")
-    return 1 if failed else 0
+    gate = evaluate(opts.checks, results, baseline, outcomes=False)
+    for warning in gate.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    for line in gate.lines():
+        print(line)
+    if gate.ok:
+        print(f"gate: all {len(opts.checks)} check(s) passed ({gate.checked} values)")
+    return not gate.ok

@@ -201,14 +201,6 @@ def test_malformed_index(tmp_path, index, words):
         assert word in str(err.value)
 
 
-def test_run_keep_refuses_an_existing_folder(tmp_path, capsys):
-    (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "thesis.txt").write_text("precious")
-    assert main(["run", "--keep", str(tmp_path / "mine")]) == 2
-    assert "--force" in capsys.readouterr().err
-    assert (tmp_path / "mine" / "thesis.txt").read_text() == "precious"
-
-
 def test_measured_peak_is_the_childs_own():
     """The parent's high-water mark must not leak into the child's figure (rusage's does)."""
     from harness.measure import run_measured

@@ -1,0 +1,44 @@
+"""`llava-harness gate [--baseline BASE.json] RESULTS.json --fail EXPR ...`: regression checks.
+
+Exit 0 when every check passes, 1 with one line per failed check (metric, case, baseline,
+value, limit), 2 on bad input. Warns on stderr when the two runs' environments differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+    from ..gate import evaluate
+    from ..results import load_results
+
+    results = load_results(args.results)
+    baseline = load_results(args.baseline) if args.baseline is not None else None
+    outcome = evaluate(args.fail, results, baseline, outcomes=not args.ignore_outcomes)
+    for warning in outcome.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    for line in outcome.lines():
+        print(line)
+    if outcome.ok:
+        print(f"gate passed: {len(args.fail)} check(s) over {outcome.checked} value(s)")
+        return 0
+    return 1
+
+
+def register(sub, bench) -> None:
+    from ..gate import check_arg
+
+    p = sub.add_parser("gate", help="check a run's metrics against a baseline; exit 1 on a "
+                                    "regression")
+    p.add_argument("results", type=Path, metavar="RESULTS.json")
+    p.add_argument("--baseline", type=Path, metavar="BASE.json",
+                   help="results file to compare against (needed by relative checks)")
+    p.add_argument("--fail", type=check_arg, action="append", default=[], required=True,
+                   metavar="EXPR", help="METRIC[@CASE]:LIMIT with LIMIT +5%%, -10%%, ±5%%, 5%% "
+                                        "(worse), <=0.5, <0.5, >=10, >10, ==0; repeatable")
+    p.add_argument("--ignore-outcomes", action="store_true",
+                   help="do not fail on failed or errored cases, only on the checks")
+    p.set_defaults(func=cmd_gate)

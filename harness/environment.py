@@ -1,0 +1,248 @@
+"""The environment fingerprint every result carries: hardware, driver, libraries, harness commit.
+
+Two runs are only comparable when their environments say so, and a gate warns when they
+differ; so the fingerprint names everything that moves a figure: GPU (name, memory, driver,
+CUDA), CPU model and count, memory, OS, Python, the libraries under test, and the harness's
+own git commit with a dirty flag. Library versions come from package metadata, GPU facts from
+NVML through ctypes (no extra package) and the CUDA version from torch's version file, so a
+fingerprint costs milliseconds and never imports torch (2.4 s) on its own account.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import importlib.util
+import json
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+
+from .errors import HarnessError
+
+LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "safetensors", "accelerate",
+             "llava-harness")
+# The fields a gate warns about when they differ between a baseline and a run: the ones that
+# move figures. Host name and commit are informative, not a reason to distrust a comparison.
+COMPARED_FIELDS = ("gpu_name", "gpu_count", "gpu_memory_mib", "gpu_driver", "cuda_version",
+                   "cpu_model", "cpu_count", "memory_mib", "os", "python", "libraries")
+
+
+class EnvironmentSchemaError(HarnessError):
+    """An environment entry in a results file is malformed."""
+
+
+@dataclass(frozen=True)
+class Environment:
+    hostname: str | None = None
+    os: str | None = None
+    python: str | None = None
+    cpu_model: str | None = None
+    cpu_count: int | None = None
+    memory_mib: int | None = None
+    gpu_name: str | None = None
+    gpu_count: int = 0
+    gpu_memory_mib: int | None = None
+    gpu_driver: str | None = None
+    cuda_version: str | None = None
+    # {"torch": "2.13.0", ...}; None for a library that is not installed.
+    libraries: dict[str, str | None] = dataclasses.field(default_factory=dict)
+    git_commit: str | None = None
+    git_dirty: bool | None = None
+
+    def __hash__(self) -> int:  # the libraries dict would make the generated hash fail
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["libraries"] = dict(sorted(self.libraries.items()))
+        return out
+
+    @classmethod
+    def from_dict(cls, data, source: str = "environment") -> Environment:
+        if not isinstance(data, dict):
+            raise EnvironmentSchemaError(f"{source}: environment is a {type(data).__name__}, "
+                                    "not an object")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise EnvironmentSchemaError(f"{source}: environment has unknown field {unknown[0]!r}")
+        libs = data.get("libraries", {})
+        if not isinstance(libs, dict) or not all(isinstance(k, str) and
+                                                 (v is None or isinstance(v, str))
+                                                 for k, v in libs.items()):
+            raise EnvironmentSchemaError(f"{source}: environment.libraries must map names to "
+                                    "version strings or null")
+        return cls(**{**data, "libraries": dict(libs)})
+
+    def label(self) -> str:
+        """A short name for the hardware, for column headers: the GPU, else the CPU."""
+        if self.gpu_name:
+            return self.gpu_name if self.gpu_count <= 1 else f"{self.gpu_count}x {self.gpu_name}"
+        cpu = self.cpu_model or "unknown CPU"
+        return f"{cpu} ({self.cpu_count} cores)" if self.cpu_count else cpu
+
+    def differences(self, other: Environment) -> list[str]:
+        """One line per compared field that differs: 'gpu_name: A != B'."""
+        lines = []
+        for name in COMPARED_FIELDS:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if name == "libraries":
+                for lib in sorted(set(mine) | set(theirs)):
+                    if mine.get(lib) != theirs.get(lib):
+                        lines.append(f"{lib}: {mine.get(lib)} != {theirs.get(lib)}")
+            elif mine != theirs:
+                lines.append(f"{name}: {mine} != {theirs}")
+        return lines
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _memory_mib() -> int | None:
+    try:
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+    return pages * size // 2**20
+
+
+def _cpu_count() -> int | None:
+    # The cores this process may use (a container's limit), not the host's.
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count()
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+class _NvmlMemory(ctypes.Structure):
+    _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong),
+                ("used", ctypes.c_ulonglong)]
+
+
+def nvml_gpus() -> tuple[list[tuple[str, int | None]], str | None]:
+    """([(name, memory MiB) per GPU], driver version) through NVML's C API, without torch;
+    ([], None) where there is no NVIDIA driver."""
+    try:
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return [], None
+    if nvml.nvmlInit_v2() != 0:
+        return [], None
+    try:
+        nvml.nvmlDeviceGetHandleByIndex_v2.argtypes = [ctypes.c_uint,
+                                                       ctypes.POINTER(ctypes.c_void_p)]
+        nvml.nvmlDeviceGetName.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint]
+        nvml.nvmlDeviceGetMemoryInfo.argtypes = [ctypes.c_void_p, ctypes.POINTER(_NvmlMemory)]
+        buf = ctypes.create_string_buffer(96)
+        driver = buf.value.decode() if nvml.nvmlSystemGetDriverVersion(buf, 96) == 0 else None
+        count = ctypes.c_uint(0)
+        if nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) != 0:
+            return [], driver
+        gpus = []
+        for i in range(count.value):
+            handle, memory = ctypes.c_void_p(), _NvmlMemory()
+            if nvml.nvmlDeviceGetHandleByIndex_v2(i, ctypes.byref(handle)) != 0 \
+                    or nvml.nvmlDeviceGetName(handle, buf, 96) != 0:
+                continue
+            name = buf.value.decode()
+            ok = nvml.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(memory)) == 0
+            gpus.append((name, memory.total // 2**20 if ok else None))
+        return gpus, driver
+    finally:
+        nvml.nvmlShutdown()
+
+
+def _torch_cuda_version() -> str | None:
+    """torch's CUDA version without importing torch (2.4 s) when nothing has yet: it is
+    written into torch/version.py at build time."""
+    if "torch" in sys.modules:
+        return sys.modules["torch"].version.cuda
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    version_py = Path(next(iter(spec.submodule_search_locations))) / "version.py"
+    try:
+        match = re.search(r"^cuda\s*(?::[^=]*)?=\s*['\"]([^'\"]+)['\"]",
+                          version_py.read_text(), re.MULTILINE)
+    except OSError:
+        return None
+    return match.group(1) if match else None
+
+
+def _gpu_facts() -> dict:
+    """GPU name, count, memory and driver from NVML; from torch when NVML is absent and torch
+    is already imported (never imported just for this)."""
+    facts: dict = {"cuda_version": _torch_cuda_version()}
+    gpus, driver = nvml_gpus()
+    if gpus:
+        facts.update(gpu_name=gpus[0][0], gpu_count=len(gpus), gpu_memory_mib=gpus[0][1],
+                     gpu_driver=driver)
+    elif "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
+        torch = sys.modules["torch"]
+        props = torch.cuda.get_device_properties(0)
+        facts.update(gpu_name=props.name, gpu_count=torch.cuda.device_count(),
+                     gpu_memory_mib=props.total_memory // 2**20)
+    return facts
+
+
+def harness_repo() -> Path | None:
+    """The git work tree the harness package lives in (an editable install), else None."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / ".git").exists() else None
+
+
+def git_state(repo: Path | None) -> tuple[str | None, bool | None]:
+    """(commit, dirty) of a git work tree; (None, None) when it is not one or git is absent."""
+    if repo is None:
+        return None, None
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], check=True,
+                                capture_output=True, text=True, timeout=30).stdout.strip()
+        status = subprocess.run(["git", "-C", str(repo), "status", "--porcelain",
+                                 "--untracked-files=normal"], check=True,
+                                capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    return commit or None, bool(status.strip())
+
+
+def collect(probe_gpu: bool = True) -> Environment:
+    """The fingerprint of this machine and process, measured now."""
+    commit, dirty = git_state(harness_repo())
+    env = Environment(
+        hostname=socket.gethostname() or None, os=platform.platform(),
+        python=platform.python_version(), cpu_model=_cpu_model(), cpu_count=_cpu_count(),
+        memory_mib=_memory_mib(), libraries={name: _version(name) for name in LIBRARIES},
+        git_commit=commit, git_dirty=dirty)
+    if probe_gpu:
+        env = dataclasses.replace(env, **_gpu_facts())
+    return env
+
+
+@lru_cache(maxsize=1)
+def current() -> Environment:
+    """This process's fingerprint, measured once (records made in one run share it)."""
+    return collect()

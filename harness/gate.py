@@ -1,0 +1,267 @@
+"""Regression checks of a run against a baseline: per metric, relative or absolute, either way.
+
+A check is `METRIC[@CASE]:LIMIT`; METRIC and CASE are shell-style globs (CASE matches
+`suite::case` or the bare case id). LIMIT is one of
+
+    +5%     fail when the value rose more than 5% above the baseline
+    -10%    fail when it fell more than 10% below the baseline
+    ±5%     (or ~5%) fail when it moved more than 5% either way
+    5%      fail when it got more than 5% worse, in the metric's own direction (lower/higher
+            is better); two-sided for a metric without a direction
+    <=0.5   absolute (also <, >=, >, ==): needs no baseline
+
+Checks are parsed when the arguments are (argparse and pytest `type=`), so a typo fails
+before any work, naming the bad text. Evaluation gives one failure line per (check, case,
+metric) with the baseline, the value and the limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import subprocess
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+from .errors import HarnessError
+from .results import Metric, Record, Results
+
+_RELATIVE = re.compile(r"^(?P<sign>[+\-±~]?)(?P<num>\d+(?:\.\d+)?)%$")
+_ABSOLUTE = re.compile(r"^(?P<op><=|>=|==|<|>)(?P<num>[+-]?(?:\d+(?:\.\d*)?|\.\d+)"
+                       r"(?:[eE][+-]?\d+)?)$")
+_SIGNS = {"+": "rise", "-": "fall", "±": "both", "~": "both", "": "worse"}
+
+
+class GateError(HarnessError, ValueError):
+    """A check expression that cannot be parsed, or a gate that cannot be evaluated."""
+
+
+@dataclass(frozen=True)
+class Check:
+    text: str
+    metric: str
+    case: str | None
+    kind: str        # "relative" or "absolute"
+    op: str          # relative: rise | fall | both | worse; absolute: <= < >= > ==
+    amount: float    # relative: a fraction (0.05 for 5%); absolute: the bound
+
+    @property
+    def needs_baseline(self) -> bool:
+        return self.kind == "relative"
+
+    def matches(self, record: Record, metric: str) -> bool:
+        if not fnmatchcase(metric, self.metric):
+            return False
+        return self.case is None or fnmatchcase(record.id, self.case) \
+            or fnmatchcase(record.case, self.case)
+
+    def bounds(self, metric: Metric, baseline: float | None) -> tuple[float, float]:
+        """(lowest allowed, highest allowed) for this metric."""
+        if self.kind == "absolute":
+            return {"<=": (-math.inf, self.amount), "<": (-math.inf, self.amount),
+                    ">=": (self.amount, math.inf), ">": (self.amount, math.inf),
+                    "==": (self.amount, self.amount)}[self.op]
+        slack = abs(baseline) * self.amount
+        op = self.op
+        if op == "worse":
+            op = {"lower": "rise", "higher": "fall"}.get(metric.direction, "both")
+        low = baseline - slack if op in ("fall", "both") else -math.inf
+        high = baseline + slack if op in ("rise", "both") else math.inf
+        return low, high
+
+    def passes(self, metric: Metric, baseline: float | None) -> bool:
+        value = metric.value
+        if isinstance(value, float) and math.isnan(value):
+            return False
+        low, high = self.bounds(metric, baseline)
+        if self.kind == "absolute" and self.op in ("<", ">"):
+            return value < high if self.op == "<" else value > low
+        return low <= value <= high
+
+
+def parse_check(text: str) -> Check:
+    """`'peak_rss:+5%'` -> Check; a GateError naming the text and what was wrong."""
+    if not isinstance(text, str) or ":" not in text:
+        raise GateError(f"check {text!r}: expected METRIC[@CASE]:LIMIT, e.g. "
+                        "'peak_rss:+5%' or 'extract_wall_s:<=0.5'")
+    target, limit = (part.strip() for part in text.rsplit(":", 1))
+    metric, _, case = target.partition("@")
+    metric, case = metric.strip(), case.strip() or None
+    if not metric:
+        raise GateError(f"check {text!r}: no metric name before ':'")
+    if "@" in target and case is None:
+        raise GateError(f"check {text!r}: no case pattern after '@'")
+    if match := _RELATIVE.match(limit):
+        amount = float(match["num"]) / 100
+        return Check(text, metric, case, "relative", _SIGNS[match["sign"]], amount)
+    if match := _ABSOLUTE.match(limit):
+        amount = float(match["num"])
+        if not math.isfinite(amount):
+            raise GateError(f"check {text!r}: bound {match['num']!r} is not a finite number")
+        return Check(text, metric, case, "absolute", match["op"], amount)
+    raise GateError(f"check {text!r}: limit {limit!r} is neither relative (+5%, -10%, ±5%, "
+                    "5%) nor absolute (<=0.5, <0.5, >=10, >10, ==0)")
+
+
+def check_arg(text: str) -> Check:
+    """argparse / pytest `type=`: a bad check fails at parse time, naming the text."""
+    try:
+        return parse_check(text)
+    except GateError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _number(value) -> str:
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.6g}"
+
+
+def _limit_text(check: Check, metric: Metric, baseline: float | None) -> str:
+    if check.kind == "absolute":
+        return f"{check.op} {_number(check.amount)}"
+    low, high = check.bounds(metric, baseline)
+    parts = []
+    if low > -math.inf:
+        parts.append(f">= {_number(low)}")
+    if high < math.inf:
+        parts.append(f"<= {_number(high)}")
+    return " and ".join(parts)
+
+
+@dataclass(frozen=True)
+class Failure:
+    check: Check
+    case: str            # suite::case
+    metric: str
+    value: float | None
+    baseline: float | None
+    unit: str
+    limit: str           # the allowed range, e.g. "<= 0.2625"
+    note: str = ""
+
+    def line(self) -> str:
+        unit = f" {self.unit}" if self.unit else ""
+        value = "missing" if self.value is None else f"{_number(self.value)}{unit}"
+        base = "" if self.baseline is None else f", baseline {_number(self.baseline)}{unit}"
+        note = f" ({self.note})" if self.note else ""
+        return (f"FAIL {self.case} {self.metric}: value {value}{base}, limit {self.limit} "
+                f"[{self.check.text}]{note}")
+
+
+@dataclass
+class GateResult:
+    failures: list[Failure | str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    checked: int = 0
+    # check text -> "case metric" values a relative check could not compare (new cases).
+    unchecked: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def lines(self) -> list[str]:
+        return [f if isinstance(f, str) else f.line() for f in self.failures]
+
+
+def _check_record(check: Check, record: Record, base: Record | None, out: GateResult) -> int:
+    """Apply one check to one record's matching metrics; returns how many it matched."""
+    names = [n for n in record.metrics if check.matches(record, n)]
+    if base is not None:
+        # A metric the baseline had and this run lost (a skipped case, a dropped figure).
+        names += [n for n in base.metrics if n not in record.metrics and check.matches(base, n)]
+    for name in names:
+        metric = record.metrics.get(name)
+        base_metric = base.metrics.get(name) if base is not None else None
+        if metric is None:
+            out.failures.append(Failure(check, record.id, name, None, base_metric.value,
+                                        base_metric.unit, "a value", note=f"case "
+                                        f"{record.outcome} in this run"))
+            continue
+        if check.needs_baseline and base_metric is None:
+            out.unchecked.setdefault(check.text, []).append(f"{record.id} {name}")
+            continue
+        out.checked += 1
+        base_value = base_metric.value if base_metric is not None else None
+        if not check.passes(metric, base_value):
+            out.failures.append(Failure(check, record.id, name, metric.value, base_value,
+                                        metric.unit, _limit_text(check, metric, base_value)))
+    return len(names)
+
+
+def evaluate(checks: list[Check], results: Results, baseline: Results | None = None,
+             outcomes: bool = True) -> GateResult:
+    """Every check against every matching (case, metric) of `results`.
+
+    With `outcomes`, a failed or errored case is a failure too (a release gate must not pass
+    a run whose tests failed). A check that matches nothing fails: a gate that silently checks
+    nothing is worse than none.
+    """
+    out = GateResult()
+    if baseline is None and any(c.needs_baseline for c in checks):
+        first = next(c for c in checks if c.needs_baseline)
+        raise GateError(f"check {first.text!r} is relative and needs a baseline")
+    if baseline is not None:
+        out.warnings += [f"environments differ: {line}"
+                         for line in results.environment.differences(baseline.environment)]
+        missing = [r.id for r in baseline.records if results.record(*r.key) is None]
+        if missing:
+            out.warnings.append(f"{len(missing)} baseline case(s) not in this run, e.g. "
+                                f"{missing[0]}")
+    if outcomes:
+        for record in results.records:
+            if record.outcome in ("failed", "error"):
+                out.failures.append(f"FAIL {record.id}: {record.outcome}"
+                                    f"{': ' + record.reason if record.reason else ''}")
+    for check in checks:
+        matched = 0
+        for record in results.records:
+            base = baseline.record(*record.key) if baseline is not None else None
+            matched += _check_record(check, record, base, out)
+        if not matched:
+            out.failures.append(f"FAIL {check.text}: matches no metric in the results")
+    for text, values in out.unchecked.items():
+        out.warnings.append(f"{text}: {len(values)} value(s) not in the baseline, not checked "
+                            f"(e.g. {values[0]})")
+    return out
+
+
+# -- baselines ---------------------------------------------------------------------------------
+
+def baselines_dir() -> Path:
+    """`fixtures/baselines/` of the checkout the package lives in."""
+    return Path(__file__).resolve().parent.parent / "fixtures" / "baselines"
+
+
+def _git(folder: Path, *args: str) -> str | None:
+    try:
+        return subprocess.run(["git", "-C", str(folder), *args], check=True,
+                              capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_baseline(results_path: Path, target: Path, force: bool = False) -> Path:
+    """Copy a results file to `target` as a baseline, refusing what cannot be reproduced: a run
+    made from uncommitted changes, or a target inside a git work tree with uncommitted
+    changes (the baseline must be committed alone, beside the code it describes)."""
+    from .checkpoint.atomic import check_target
+    from .results import load_results, write_results
+
+    results = load_results(results_path)
+    check_target(target, force)
+    if results.environment.git_dirty:
+        raise GateError(f"{results_path}: run {results.run_id} was made from a harness tree with "
+                        f"uncommitted changes (commit {results.environment.git_commit}); a "
+                        "baseline must come from a committed tree")
+    parent = next((p for p in [target.parent, *target.parent.parents] if p.exists()), Path("."))
+    if _git(parent, "rev-parse", "--show-toplevel") is not None:
+        status = _git(parent, "status", "--porcelain", "--untracked-files=normal")
+        if status is None or status.strip():
+            first = (status or "git status failed").strip().splitlines()[0]
+            raise GateError(f"{parent}: the git tree has uncommitted changes ({first.strip()}"
+                            "...); commit or discard them before writing a baseline")
+    return write_results(results, target)

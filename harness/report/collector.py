@@ -1,0 +1,103 @@
+"""What the pytest plugin gathers during a session, kept free of pytest so it is testable alone.
+
+One entry per test node: its suite (from the file), case (the rest of the node id), the worst
+outcome over setup/call/teardown with the reason, and the metrics the test recorded through
+the `llava_record` fixture or that pytest-benchmark measured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..environment import Environment
+from ..results import Metric, Record, Results, as_metric, new_run_id, now
+
+# Later phases can only make a case worse: a teardown error after a pass is an error.
+_SEVERITY = {"passed": 0, "skipped": 1, "failed": 2, "error": 3}
+# pytest-benchmark's statistics that go into a record (seconds unless said otherwise).
+BENCHMARK_STATS = ("min", "max", "mean", "median", "stddev")
+
+
+@dataclass
+class CaseState:
+    suite: str
+    case: str
+    outcome: str = "passed"
+    reason: str | None = None
+    metrics: dict[str, Metric] = field(default_factory=dict)
+    timestamp: str = ""
+    seen: bool = False   # an outcome was reported (a recorder alone does not make a case)
+
+
+def suite_name(file_name: str, suites: dict[str, str]) -> str:
+    """The suite a test file belongs to: its name in `suites` (name -> file), else the file
+    stem without the `test_` prefix."""
+    for name, path in suites.items():
+        if path == file_name:
+            return name
+    stem = file_name.rsplit("/", 1)[-1].removesuffix(".py")
+    return stem.removeprefix("test_")
+
+
+def split_nodeid(nodeid: str) -> tuple[str, str]:
+    """`suites/test_x.py::TestA::test_b[p]` -> (`suites/test_x.py`, `TestA::test_b[p]`)."""
+    path, _, rest = nodeid.partition("::")
+    return path, rest or path
+
+
+def benchmark_metrics(stats) -> dict[str, Metric]:
+    """pytest-benchmark's Stats (seconds per round) as metrics."""
+    out = {f"bench_{name}_s": Metric(float(getattr(stats, name)), "s", "lower")
+           for name in BENCHMARK_STATS}
+    out["bench_rounds"] = Metric(int(stats.rounds), "rounds", "none")
+    out["bench_ops"] = Metric(float(stats.ops), "ops/s", "higher")
+    return out
+
+
+class Collector:
+    def __init__(self, suites: dict[str, str]):
+        self.suites = suites
+        self.cases: dict[str, CaseState] = {}
+        self._suite_files: dict[str, str] = {}
+        self.descriptions: dict[str, str] = {}
+
+    def describe(self, nodeid: str, doc: str | None) -> None:
+        """The suite's description: the first paragraph of its module docstring, one line."""
+        suite = self.case(nodeid).suite
+        if doc and suite not in self.descriptions:
+            self.descriptions[suite] = " ".join(doc.strip().split("\n\n")[0].split())
+
+    def case(self, nodeid: str) -> CaseState:
+        if nodeid not in self.cases:
+            path, case = split_nodeid(nodeid)
+            suite = suite_name(path.rsplit("/", 1)[-1], self.suites)
+            # Two files with one suite name (same file name in two folders): use the path.
+            if self._suite_files.setdefault(suite, path) != path:
+                suite = path.removesuffix(".py")
+            self.cases[nodeid] = CaseState(suite, case, timestamp=now())
+        return self.cases[nodeid]
+
+    def add_metric(self, nodeid: str, name: str, value, unit: str,
+                   direction: str | None = None) -> None:
+        spec = (value, unit) if direction is None else (value, unit, direction)
+        self.case(nodeid).metrics[name] = as_metric(name, spec)
+
+    def add_metrics(self, nodeid: str, metrics: dict[str, Metric]) -> None:
+        self.case(nodeid).metrics.update(metrics)
+
+    def outcome(self, nodeid: str, outcome: str, reason: str | None = None) -> None:
+        state = self.case(nodeid)
+        state.seen = True
+        if _SEVERITY[outcome] > _SEVERITY[state.outcome]:
+            state.outcome, state.reason = outcome, reason
+
+    def results(self, run_id: str | None, environment: Environment,
+                settings: dict[str, str] | None = None) -> Results:
+        records = [Record(suite=s.suite, case=s.case, outcome=s.outcome, reason=s.reason,
+                          metrics=s.metrics, timestamp=s.timestamp, environment=environment)
+                   for s in self.cases.values() if s.seen]
+        suites = {r.suite for r in records}
+        return Results(run_id=run_id or new_run_id(), environment=environment,
+                       records=tuple(records), created=now(),
+                       suite_descriptions={k: v for k, v in self.descriptions.items()
+                                           if k in suites}, settings=settings or {})

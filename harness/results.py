@@ -1,0 +1,374 @@
+"""One result record schema for every suite and benchmark, stored as JSON with a lossless round trip.
+
+A results file is one run: schema name and version, run id, creation time, the environment
+(see environment.py) and the records. A record is one case of one suite: its outcome (with the
+reason when it did not pass), its metrics (value, unit, and which direction is better) and a
+timestamp. Records made in the run's own environment do not repeat it in the file; a record
+from elsewhere carries its own `environment` / `run_id`.
+
+    rec = make_record("extraction", "bin-last", {"extract_wall_s": (0.12, "s"),
+                                                  "peak_rss": (301.5, "MiB")})
+    results = save_records([rec], "reports/x/results.json")
+    load_results("reports/x/results.json") == results              # True
+
+Round trip: `Results.from_json(r.to_json()) == r` and the JSON text it writes back is
+identical. Integers stay integers (parameter counts print exactly); non-finite floats are
+stored as the strings "NaN", "Infinity", "-Infinity", so the file is strict JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .environment import Environment, EnvironmentSchemaError, current
+from .errors import HarnessError
+
+SCHEMA = "llava-harness/results"
+SCHEMA_VERSION = 1
+OUTCOMES = ("passed", "failed", "skipped", "error")
+DIRECTIONS = ("lower", "higher", "none")
+
+# Units whose smaller values are better (time, memory, size) and the throughput suffix whose
+# larger values are; anything else ("params", "ratio", "count") has no better direction unless
+# the caller says so.
+_LOWER_UNITS = {"s", "ms", "us", "ns", "min", "B", "bytes", "KB", "KiB", "MB", "MiB", "GB", "GiB"}
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+class ResultsError(HarnessError):
+    """A results file or record is malformed; one line naming the file and the field."""
+
+
+def default_direction(unit: str) -> str:
+    if unit in _LOWER_UNITS:
+        return "lower"
+    if unit.endswith("/s"):
+        return "higher"
+    return "none"
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def check_run_id(text: str) -> str:
+    """A run id names a folder: letters, digits, '.', '_' and '-', at most 100."""
+    if not isinstance(text, str) or not _RUN_ID.fullmatch(text):
+        raise ResultsError(f"run id {text!r}: use letters, digits, '.', '_' and '-' (it names "
+                           "a folder)")
+    return text
+
+
+def new_run_id() -> str:
+    """Sortable by time and unique enough for a folder name: 20250101-120000-3fa2c1."""
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{secrets.token_hex(3)}"
+
+
+@dataclass(frozen=True)
+class Metric:
+    value: int | float
+    unit: str
+    direction: str = "none"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.value, bool) or not isinstance(self.value, (int, float)):
+            raise ResultsError(f"metric value {self.value!r}: expected a number")
+        if not isinstance(self.unit, str):
+            raise ResultsError(f"metric unit {self.unit!r}: expected a string")
+        if self.direction not in DIRECTIONS:
+            raise ResultsError(f"metric direction {self.direction!r}: expected one of "
+                               f"{', '.join(DIRECTIONS)}")
+
+    def __eq__(self, other) -> bool:
+        # NaN equals NaN here: a stored NaN must survive the round trip as "the same metric".
+        if not isinstance(other, Metric):
+            return NotImplemented
+        same = self.value == other.value or (_is_nan(self.value) and _is_nan(other.value))
+        return (same and type(self.value) is type(other.value) and self.unit == other.unit
+                and self.direction == other.direction)
+
+    def __hash__(self) -> int:
+        return hash((repr(self.value), self.unit, self.direction))
+
+
+def _is_nan(value) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def as_metric(name: str, spec) -> Metric:
+    """(value, unit), (value, unit, direction) or a Metric -> Metric."""
+    if isinstance(spec, Metric):
+        return spec
+    if not isinstance(spec, (tuple, list)) or len(spec) not in (2, 3):
+        raise ResultsError(f"metric {name!r}: expected (value, unit) or (value, unit, "
+                           f"direction), got {spec!r}")
+    value, unit = spec[0], spec[1]
+    direction = spec[2] if len(spec) == 3 else default_direction(str(unit))
+    try:
+        return Metric(value, unit, direction)
+    except ResultsError as exc:
+        raise ResultsError(f"metric {name!r}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Record:
+    suite: str
+    case: str
+    outcome: str = "passed"
+    reason: str | None = None
+    metrics: Mapping[str, Metric] = field(default_factory=dict)
+    timestamp: str = ""
+    environment: Environment | None = None
+    run_id: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("suite", "case"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ResultsError(f"record {name} {value!r}: expected a non-empty string")
+        if self.outcome not in OUTCOMES:
+            raise ResultsError(f"record {self.suite}::{self.case}: outcome {self.outcome!r} is "
+                               f"not one of {', '.join(OUTCOMES)}")
+        if self.reason is not None and not isinstance(self.reason, str):
+            raise ResultsError(f"record {self.suite}::{self.case}: reason must be a string")
+        for name, metric in self.metrics.items():
+            if not isinstance(name, str) or not name or not isinstance(metric, Metric):
+                raise ResultsError(f"record {self.suite}::{self.case}: metric {name!r} must "
+                                   "be a Metric under a non-empty name")
+        object.__setattr__(self, "metrics", dict(self.metrics))
+
+    def __hash__(self) -> int:
+        return hash((self.suite, self.case, self.outcome, self.timestamp))
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.suite, self.case
+
+    @property
+    def id(self) -> str:
+        return f"{self.suite}::{self.case}"
+
+    def with_metrics(self, metrics: Mapping[str, Metric]) -> Record:
+        return dataclasses.replace(self, metrics={**self.metrics, **metrics})
+
+
+def make_record(suite: str, case: str, metrics: Mapping | None = None, outcome: str = "passed",
+                reason: str | None = None, *, environment: Environment | None = None) -> Record:
+    """A record stamped with the time and this process's environment."""
+    built = {name: as_metric(name, spec) for name, spec in (metrics or {}).items()}
+    return Record(suite=suite, case=case, outcome=outcome, reason=reason, metrics=built,
+                  timestamp=now(), environment=environment or current())
+
+
+@dataclass(frozen=True)
+class Results:
+    """One run: what `results.json` holds."""
+
+    run_id: str
+    environment: Environment
+    records: tuple[Record, ...] = ()
+    created: str = ""
+    # What each suite checks, one line each (the test module's docstring), for the report.
+    suite_descriptions: Mapping[str, str] = field(default_factory=dict)
+    # How the run was made, for a reader: {"checkpoint": "/data/7b", "preset": "tiny", ...}.
+    settings: Mapping[str, str] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        # A record without its own run id / environment belongs to this run.
+        records = tuple(dataclasses.replace(r, run_id=r.run_id or self.run_id,
+                                            environment=r.environment or self.environment)
+                        for r in self.records)
+        seen: set = set()
+        for record in records:
+            if record.key in seen:
+                raise ResultsError(f"run {self.run_id}: two records for {record.id}")
+            seen.add(record.key)
+        object.__setattr__(self, "records", records)
+        for name in ("suite_descriptions", "settings"):
+            mapping = dict(getattr(self, name))
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
+                raise ResultsError(f"run {self.run_id}: {name} must map names to strings")
+            object.__setattr__(self, name, mapping)
+
+    def __hash__(self) -> int:
+        return hash((self.run_id, self.created, len(self.records)))
+
+    def record(self, suite: str, case: str) -> Record | None:
+        return next((r for r in self.records if r.key == (suite, case)), None)
+
+    @property
+    def suites(self) -> list[str]:
+        return list(dict.fromkeys(r.suite for r in self.records))
+
+    # -- JSON ------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        return {"schema": SCHEMA, "schema_version": self.schema_version, "run_id": self.run_id,
+                "created": self.created, "environment": self.environment.to_dict(),
+                "settings": dict(self.settings), "suites": dict(self.suite_descriptions),
+                "records": [self._record_dict(r) for r in self.records]}
+
+    def _record_dict(self, record: Record) -> dict:
+        out = {"suite": record.suite, "case": record.case, "outcome": record.outcome,
+               "reason": record.reason, "timestamp": record.timestamp,
+               "metrics": {name: {"value": _encode(m.value), "unit": m.unit,
+                                  "direction": m.direction}
+                           for name, m in record.metrics.items()}}
+        if record.run_id != self.run_id:
+            out["run_id"] = record.run_id
+        if record.environment != self.environment:
+            out["environment"] = record.environment.to_dict()
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "results") -> Results:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ResultsError(f"{source}: not valid JSON ({exc})") from None
+        return cls.from_dict(data, source)
+
+    @classmethod
+    def from_dict(cls, data, source: str = "results") -> Results:
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+            raise ResultsError(f"{source}: not a llava-harness results file (no \"schema\": "
+                               f"\"{SCHEMA}\")")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ResultsError(f"{source}: results schema version {version!r}; this harness "
+                               f"reads version {SCHEMA_VERSION}")
+        unknown = sorted(set(data) - {"schema", "schema_version", "run_id", "created",
+                                      "environment", "settings", "suites", "records"})
+        if unknown:
+            raise ResultsError(f"{source}: unknown top-level field {unknown[0]!r}")
+        run_id = _string(data, "run_id", source)
+        created = _string(data, "created", source, allow_empty=True)
+        environment = _environment(data.get("environment"), f"{source}: environment")
+        raw = data.get("records")
+        if not isinstance(raw, list):
+            raise ResultsError(f"{source}: records must be a list")
+        records = tuple(_record(item, f"{source}: records[{i}]") for i, item in enumerate(raw))
+        suites, settings = data.get("suites", {}), data.get("settings", {})
+        for name, value in (("suites", suites), ("settings", settings)):
+            if not isinstance(value, dict):
+                raise ResultsError(f"{source}: {name} must be an object of strings")
+        try:
+            return cls(run_id=run_id, environment=environment, records=records, created=created,
+                       suite_descriptions=suites, settings=settings)
+        except ResultsError as exc:
+            raise ResultsError(f"{source}: {exc}") from None
+
+
+_RECORD_FIELDS = {"suite", "case", "outcome", "reason", "timestamp", "metrics", "run_id",
+                  "environment"}
+
+
+def _string(data: dict, key: str, where: str, allow_empty: bool = False) -> str:
+    value = data.get(key)
+    if not isinstance(value, str) or (not value and not allow_empty):
+        raise ResultsError(f"{where}: {key} must be a{'' if allow_empty else ' non-empty'} "
+                           f"string, got {value!r}")
+    return value
+
+
+def _environment(data, where: str) -> Environment:
+    try:
+        return Environment.from_dict(data, where)
+    except (EnvironmentSchemaError, TypeError) as exc:
+        raise ResultsError(str(exc).splitlines()[0]) from None
+
+
+def _encode(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return value
+
+
+def _decode(value, where: str):
+    if isinstance(value, str) and value in _NON_FINITE:
+        return _NON_FINITE[value]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ResultsError(f"{where}.value: expected a number, got {value!r}")
+    return value
+
+
+def _record(item, where: str) -> Record:
+    if not isinstance(item, dict):
+        raise ResultsError(f"{where}: expected an object")
+    unknown = sorted(set(item) - _RECORD_FIELDS)
+    if unknown:
+        raise ResultsError(f"{where}: unknown field {unknown[0]!r}")
+    metrics_raw = item.get("metrics")
+    if not isinstance(metrics_raw, dict):
+        raise ResultsError(f"{where}: metrics must be an object")
+    metrics = {}
+    for name, entry in metrics_raw.items():
+        here = f"{where}.metrics[{name!r}]"
+        if not isinstance(entry, dict) or set(entry) != {"value", "unit", "direction"}:
+            raise ResultsError(f"{here}: expected an object with value, unit and direction")
+        try:
+            metrics[name] = Metric(_decode(entry["value"], here), entry["unit"],
+                                   entry["direction"])
+        except ResultsError as exc:
+            raise ResultsError(f"{here}: {exc}") from None
+    env = item.get("environment")
+    try:
+        return Record(suite=item.get("suite"), case=item.get("case"),
+                      outcome=item.get("outcome"), reason=item.get("reason"), metrics=metrics,
+                      timestamp=_string(item, "timestamp", where, allow_empty=True),
+                      environment=None if env is None else _environment(env, where),
+                      run_id=item.get("run_id"))
+    except ResultsError as exc:
+        raise ResultsError(f"{where}: {exc}") from None
+
+
+def make_results(records: Iterable[Record], run_id: str | None = None,
+                 environment: Environment | None = None) -> Results:
+    """A run from records; its environment is the first record's, else this process's."""
+    records = tuple(records)
+    env = environment or next((r.environment for r in records if r.environment), None) \
+        or current()
+    return Results(run_id=run_id or new_run_id(), environment=env, records=records,
+                   created=now())
+
+
+def write_results(results: Results, path: Path | str) -> Path:
+    """Write atomically, replacing an existing file: a reader never sees half a file."""
+    from .checkpoint.atomic import atomic_file
+
+    path = Path(path)
+    with atomic_file(path, force=True) as tmp:
+        tmp.write_text(results.to_json(), encoding="utf-8")
+    return path
+
+
+def save_records(records: Iterable[Record], path: Path | str, run_id: str | None = None,
+                 environment: Environment | None = None) -> Results:
+    """Write a complete results file (schema version, run id, environment, records)."""
+    results = make_results(records, run_id=run_id, environment=environment)
+    write_results(results, path)
+    return results
+
+
+def load_results(path: Path | str) -> Results:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ResultsError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})") \
+            from None
+    return Results.from_json(text, str(path))

@@ -1,0 +1,315 @@
+"""The regression gate: every check form parses (and every bad one fails at argument time,
+naming the text), relative checks fail on a planted regression in the direction they name and
+pass without one, a metric lost from a run fails, and baselines are only written from and into
+a clean git tree. From the CLI (`llava-harness gate`) and from pytest (`--llava-fail`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from harness.cli import main
+from harness.environment import Environment
+from harness.gate import GateError, evaluate, parse_check, write_baseline
+from harness.results import Metric, Record, Results, load_results, write_results
+
+ENV = Environment(hostname="ci", cpu_model="Test CPU", cpu_count=2, python="3.11.7",
+                  libraries={"torch": "2.13.0"}, git_commit="a" * 40, git_dirty=False)
+
+
+def run_of(*cases, env=ENV, run_id="run-1") -> Results:
+    """cases: (suite, case, {metric: (value, unit, direction)}, outcome)."""
+    records = [Record(suite, case, outcome, None if outcome == "passed" else "why",
+                      {n: Metric(*spec) for n, spec in metrics.items()}, "t")
+               for suite, case, metrics, outcome in cases]
+    return Results(run_id, env, tuple(records), "t")
+
+
+def one(value, name="wall_s", unit="s", direction="lower", case="c1", outcome="passed"):
+    return run_of(("extraction", case, {name: (value, unit, direction)}, outcome))
+
+
+# --- parsing ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, kind, op, amount, metric, case", [
+    ("peak_rss:+5%", "relative", "rise", 0.05, "peak_rss", None),
+    ("decode_tokens_per_s:-10%", "relative", "fall", 0.10, "decode_tokens_per_s", None),
+    ("drift:±2.5%", "relative", "both", 0.025, "drift", None),
+    ("drift:~2.5%", "relative", "both", 0.025, "drift", None),
+    ("wall_s:5%", "relative", "worse", 0.05, "wall_s", None),
+    ("extract_wall_s:<=0.5", "absolute", "<=", 0.5, "extract_wall_s", None),
+    ("x:<0.5", "absolute", "<", 0.5, "x", None),
+    ("x:>=10", "absolute", ">=", 10.0, "x", None),
+    ("x:>1e3", "absolute", ">", 1000.0, "x", None),
+    ("x:==0", "absolute", "==", 0.0, "x", None),
+    ("x:>=-2.5", "absolute", ">=", -2.5, "x", None),
+    ("*_wall_s@extraction::*bin*:+20%", "relative", "rise", 0.20, "*_wall_s",
+     "extraction::*bin*"),
+    (" peak_rss @ c1 : +5% ", "relative", "rise", 0.05, "peak_rss", "c1"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_every_check_form_parses(text, kind, op, amount, metric, case):
+    check = parse_check(text)
+    assert (check.kind, check.op, check.metric, check.case) == (kind, op, metric, case)
+    assert math.isclose(check.amount, amount)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("", ["expected METRIC"]),
+    ("peak_rss", ["expected METRIC"]),
+    ("peak_rss:", ["limit ''"]),
+    (":+5%", ["no metric"]),
+    ("peak_rss@:+5%", ["no case pattern"]),
+    ("peak_rss:+5", ["limit '+5'"]),
+    ("peak_rss:5%%", ["limit '5%%'"]),
+    ("peak_rss:+-5%", ["limit '+-5%'"]),
+    ("peak_rss:<=abc", ["limit '<=abc'"]),
+    ("peak_rss:=>1", ["limit '=>1'"]),
+    ("peak_rss:<=inf", ["limit '<=inf'"]),
+    ("peak_rss:five%", ["limit 'five%'"]),
+], ids=["empty", "no-colon", "no-limit", "no-metric", "empty-case", "percent-missing",
+        "double-percent", "two-signs", "bound-not-a-number", "reversed-operator", "infinite",
+        "words"])
+def test_bad_checks_name_the_text(text, words):
+    with pytest.raises(GateError) as info:
+        parse_check(text)
+    message = str(info.value)
+    assert repr(text) in message and all(w in message for w in words), message
+
+
+def test_bad_check_fails_at_argument_time_in_the_cli(tmp_path, capsys):
+    # The results file does not exist: argparse must reject the check before reading it.
+    with pytest.raises(SystemExit) as info:
+        main(["gate", str(tmp_path / "absent.json"), "--fail", "peak_rss:+5"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "peak_rss:+5" in err and "absent.json" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("check, base, value, ok", [
+    ("wall_s:+5%", 1.0, 1.049, True), ("wall_s:+5%", 1.0, 1.06, False),
+    ("wall_s:+5%", 1.0, 0.2, True),       # a large improvement is no regression
+    ("wall_s:-10%", 100.0, 90.5, True), ("wall_s:-10%", 100.0, 89.0, False),
+    ("wall_s:-10%", 100.0, 500.0, True),
+    ("wall_s:±5%", 1.0, 0.94, False), ("wall_s:±5%", 1.0, 1.06, False),
+    ("wall_s:±5%", 1.0, 1.04, True),
+    ("wall_s:<=0.5", None, 0.5, True), ("wall_s:<0.5", None, 0.5, False),
+    ("wall_s:>=2", None, 2, True), ("wall_s:>2", None, 2, False),
+    ("wall_s:==3", None, 3, True), ("wall_s:==3", None, 3.5, False),
+    ("wall_s:<=0.5", None, math.nan, False),
+], ids=lambda v: str(v))
+def test_checks_pass_and_fail_where_they_should(check, base, value, ok):
+    baseline = one(base) if base is not None else None
+    gate = evaluate([parse_check(check)], one(value), baseline)
+    assert gate.ok is ok, gate.lines()
+    assert gate.checked == 1
+
+
+@pytest.mark.parametrize("direction, worse, better", [("lower", 1.2, 0.8),
+                                                      ("higher", 0.8, 1.2),
+                                                      ("none", 1.2, None)])
+def test_unsigned_percent_means_worse_in_the_metrics_own_direction(direction, worse, better):
+    check = [parse_check("m:10%")]
+    base = one(1.0, "m", "x", direction)
+    assert not evaluate(check, one(worse, "m", "x", direction), base).ok
+    if better is not None:
+        assert evaluate(check, one(better, "m", "x", direction), base).ok
+    else:  # no better direction: two-sided
+        assert not evaluate(check, one(0.8, "m", "x", direction), base).ok
+
+
+def test_planted_regression_fails_with_one_line_naming_everything():
+    base = run_of(("extraction", "bin-last", {"peak_rss": (300.0, "MiB", "lower"),
+                                              "extract_wall_s": (0.25, "s", "lower")}, "passed"),
+                  ("quant", "nf4", {"decode_tokens_per_s": (20.0, "tokens/s", "higher")},
+                   "passed"))
+    checks = [parse_check(t) for t in ("peak_rss:+5%", "decode_tokens_per_s:-10%",
+                                       "extract_wall_s:<=0.5")]
+    assert evaluate(checks, base, base).ok  # the baseline against itself: no regression
+    regressed = run_of(("extraction", "bin-last", {"peak_rss": (330.0, "MiB", "lower"),
+                                                   "extract_wall_s": (0.75, "s", "lower")},
+                        "passed"),
+                       ("quant", "nf4", {"decode_tokens_per_s": (15.0, "tokens/s", "higher")},
+                        "passed"))
+    lines = evaluate(checks, regressed, base).lines()
+    assert len(lines) == 3, lines
+    rss = next(line for line in lines if "peak_rss" in line)
+    for part in ("extraction::bin-last", "peak_rss", "330", "MiB", "baseline 300", "<= 315",
+                 "peak_rss:+5%"):
+        assert part in rss, rss
+    assert any("decode_tokens_per_s" in line and ">= 18" in line for line in lines)
+    assert any("extract_wall_s" in line and "<= 0.5" in line for line in lines)
+
+
+def test_case_pattern_limits_a_check():
+    base = run_of(("s", "fast", {"t": (1.0, "s", "lower")}, "passed"),
+                  ("s", "slow", {"t": (1.0, "s", "lower")}, "passed"))
+    now = run_of(("s", "fast", {"t": (1.0, "s", "lower")}, "passed"),
+                 ("s", "slow", {"t": (9.0, "s", "lower")}, "passed"))
+    assert evaluate([parse_check("t@s::fast:+5%")], now, base).ok
+    assert not evaluate([parse_check("t@slow:+5%")], now, base).ok
+
+
+def test_metric_lost_from_the_run_fails():
+    base = one(1.0)
+    skipped = run_of(("extraction", "c1", {}, "skipped"))
+    lines = evaluate([parse_check("wall_s:+5%")], skipped, base).lines()
+    assert len(lines) == 1 and "missing" in lines[0] and "skipped in this run" in lines[0]
+
+
+def test_new_cases_are_not_checked_but_said():
+    base = run_of(("s", "old", {"t": (1.0, "s", "lower")}, "passed"))
+    now = run_of(("s", "old", {"t": (1.0, "s", "lower")}, "passed"),
+                 ("s", "new", {"t": (50.0, "s", "lower")}, "passed"))
+    gate = evaluate([parse_check("t:+5%")], now, base)
+    assert gate.ok and gate.checked == 1
+    assert gate.warnings == ["t:+5%: 1 value(s) not in the baseline, not checked (e.g. s::new t)"]
+
+
+def test_check_matching_nothing_fails():
+    gate = evaluate([parse_check("no_such_metric:<=1")], one(0.1))
+    assert not gate.ok and "matches no metric" in gate.lines()[0]
+
+
+def test_relative_check_needs_a_baseline():
+    with pytest.raises(GateError, match="needs a baseline"):
+        evaluate([parse_check("wall_s:+5%")], one(1.0))
+
+
+def test_failed_cases_fail_the_gate_unless_ignored():
+    run = one(0.1, outcome="failed")
+    assert "FAIL extraction::c1: failed" in evaluate([parse_check("wall_s:<=1")], run).lines()[0]
+    assert evaluate([parse_check("wall_s:<=1")], run, outcomes=False).ok
+
+
+def test_different_environments_warn():
+    other = dataclasses.replace(ENV, gpu_name="NVIDIA H100 80GB HBM3", gpu_count=1)
+    run = run_of(("extraction", "c1", {"wall_s": (1.0, "s", "lower")}, "passed"), env=other)
+    gate = evaluate([parse_check("wall_s:+5%")], run, one(1.0))
+    assert gate.ok and any("gpu_name" in w for w in gate.warnings)
+
+
+# --- CLI -------------------------------------------------------------------------------------
+
+def test_cli_gate_exit_codes(tmp_path, capsys):
+    base, good, bad = tmp_path / "base.json", tmp_path / "good.json", tmp_path / "bad.json"
+    write_results(one(1.0), base)
+    write_results(one(1.01), good)
+    write_results(one(2.0), bad)
+    assert main(["gate", "--baseline", str(base), str(good), "--fail", "wall_s:+5%"]) == 0
+    assert main(["gate", "--baseline", str(base), str(bad), "--fail", "wall_s:+5%"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL extraction::c1 wall_s: value 2 s, baseline 1 s, limit <= 1.05" in out
+    (tmp_path / "v2.json").write_text(base.read_text().replace('"schema_version": 1',
+                                                               '"schema_version": 2'))
+    assert main(["gate", str(tmp_path / "v2.json"), "--fail", "wall_s:<=1"]) == 2
+    err = capsys.readouterr().err
+    assert "v2.json" in err and "schema version 2" in err and len(err.splitlines()) == 1
+
+
+# --- baselines -------------------------------------------------------------------------------
+
+def git(repo, *args):
+    subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
+
+
+@pytest.fixture
+def repo(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "fixtures" / "baselines").mkdir(parents=True)
+    (repo / "README").write_text("x")
+    git(repo, "init", "-q")
+    git(repo, "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A")
+    git(repo, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init")
+    return repo
+
+
+def test_baseline_is_written_from_a_clean_tree(repo, tmp_path):
+    results = tmp_path / "results.json"
+    write_results(one(1.0), results)
+    target = repo / "fixtures" / "baselines" / "cpu.json"
+    write_baseline(results, target)
+    assert load_results(target) == one(1.0)
+    with pytest.raises(FileExistsError):
+        write_baseline(results, target)
+
+
+def test_cli_baseline_refuses_a_dirty_tree_in_one_line(repo, tmp_path, capsys):
+    results = tmp_path / "results.json"
+    write_results(one(1.0), results)
+    target = repo / "fixtures" / "baselines" / "cpu.json"
+    assert main(["baseline", str(results), "--out", str(target)]) == 0
+    assert capsys.readouterr().out == f"baseline: {target}\n"
+    # The new baseline is uncommitted: the tree is dirty now, so a second one is refused.
+    assert main(["baseline", str(results), "--out", str(target.with_name("b.json"))]) == 2
+    err = capsys.readouterr().err
+    assert "uncommitted changes" in err and err.count("\n") == 1
+
+
+def test_baseline_refuses_a_dirty_tree(repo, tmp_path):
+    results = tmp_path / "results.json"
+    write_results(one(1.0), results)
+    (repo / "README").write_text("changed")
+    target = repo / "fixtures" / "baselines" / "cpu.json"
+    with pytest.raises(GateError, match="uncommitted changes"):
+        write_baseline(results, target)
+    assert not target.exists()
+
+
+def test_baseline_refuses_a_run_made_from_a_dirty_tree(repo, tmp_path):
+    results = tmp_path / "results.json"
+    write_results(run_of(("s", "c", {}, "passed"),
+                         env=dataclasses.replace(ENV, git_dirty=True)), results)
+    with pytest.raises(GateError, match="uncommitted changes"):
+        write_baseline(results, repo / "fixtures" / "baselines" / "cpu.json")
+
+
+# --- from pytest ------------------------------------------------------------------------------
+
+TEST_FILE = textwrap.dedent("""
+    def test_measured(llava_record):
+        llava_record("wall_s", {value}, "s")
+""")
+
+
+def run_pytest(tmp_path, value, *args):
+    (tmp_path / "test_measured.py").write_text(TEST_FILE.format(value=value))
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           str(tmp_path / "test_measured.py"), "--rootdir", str(tmp_path),
+                           *args], check=False, capture_output=True, text=True,
+                          cwd=tmp_path)
+
+
+def test_pytest_gate_fails_on_a_planted_regression(tmp_path):
+    baseline = tmp_path / "base.json"
+    write_results(run_of(("measured", "test_measured", {"wall_s": (1.0, "s", "lower")},
+                          "passed")), baseline)
+    args = ["--llava-baseline", str(baseline), "--llava-fail", "wall_s:+5%"]
+    ok = run_pytest(tmp_path, 1.0, *args)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "all 1 check(s) passed" in ok.stdout
+    bad = run_pytest(tmp_path, 2.0, *args)
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "FAIL measured::test_measured wall_s: value 2 s, baseline 1 s" in bad.stdout
+
+
+def test_pytest_rejects_a_bad_check_at_parse_time(tmp_path):
+    done = run_pytest(tmp_path, 1.0, "--llava-fail", "wall_s:+5")
+    assert done.returncode == 4 and "wall_s:+5" in done.stderr
+
+
+def test_pytest_rejects_a_baseline_of_another_schema(tmp_path):
+    baseline = tmp_path / "base.json"
+    write_results(one(1.0), baseline)
+    data = json.loads(baseline.read_text())
+    data["schema_version"] = 99
+    baseline.write_text(json.dumps(data))
+    done = run_pytest(tmp_path, 1.0, "--llava-baseline", str(baseline))
+    assert done.returncode == 4 and "schema version 99" in done.stderr
