@@ -1,0 +1,94 @@
+"""`llava-harness bench quant (--checkpoint DIR | --preset NAME) --modes fp16,bf16,int8,nf4,
+nf4-dq,fp4 --device cuda|cpu [--prompt-tokens N] [--new-tokens M] [--batch B] [--repeat K]
+[--out FILE]`: memory and speed of a quantized load per mode, each mode in a fresh process."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_MODES = "fp16,bf16,int8,nf4,nf4-dq,fp4"
+
+
+def _modes(text: str) -> tuple[str, ...]:
+    from ..ops.quant import QuantError, parse_modes
+
+    try:
+        return parse_modes(text)
+    except QuantError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def register(sub, bench) -> None:
+    from ..cli import _positive_int
+    from ..presets import PRESET_NAMES
+    from ..specs import FORMATS
+
+    b = bench.add_parser("quant", help="quantized load per mode: load time, peak memory, "
+                                       "footprint vs theory, prefill/decode speed, drift")
+    source = b.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, metavar="DIR", help="a LLaVA folder")
+    source.add_argument("--preset", choices=PRESET_NAMES,
+                        help="a synthetic checkpoint from the cache (built there if missing)")
+    b.add_argument("--format", choices=FORMATS, help="with --preset: default the preset's")
+    b.add_argument("--modes", type=_modes, default=_modes(DEFAULT_MODES),
+                   help=f"comma-separated, of fp32,{DEFAULT_MODES} (default: {DEFAULT_MODES})")
+    b.add_argument("--device", choices=("cuda", "cpu"),
+                   help="default: cuda when available, else cpu")
+    b.add_argument("--prompt-tokens", type=_positive_int, default=64, metavar="N",
+                   help="text tokens per prompt, besides one image (default 64)")
+    b.add_argument("--new-tokens", type=_positive_int, default=64, metavar="M",
+                   help="tokens generated per prompt, at least 2 (default 64)")
+    b.add_argument("--batch", type=_positive_int, default=1, metavar="B")
+    b.add_argument("--repeat", type=_positive_int, default=5, metavar="K",
+                   help="timed rounds after one warm-up (default 5)")
+    b.add_argument("--compute-dtype", choices=("float16", "bfloat16"), default="float16",
+                   help="dtype of the unquantized parts and 4-bit compute in quantized modes")
+    b.add_argument("--vision-tower", type=Path, metavar="DIR",
+                   help="local CLIP folder overriding the config's mm_vision_tower")
+    b.add_argument("--out", type=Path, metavar="FILE", help="write the records here (results "
+                                                             "JSON)")
+    b.set_defaults(func=cmd_bench_quant)
+
+
+def _device(requested: str | None) -> str:
+    import torch
+
+    from ..bench.quant import QuantBenchError
+
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise QuantBenchError("--device cuda: no CUDA device is available here")
+    return requested or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _checkpoint(args: argparse.Namespace) -> tuple[Path, str]:
+    """The folder and the name records carry: the user's folder, or the cached preset (built
+    with its vision tower: the benchmark loads and runs the whole model)."""
+    from ..bench.quant import QuantBenchError
+
+    if args.checkpoint is not None:
+        if args.format is not None:
+            raise QuantBenchError("--format applies to --preset only (a folder has its own)")
+        if not args.checkpoint.is_dir():
+            raise QuantBenchError(f"--checkpoint {args.checkpoint}: not a folder")
+        return args.checkpoint, args.checkpoint.resolve().name
+    from ..cache import cache_path, cache_root, cached_build, is_valid
+    from ..presets import build_spec
+
+    spec = build_spec(args.preset, checkpoint={"format": args.format} if args.format else None,
+                      with_vision_tower=True)
+    if not is_valid(cache_path(spec, cache_root())):
+        print(f"building {spec.model.name} ({spec.checkpoint.format}) into the cache at "
+              f"{cache_root()} first (set LLAVA_HARNESS_CACHE to use another)", file=sys.stderr)
+    return cached_build(spec, cache_root()), spec.model.name
+
+
+def cmd_bench_quant(args: argparse.Namespace) -> int:
+    from ..bench.quant import QuantBench, bench_quant
+    folder, name = _checkpoint(args)
+    bench = QuantBench(checkpoint=folder, name=name, modes=args.modes,
+                       device=_device(args.device), prompt_tokens=args.prompt_tokens,
+                       new_tokens=args.new_tokens, batch=args.batch, repeat=args.repeat,
+                       compute_dtype=args.compute_dtype, vision_tower=args.vision_tower)
+    return bench_quant(bench, args.out)
