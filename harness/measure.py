@@ -1,4 +1,5 @@
-"""Process-level measurements: wall time, peak RSS and peak anonymous memory of a child.
+"""Process-level measurements: wall time, peak RSS and peak anonymous memory of a child; and,
+inside a process, its own RSS peaks and its device memory.
 
 Benchmarks run the measured work in a child process so the parent's imports and caches never
 count. Peak RSS is the child's `VmHWM`, which the kernel resets at exec (the rusage max RSS
@@ -6,10 +7,15 @@ does not: it inherits the forking parent's high-water mark). RSS counts file-bac
 pages too, so lazy readers are also judged by anonymous memory (`RssAnon`). Both are sampled
 from /proc while the child runs; VmHWM is a high-water mark, so sampling loses nothing but
 the last few milliseconds.
+
+Inside the child, a phase's own RSS peak is VmHWM after resetting it just before the phase
+(`reset_peak_rss`); device memory as the driver sees it comes from NVML (`NvmlSampler`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
 import resource
 import subprocess
 import threading
@@ -26,18 +32,33 @@ class Measured:
     stderr: str
 
 
+def status_bytes(*names: str, pid: int | str = "self") -> dict[str, int]:
+    """The named kB fields of /proc/<pid>/status (VmRSS, VmHWM, RssAnon...), in bytes."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key = line.split(":", 1)[0]
+            if key in names:
+                out[key] = int(line.split()[1]) * 1024
+    return out
+
+
 def _status_bytes(pid: int) -> dict[str, int]:
     """VmHWM and RssAnon of a live process, in bytes (empty once it has exited)."""
-    out = {}
     try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                name = line.split(":", 1)[0]
-                if name in ("VmHWM", "RssAnon"):
-                    out[name] = int(line.split()[1]) * 1024
+        return status_bytes("VmHWM", "RssAnon", pid=pid)
     except OSError:
-        pass
-    return out
+        return {}
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux >= 4.0); False where refused."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def run_measured(cmd: list[str], env: dict | None = None, sample_s: float = 0.02) -> Measured:
@@ -67,3 +88,115 @@ def run_measured(cmd: list[str], env: dict | None = None, sample_s: float = 0.02
 
 def self_peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class _ProcessInfo(ctypes.Structure):
+    # nvmlProcessInfo_t as nvmlDeviceGetComputeRunningProcesses_v3 (and _v2) fill it.
+    _fields_ = [("pid", ctypes.c_uint), ("usedGpuMemory", ctypes.c_ulonglong),
+                ("gpuInstanceId", ctypes.c_uint), ("computeInstanceId", ctypes.c_uint)]
+
+
+class _Memory(ctypes.Structure):
+    _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong),
+                ("used", ctypes.c_ulonglong)]
+
+
+def _nvml_library():
+    """NVML's C library, initialised; None without an NVIDIA driver."""
+    try:
+        lib = ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return None
+    return lib if lib.nvmlInit_v2() == 0 else None
+
+
+class NvmlSampler:
+    """Peak device memory from NVML (the driver's view: CUDA context and allocator slack
+    included), sampled every few milliseconds on a thread.
+
+    Source "process": this process's entry in the driver's list of compute processes. In a
+    container the driver lists host PIDs, so the entry is not found; then source "device": the
+    device's used memory minus what it used before this process started CUDA (exact on a GPU
+    nobody else uses). Without NVML, peak() is (None, "none"). `lib` is for tests.
+    """
+
+    def __init__(self, lib=None, interval_s: float = 0.005):
+        self.lib = lib if lib is not None else _nvml_library()
+        self.interval_s = interval_s
+        self.source, self.handle = "none", None
+        self._peak = self._baseline = 0
+        self._stopped = threading.Event()
+        # Every device's used memory now, before this process has a CUDA context.
+        self._before = self._all_devices_used() if self.lib is not None else {}
+
+    def _all_devices_used(self) -> dict[int, int | None]:
+        count = ctypes.c_uint(0)
+        if self.lib.nvmlDeviceGetCount_v2(ctypes.byref(count)) != 0:
+            return {}
+        out = {}
+        for index in range(count.value):
+            handle = ctypes.c_void_p()
+            if self.lib.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(handle)) == 0:
+                out[index] = self._device_used(handle)
+        return out
+
+    def _device_used(self, handle) -> int | None:
+        memory = _Memory()
+        if self.lib.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(memory)) != 0:
+            return None
+        return memory.used
+
+    def _process_used(self, handle) -> int | None:
+        infos, count = (_ProcessInfo * 256)(), ctypes.c_uint(256)
+        query = getattr(self.lib, "nvmlDeviceGetComputeRunningProcesses_v3", None) or \
+            getattr(self.lib, "nvmlDeviceGetComputeRunningProcesses_v2", None)
+        if query is None or query(handle, ctypes.byref(count), infos) != 0:
+            return None
+        pid = os.getpid()
+        used = [infos[i].usedGpuMemory for i in range(count.value) if infos[i].pid == pid]
+        # NVML_VALUE_NOT_AVAILABLE is the all-ones unsigned long long.
+        return used[0] if used and used[0] < 2**63 else None
+
+    def start(self, uuid: str) -> None:
+        """Begin sampling the device with this UUID (torch's `get_device_properties().uuid`),
+        after this process's CUDA context exists."""
+        if self.lib is None:
+            return
+        handle = ctypes.c_void_p()
+        text = uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
+        found = self.lib.nvmlDeviceGetHandleByUUID(text.encode(), ctypes.byref(handle)) == 0
+        if not found and len(self._before) == 1:  # one GPU: no doubt which one it is
+            found = self.lib.nvmlDeviceGetHandleByIndex_v2(0, ctypes.byref(handle)) == 0
+        if not found:
+            return
+        index = ctypes.c_uint(0)
+        if self.lib.nvmlDeviceGetIndex(handle, ctypes.byref(index)) != 0:
+            return
+        self.handle = handle
+        self.source = "process" if self._process_used(handle) is not None else "device"
+        if self.source == "device":
+            self._baseline = self._before.get(index.value) or 0
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def read(self) -> int | None:
+        used = (self._process_used(self.handle) if self.source == "process"
+                else self._device_used(self.handle))
+        return None if used is None else max(used - self._baseline, 0)
+
+    def _loop(self) -> None:
+        while not self._stopped.wait(self.interval_s):
+            used = self.read()
+            if used is not None:
+                self._peak = max(self._peak, used)
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def reset(self) -> None:
+        if self.source != "none":
+            self._peak = self.read() or 0
+
+    def peak(self) -> tuple[int | None, str]:
+        if self.source == "none":
+            return None, "none"
+        return max(self._peak, self.read() or 0), self.source

@@ -18,20 +18,18 @@ import torch
 from harness.bench.quant import (
     GOALS,
     ModeResult,
-    NvmlSampler,
     QuantBench,
     QuantBenchError,
     child_job,
     cpu_4bit_problem,
-    drift_metrics,
     mode_record,
     required_metrics,
     run,
-    run_child,
-    structure_problems,
     with_theory,
 )
+from harness.bench.quant_child import drift_metrics, run_child, structure_problems
 from harness.cli import main as cli_main
+from harness.measure import NvmlSampler
 from harness.ops.quant import (
     LinearBytes,
     ModelParts,
