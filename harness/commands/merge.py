@@ -1,0 +1,106 @@
+"""`llava-harness merge-lora --adapter DIR --base DIR -o OUT [--dtype D]` (also LLaVA's own
+`--model-path DIR --model-base DIR --save-model-path OUT`) and `llava-harness bench merge`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+DTYPE_NAMES = ("float16", "bfloat16", "float32")
+
+
+def register(sub, bench) -> None:
+    from ..presets import PRESET_NAMES
+    from ..specs import FORMATS
+
+    p = sub.add_parser("merge-lora", help="merge a LLaVA LoRA (adapter + non_lora_trainables) "
+                                          "into its base: a full LLaVA checkpoint, streamed")
+    p.add_argument("--adapter", "--model-path", dest="adapter", type=Path, required=True,
+                   help="the LoRA folder (adapter_config.json, adapter weights, "
+                        "non_lora_trainables.bin, config.json)")
+    p.add_argument("--base", "--model-base", dest="base", type=Path, required=True,
+                   help="the base checkpoint folder the LoRA was trained on")
+    p.add_argument("-o", "--out", "--save-model-path", dest="out", type=Path, required=True,
+                   help="output folder (written atomically)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES,
+                   help="dtype of the merged weights (default: the base's)")
+    p.add_argument("--device", default="cpu",
+                   help="where the updates are computed: cpu (default) or cuda")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write a JSON summary")
+    p.set_defaults(func=cmd_merge)
+
+    from ..cli import _positive_int
+
+    b = bench.add_parser("merge", help="streamed LoRA merge into a real-size checkpoint: wall "
+                                       "time and peak memory (optionally vs loading it all)")
+    b.add_argument("--preset", default="llava-v1.5-7b", choices=PRESET_NAMES,
+                   help="cached synthetic base to merge into (built into the cache if missing)")
+    b.add_argument("--format", choices=FORMATS, help="default: the preset's")
+    b.add_argument("--base", type=Path, metavar="DIR", help="merge into this folder instead")
+    b.add_argument("--rank", type=_positive_int, default=128, help="LoRA rank (default 128)")
+    b.add_argument("--alpha", type=_positive_int, default=256, help="LoRA alpha (default 256)")
+    b.add_argument("--targets", choices=("attention", "all-linear"), default="all-linear")
+    b.add_argument("--dtype", choices=DTYPE_NAMES, default="bfloat16",
+                   help="merge dtype (default bfloat16)")
+    b.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    b.add_argument("--work", type=Path, metavar="DIR",
+                   help="scratch folder for the adapter and outputs (default: a temporary "
+                        "folder beside the base); removed afterwards")
+    b.add_argument("--naive", action="store_true",
+                   help="also time LLaVA's way (load the whole model, merge_and_unload, "
+                        "save_pretrained) when there is memory for it")
+    b.add_argument("--out", type=Path, metavar="FILE", help="write the figures here (results "
+                                                             "JSON)")
+    b.set_defaults(func=cmd_bench_merge)
+
+
+def _device(text: str) -> str:
+    from ..errors import HarnessError
+
+    if text == "cpu" or text.startswith("cuda"):
+        if text != "cpu":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise HarnessError(f"--device {text}: no CUDA device is available")
+        return text
+    raise HarnessError(f"--device {text!r}: expected cpu or cuda[:N]")
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from ..checkpoint.atomic import atomic_file
+    from ..ops.merge import merge_lora
+
+    result = merge_lora(args.adapter, args.base, args.out, dtype=args.dtype, force=args.force,
+                        device=_device(args.device))
+    if args.json:
+        with atomic_file(args.json, force=True) as tmp:
+            tmp.write_text(json.dumps(result.summary(), indent=2) + "\n")
+    for note in result.dropped:
+        print(f"note: dropped vision-tower adapter {note}")
+    print(f"merged {result.merged} layer(s), {result.biases} bias(es), {result.trainables} "
+          f"non-LoRA tensor(s) -> {result.tensors} tensors, {result.nbytes:,} bytes "
+          f"({result.dtype}) at {result.output} in {result.work_s:.1f} s")
+    return 0
+
+
+def cmd_bench_merge(args: argparse.Namespace) -> int:
+    from ..bench.merge import MergeBench, bench_merge
+
+    device = _device(args.device)
+    if args.base is not None:
+        base, case = args.base, args.base.name
+    else:
+        from ..cache import cached_build
+        from ..presets import build_spec
+
+        spec = build_spec(args.preset,
+                          checkpoint={"format": args.format} if args.format else None)
+        base = cached_build(spec)
+        case = f"{spec.model.name}-{spec.checkpoint.format}"
+    bench = MergeBench(base=base, case=case, rank=args.rank, alpha=args.alpha,
+                       targets=args.targets, dtype=args.dtype, device=device, work=args.work,
+                       naive=args.naive)
+    return bench_merge(bench, args.out)
