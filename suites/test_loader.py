@@ -426,3 +426,54 @@ def test_plain_language_model_lora_path(tiny_checkpoint_factory, tmp_path):
         torch.testing.assert_close(merged, unmerged, **tol.close_kwargs())
         assert not torch.allclose(merged, _load(base, dtype="float32").model(
             input_ids=ids).logits, **tol.close_kwargs())
+
+
+# --- adapters the original would load wrongly without a word --------------------------------
+
+def test_a_non_finite_adapter_is_refused(tiny_checkpoint_factory, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = _build(tiny_checkpoint_factory, Case("llama", "bin", "float32"))
+    adapter, _ = _lora_folder(folder, tmp_path / "lora", torch.float32)
+    weights = load_file(adapter / "adapter_model.safetensors")
+    key = next(k for k in weights if "lora_B" in k)
+    weights[key][0, 0] = float("nan")
+    save_file(weights, adapter / "adapter_model.safetensors")
+    with pytest.raises(LoadError, match="non-finite values in"):
+        _load(adapter, folder, dtype="float32")
+
+
+def test_adapter_tensors_that_find_no_module_are_refused(tiny_checkpoint_factory, tmp_path):
+    """A LoRA on the CLIP tower (short target names) cannot be applied by the loader, which
+    attaches the adapter before the tower is loaded; peft would drop it silently."""
+    from peft import LoraConfig, get_peft_model
+
+    folder = _build(tiny_checkpoint_factory, Case("llama", "bin", "float32"))
+    model = _load(folder, dtype="float32").model
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                  init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "lora")
+    shutil.copy(folder / "config.json", tmp_path / "lora" / "config.json")
+    with pytest.raises(LoadError, match="vision_tower.*matches no module"):
+        _load(tmp_path / "lora", folder, dtype="float32")
+
+
+def test_wrapped_bias_names_and_a_qlora_config_load(tiny_checkpoint_factory, tmp_path):
+    """LLaVA's saver writes `...q_proj.base_layer.bias`-style trainables and QLoRA leaves its
+    quantization_config in config.json; both load onto an unquantized base."""
+    folder = _build(tiny_checkpoint_factory, Case("llama", "bin", "float32"))
+    adapter, unmerged = _lora_folder(folder, tmp_path / "lora", torch.float32)
+    stored = torch.load(adapter / "non_lora_trainables.bin", weights_only=True)
+    key = next(k for k in stored if k.endswith("mm_projector.0.bias"))
+    wrapped = dict(stored)
+    wrapped[key.replace("mm_projector.0.bias", "mm_projector.0.base_layer.bias")] = \
+        wrapped.pop(key)
+    torch.save(wrapped, adapter / "non_lora_trainables.bin")
+    config = json.loads((adapter / "config.json").read_text())
+    config["quantization_config"] = {"load_in_4bit": True, "quant_method": "bitsandbytes",
+                                     "bnb_4bit_quant_type": "nf4"}
+    (adapter / "config.json").write_text(json.dumps(config))
+    loaded = _load(adapter, folder, dtype="float32")
+    torch.testing.assert_close(probe_logits(loaded.model, loaded.image_processor),
+                               probe_logits(unmerged, loaded.image_processor),
+                               **tolerance("loader.lora_merge.float32").close_kwargs())

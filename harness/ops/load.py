@@ -146,7 +146,8 @@ def normalise_trainable_keys(weights: dict, model_keys: set[str], source: Path) 
     error naming it.
     """
     out = {}
-    stripped = {(k.removeprefix("base_model.")): v
+    # LLaVA's saver writes peft-wrapped names for biases (`q_proj.base_layer.bias`).
+    stripped = {k.removeprefix("base_model.").replace(".base_layer.", "."): v
                 for k, v in weights.items()}
     if any(k.startswith("model.model.") for k in stripped):
         stripped = {(k.removeprefix("model.")): v
@@ -226,7 +227,11 @@ def _load_base_for(path: Path, base: Path | None, opts: _Options, kind: str):
     if base is None:
         raise LoadError(f"{path}: a {kind} folder needs a base model (--base / model_base)")
     _check_folder(base)
-    arch, config = llava_config(path)
+    data = read_config_json(path)
+    # A QLoRA run saves its quantization_config into config.json; the base is not quantized
+    # unless asked for here (and a stale one makes transformers misread the weights).
+    data.pop("quantization_config", None)
+    arch, config = llava_config(path, data)
     model, missing = _from_pretrained(MODEL_CLASSES[arch], base, config, opts.model_kwargs())
     _require_loaded(missing, base, allowed=MULTIMODAL_PREFIXES)
     return arch, config, model, missing
@@ -258,9 +263,27 @@ def _load_projector_only(path: Path, base: Path | None, opts: _Options):
     return arch, model, _tokenizer(base)
 
 
-def _load_lora(path: Path, base: Path | None, opts: _Options):
+def _apply_adapter(model, path: Path):
+    """PeftModel + merge, strictly: every adapter tensor must land on a module (peft drops the
+    others without a word; a zero vision-tower LoRA, which LLaVA training leaves behind, is
+    inert and allowed), and a merge that puts NaN/inf in a weight is refused (checked after
+    the plain merge: peft's `safe_merge` rounds half precision differently)."""
     from peft import PeftModel
 
+    from .adapter import unapplied_adapter_problems
+
+    model = PeftModel.from_pretrained(model, path)
+    problems = unapplied_adapter_problems(model, path)
+    if problems:
+        raise LoadError(problems[0])
+    merged = model.merge_and_unload()
+    for name, param in merged.named_parameters():
+        if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+            raise LoadError(f"{path}: merging the adapter gives non-finite values in {name}")
+    return merged
+
+
+def _load_lora(path: Path, base: Path | None, opts: _Options):
     arch, _config, model, missing = _load_base_for(path, base, opts, "LoRA")
     supplied: set[str] = set()
     trainables = path / NON_LORA_TRAINABLES
@@ -269,8 +292,7 @@ def _load_lora(path: Path, base: Path | None, opts: _Options):
                                            trainables)
         supplied = _load_extra(model, trainables, weights)
     _require_multimodal(model, missing, supplied, path)
-    model = PeftModel.from_pretrained(model, path).merge_and_unload()
-    return arch, model, _tokenizer(base)
+    return arch, _apply_adapter(model, path), _tokenizer(base)
 
 
 def _load_language_model(path: Path, base: Path | None, opts: _Options):
@@ -284,9 +306,7 @@ def _load_language_model(path: Path, base: Path | None, opts: _Options):
                                                        **opts.model_kwargs())
     _require_loaded(set(info.get("missing_keys") or ()), folder)
     if base is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+        model = _apply_adapter(model, path)
         if opts.quant is None:
             model = model.to(opts.dtype)
     return arch, model, _tokenizer(folder)
