@@ -29,6 +29,9 @@ SUITES = {
     "extraction": "test_extraction.py",
     "counts": "test_projector_counts.py",
     "loader": "test_loader.py",
+    "original": "test_original_llava.py",
+    "splice": "test_splice.py",
+    "stage1": "test_stage1_alignment.py",
     "strip": "test_backbone_strip.py",
     "convert": "test_convert.py",
     "lora": "test_lora_merge.py",
@@ -42,8 +45,9 @@ SUITES = {
 # The default: what a user means by "check the tiny default end to end" and what CI can afford
 # before the full `pytest suites` (which runs everything anyway): the builder (build, layout,
 # LM strictly loaded and run, tokenizer, tower), the checkpoint-folder validation (index,
-# projector type and counts, extraction, strip), and the extraction and counts suites.
-DEFAULT_SUITES = ("builder", "checkpoint", "extraction", "counts")
+# projector type and counts, extraction, strip), the harness's LLaVA model held bit-identical to
+# LLaVA's own code, and the extraction and counts suites.
+DEFAULT_SUITES = ("builder", "checkpoint", "original", "extraction", "counts")
 # With --checkpoint, the suites that look at the user's folder.
 CHECKPOINT_SUITES = ("checkpoint",)
 # pytest's own "usage error" / "internal error" / "no tests" exit codes.
