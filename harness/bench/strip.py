@@ -1,0 +1,311 @@
+"""Strip benchmark: the streaming `strip` CLI against a naive load/filter/save of the same
+folder, and against a raw copy of the output's bytes, in the same run.
+
+Every step is a child process (harness/measure.py: wall time, peak RSS, peak anonymous memory),
+every step ends with its files fsynced, and every step starts cold: the input's pages are
+dropped from the page cache first (`posix_fadvise(DONTNEED)` on those files only, which needs
+no root and leaves other users' caches alone). All three read the same input files, so they
+meet the disk in the same state. That matters: a raw copy that re-reads the freshly written
+strip output instead was measured here at ~0.5-0.8x the time of one reading the input (recent
+writes are still cached below the guest, on the host), which says nothing about stripping.
+
+- naive: what a hand-written script does, shard by shard: load it whole (`torch.load`,
+  weights-only; safetensors `load_file`), drop the multimodal keys by substring, save the rest
+  under the same name.
+- strip: `llava-harness strip --no-verify` (the strict check is measured separately, after).
+- raw copy: for each file of the strip output, `copy_file_range` of that many bytes from the
+  input file of the same name: the floor for putting the output's bytes on disk. (The strip
+  output is deleted first, so a round needs the disk space of one output, not two.) Rounds
+  alternate which of strip and raw copy goes first.
+
+Goals (issue 5): strip peak anonymous memory <= 300 MB; strip wall <= 1.1x the raw copy's; with
+--keep-legacy-buffers (shards linkable) strip wall <= 0.35x the naive approach's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import HarnessError
+from ..measure import Measured, run_measured
+
+SUITE = "bench-strip"
+ANON_GOAL_MB = 300
+RAW_GOAL = 1.1
+NAIVE_GOAL_KEEP = 0.35
+
+_NAIVE = r"""
+import json, os, sys
+import torch
+src, out, keep = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+names = {"bin": ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+         "safetensors": ("model.safetensors.index.json", "model.safetensors")}
+fmt = "safetensors" if any(f.endswith(".safetensors") for f in os.listdir(src)) else "bin"
+index_name, single = names[fmt]
+index = os.path.join(src, index_name)
+files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index) \
+    else [single]
+drop = ("mm_projector", "vision_tower", "vision_resampler", "image_newline")
+os.makedirs(out)
+weight_map, total = {}, 0
+for file in files:
+    path = os.path.join(src, file)
+    if fmt == "bin":
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        from safetensors.torch import load_file
+        state = load_file(path)
+    kept = {k: v for k, v in state.items() if not any(d in k for d in drop)
+            and (keep or not k.endswith("rotary_emb.inv_freq"))}
+    del state
+    target = os.path.join(out, file)
+    if fmt == "bin":
+        torch.save(kept, target)
+    else:
+        from safetensors.torch import save_file
+        save_file(kept, target, metadata={"format": "pt"})
+    fd = os.open(target, os.O_RDONLY); os.fsync(fd); os.close(fd)
+    weight_map.update({k: file for k in kept})
+    total += sum(v.numel() * v.element_size() for v in kept.values())
+    del kept
+if os.path.exists(index):
+    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map},
+              open(os.path.join(out, index_name), "w"), indent=2, sort_keys=True)
+config = json.load(open(os.path.join(src, "config.json")))
+config = {k: v for k, v in config.items() if "mm_" not in k and "vision" not in k
+          and not k.startswith("image_")}
+config.update(model_type="llama", architectures=["LlamaForCausalLM"])
+json.dump(config, open(os.path.join(out, "config.json"), "w"), indent=2)
+"""
+
+_RAW_COPY = r"""
+import json, os, sys
+src, sizes, dst = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+os.makedirs(dst)
+for name, size in sorted(sizes.items()):
+    source = os.path.join(src, name)
+    b = os.open(os.path.join(dst, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    have = os.path.getsize(source) if os.path.isfile(source) else 0
+    if have:
+        # An output a few KB larger than its input (page-aligned records) wraps around.
+        a, done = os.open(source, os.O_RDONLY), 0
+        while done < size:
+            done += os.copy_file_range(a, b, min(size - done, have - done % have, 1 << 30),
+                                       done % have)
+        os.close(a)
+    else:  # no input file of that name (never a shard): the byte count is what matters
+        os.write(b, bytes(size))
+    os.fsync(b)
+    os.close(b)
+"""
+
+_VERIFY = r"""
+import sys
+from harness.ops.strip import strict_problems
+problems = strict_problems(sys.argv[1], allow_legacy=sys.argv[2] == "1")
+print("\n".join(problems), file=sys.stderr)
+sys.exit(1 if problems else 0)
+"""
+
+
+class BenchError(HarnessError):
+    """A benchmark step failed, or there is no room for its output."""
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    wall_s: float
+    peak_rss_mb: float
+    peak_anon_mb: float
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+def _read_all(folder: Path) -> None:
+    """Read every file once (untimed), so every step follows a full read of the input."""
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                while fh.read(64 << 20):
+                    pass
+
+
+def _drop_cache(folder: Path) -> None:
+    """Drop these files' clean pages from the page cache: the next step reads them cold."""
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def _need_space(work: Path, nbytes: int) -> None:
+    free = shutil.disk_usage(work).free
+    if free < nbytes + 2 * 2**30:
+        raise BenchError(f"{work}: {free / 1e9:.1f} GB free, the next step writes "
+                         f"{nbytes / 1e9:.1f} GB (plus 2 GiB headroom)")
+
+
+def _run(name: str, cmd: list[str]) -> Step:
+    m: Measured = run_measured(cmd)
+    if m.returncode:
+        last = m.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise BenchError(f"{name}: exit {m.returncode}: {last[0]}")
+    return Step(name, m.wall_s, m.peak_rss_bytes / 1e6, (m.peak_anon_bytes or 0) / 1e6)
+
+
+def _strip(src: Path, out: Path, keep: bool) -> tuple[Step, Step, dict[str, int]]:
+    """Strip (timed), then the strict check (timed apart); returns the output's file sizes."""
+    flag = "1" if keep else "0"
+    _drop_cache(src)
+    cmd = [sys.executable, "-m", "harness.cli", "strip", str(src), "-o", str(out),
+           "--no-verify"] + (["--keep-legacy-buffers"] if keep else [])
+    try:
+        stripped = _run("strip", cmd)
+        verified = _run("strict check", [sys.executable, "-c", _VERIFY, str(out), flag])
+        return stripped, verified, {p.name: p.stat().st_size for p in out.iterdir()
+                                    if p.is_file()}
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _raw(src: Path, out: Path, sizes: dict[str, int]) -> Step:
+    _drop_cache(src)
+    try:
+        return _run("raw copy", [sys.executable, "-c", _RAW_COPY, str(src), json.dumps(sizes),
+                                 str(out)])
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _round(src: Path, work: Path, keep: bool, naive: bool, sizes: dict[str, int] | None,
+           raw_first: bool) -> tuple[dict[str, Step], dict[str, int]]:
+    """One round. Odd rounds copy before they strip (with the sizes an earlier round's strip
+    wrote), so neither step always follows the other's reading of the input."""
+    size = _folder_bytes(src)
+    _need_space(work, size)
+    steps = {}
+    if raw_first and sizes:
+        steps["raw"] = _raw(src, work / "raw-copy", sizes)
+    steps["strip"], steps["verify"], sizes = _strip(src, work / "strip", keep)
+    if "raw" not in steps:
+        steps["raw"] = _raw(src, work / "raw-copy", sizes)
+    if naive:
+        out = work / "naive"
+        _drop_cache(src)
+        try:
+            steps["naive"] = _run("naive", [sys.executable, "-c", _NAIVE, str(src), str(out),
+                                            "1" if keep else "0"])
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+    return steps, sizes
+
+
+def _median(rounds: list[dict[str, Step]], name: str) -> Step | None:
+    steps = [r[name] for r in rounds if name in r]
+    if not steps:
+        return None
+    return Step(name, statistics.median(s.wall_s for s in steps),
+                max(s.peak_rss_mb for s in steps), max(s.peak_anon_mb for s in steps))
+
+
+def measure(src: Path, work: Path, keep: bool, repeat: int, naive: bool) -> dict:
+    _read_all(src)
+    rounds, sizes = [], None
+    for i in range(repeat):
+        steps, sizes = _round(src, work, keep, naive, sizes, raw_first=i % 2 == 1)
+        rounds.append(steps)
+    steps = {name: _median(rounds, name) for name in ("naive", "strip", "raw", "verify")}
+    figures = {"steps": {k: v for k, v in steps.items() if v is not None}, "rounds": repeat,
+               "bytes": _folder_bytes(src)}
+    strip = steps["strip"]
+    figures["strip_over_raw"] = strip.wall_s / steps["raw"].wall_s
+    if steps["naive"] is not None:
+        figures["strip_over_naive"] = strip.wall_s / steps["naive"].wall_s
+    return figures
+
+
+def goals(f: dict, keep: bool) -> list[tuple[str, float, float]]:
+    """(what, measured, goal) for each goal this case has; all read 'measured <= goal'."""
+    out = [("strip peak anonymous memory, MB", f["steps"]["strip"].peak_anon_mb, ANON_GOAL_MB),
+           ("strip wall / raw copy wall", f["strip_over_raw"], RAW_GOAL)]
+    if keep and "strip_over_naive" in f:
+        out.append(("strip wall / naive wall", f["strip_over_naive"], NAIVE_GOAL_KEEP))
+    return out
+
+
+def record(case: str, f: dict, keep: bool):
+    from ..results import make_record
+
+    metrics = {"bytes": (f["bytes"], "B")}
+    for name, step in f["steps"].items():
+        metrics |= {f"{name}_wall_s": (step.wall_s, "s"),
+                    f"{name}_peak_rss": (step.peak_rss_mb, "MB"),
+                    f"{name}_peak_anon": (step.peak_anon_mb, "MB")}
+    metrics["strip_over_raw"] = (f["strip_over_raw"], "ratio", "lower")
+    if "strip_over_naive" in f:
+        metrics["strip_over_naive"] = (f["strip_over_naive"], "ratio", "lower")
+    missed = [what for what, value, goal in goals(f, keep) if value > goal]
+    return make_record(SUITE, case, metrics, outcome="failed" if missed else "passed",
+                       reason=f"missed: {'; '.join(missed)}" if missed else None)
+
+
+def _print(case: str, src: Path, f: dict, keep: bool) -> None:
+    from tabulate import tabulate
+
+    labels = {"naive": "naive load/filter/save", "strip": "strip (streaming)",
+              "raw": "raw copy of the output's bytes", "verify": "strict check (separate)"}
+    rows = [[labels[n], f"{s.wall_s:.1f}", f"{s.peak_rss_mb:.0f}", f"{s.peak_anon_mb:.0f}"]
+            for n, s in f["steps"].items()]
+    print(f"\n{case}: {src} ({f['bytes'] / 1e9:.2f} GB, median of {f['rounds']} round(s), "
+          "each step from a cold page cache)")
+    print(tabulate(rows, headers=["step", "wall s", "peak RSS MB", "peak anon MB"],
+                   tablefmt="github"))
+    for what, value, goal in goals(f, keep):
+        print(f"{what}: {value:.3f} (goal <= {goal}: {'met' if value <= goal else 'MISSED'})")
+
+
+def bench_strip(folders: list[tuple[Path, str]], keeps: tuple[bool, ...], repeat: int,
+                work: Path | None, naive: bool, out: Path | None) -> int:
+    records = []
+    for src, name in folders:
+        where = Path(work) if work else src.parent
+        where.mkdir(parents=True, exist_ok=True)
+        scratch = where / f".bench-strip-{os.getpid()}"
+        scratch.mkdir()
+        try:
+            for keep in keeps:
+                case = f"{name}-{'keep' if keep else 'drop'}-legacy"
+                try:
+                    figures = measure(src, scratch, keep, repeat, naive)
+                except BenchError as exc:  # record it and go on with the other cases
+                    print(f"\n{case}: {exc}", file=sys.stderr)
+                    records.append(_error_record(case, str(exc)))
+                    continue
+                _print(case, src, figures, keep)
+                records.append(record(case, figures, keep))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    if out:
+        from ..results import save_records
+
+        save_records(records, out)
+        print(f"\nfigures written to {out}")
+    return 1 if any(r.outcome == "error" for r in records) else 0
+
+
+def _error_record(case: str, reason: str):
+    from ..results import make_record
+
+    return make_record(SUITE, case, outcome="error", reason=reason)

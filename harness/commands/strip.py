@@ -1,0 +1,95 @@
+"""`llava-harness strip CKPT -o OUT [--keep-legacy-buffers] [--to-format bin|safetensors]`
+and `llava-harness bench strip`.
+
+Stripping itself never imports torch; the strict check that follows it (on by default, before
+the output appears) builds the target class on the meta device, which costs transformers'
+import (a few seconds). `--no-verify` skips it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(sub, bench) -> None:
+    from ..presets import PRESET_NAMES
+    from ..specs import FORMATS
+
+    p = sub.add_parser("strip", help="write the plain Llama/Mistral language model of a LLaVA "
+                                     "checkpoint (original or llava-hf layout)")
+    p.add_argument("checkpoint", type=Path, help="LLaVA checkpoint folder")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
+    p.add_argument("--keep-legacy-buffers", action="store_true",
+                   help="keep the per-layer rotary_emb.inv_freq buffers (then shards holding "
+                        "only language-model tensors are hard-linked, not rewritten)")
+    p.add_argument("--to-format", choices=FORMATS, help="default: the checkpoint's own")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the strict check against the target class (meta device)")
+    p.set_defaults(func=cmd_strip)
+
+    from ..cli import _positive_int
+
+    b = bench.add_parser("strip", help="streaming strip against a naive load/filter/save and "
+                                       "a raw copy of the output's bytes")
+    b.add_argument("--preset", default="llava-v1.5-7b", choices=PRESET_NAMES,
+                   help="cached synthetic checkpoint (built into the cache if missing)")
+    b.add_argument("--format", choices=FORMATS, action="append", dest="formats",
+                   help="repeatable; default: both")
+    b.add_argument("--checkpoint", type=Path, action="append", dest="checkpoints",
+                   metavar="DIR", help="benchmark this folder instead of a preset (repeatable)")
+    b.add_argument("--legacy", choices=("drop", "keep", "both"), default="both",
+                   help="run without and/or with --keep-legacy-buffers (default both)")
+    b.add_argument("--work", type=Path, metavar="DIR",
+                   help="where outputs are written and deleted (default: beside the input)")
+    b.add_argument("--repeat", type=_positive_int, default=1,
+                   help="measured rounds; medians are reported (default 1)")
+    b.add_argument("--no-naive", dest="naive", action="store_false",
+                   help="skip the naive load/filter/save (it needs ~10 GB of memory at 7B)")
+    b.add_argument("--out", type=Path, metavar="FILE", help="write the figures here (results "
+                                                             "JSON)")
+    b.set_defaults(func=cmd_bench_strip)
+
+
+def cmd_strip(args: argparse.Namespace) -> int:
+    from ..ops.strip import strip
+
+    r = strip(args.checkpoint, args.output, keep_legacy_buffers=args.keep_legacy_buffers,
+              to_format=args.to_format, force=args.force, verify=args.verify)
+    how = {}
+    for state in r.shards.values():
+        how[state] = how.get(state, 0) + 1
+    shards = ", ".join(f"{n} {state}" for state, n in sorted(how.items()))
+    check = "strict check passed" if r.verified else "strict check skipped (--no-verify)"
+    print(f"stripped {r.layout} {r.arch} checkpoint: kept {r.kept} tensors "
+          f"({r.total_size:,} bytes, {r.format}), dropped {len(r.dropped)}; shards: {shards}; "
+          f"{check} -> {r.out}")
+    return 0
+
+
+def _bench_folders(args: argparse.Namespace) -> list[tuple[Path, str]]:
+    if args.checkpoints:
+        from ..checkpoint.reader import open_folder
+
+        return [(open_folder(p).path, p.name) for p in args.checkpoints]
+    from ..cache import cache_path, cache_root, cached_build, is_valid
+    from ..presets import build_spec
+
+    out = []
+    for fmt in args.formats or ("bin", "safetensors"):
+        spec = build_spec(args.preset, checkpoint={"format": fmt})
+        if not is_valid(cache_path(spec, cache_root())):
+            print(f"building {spec.model.name} ({fmt}) into the cache at {cache_root()} first "
+                  "(set LLAVA_HARNESS_CACHE to use another)", file=sys.stderr)
+        out.append((cached_build(spec, cache_root()), f"{spec.model.name}-{fmt}"))
+    return out
+
+
+def cmd_bench_strip(args: argparse.Namespace) -> int:
+    from ..bench.strip import bench_strip
+
+    keeps = {"drop": (False,), "keep": (True,), "both": (False, True)}[args.legacy]
+    return bench_strip(_bench_folders(args), keeps, args.repeat, args.work, args.naive,
+                       args.out)

@@ -1,0 +1,237 @@
+"""A checkpoint folder validated without loading the whole model: index consistency, config,
+projector type and parameter counts against the config, language-model shapes against
+transformers' own classes, projector extraction and backbone stripping. Runs on
+`--llava-checkpoint DIR` (your folder) or, without it, on the tiny synthetic default; a check
+that needs what the folder lacks skips and says what."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.backbone import is_language_model_key, language_model_config
+from harness.checkpoint.reader import CheckpointError, consistency_problems, open_folder
+from harness.errors import HarnessError
+from harness.layout import PROJECTOR_PREFIX
+from harness.model.projector import build_projector, projector_type_from_shapes
+from harness.ops.counts import count_checkpoint
+from harness.ops.extract import extract
+from harness.ops.strip import parameter_count, strict_problems, strip
+from harness.specs import SpecError
+
+# Loading the language model for a forward pass is only done below this size: the point of
+# this suite is to validate a real-size folder without holding it in memory.
+LOAD_AT_MOST_BYTES = 2 * 2**30
+# Inputs are hashed before and after the operations when this small; above it, size and
+# modification time stand in (hashing 13.5 GB twice would dominate the run).
+HASH_AT_MOST_BYTES = 256 * 2**20
+LLAVA_FIELDS = ("mm_vision_tower", "mm_hidden_size", "hidden_size", "num_hidden_layers",
+                "vocab_size")
+
+
+@pytest.fixture(scope="module")
+def folder(llava_checkpoint) -> Path:
+    return Path(llava_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def ckpt(folder):
+    try:
+        return open_folder(folder)
+    except CheckpointError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def tensors(ckpt):
+    try:
+        return ckpt.tensors
+    except CheckpointError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def config(folder) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        pytest.skip(f"{path}: no config.json, so nothing to check shapes and types against")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        pytest.fail(f"{path}: not readable JSON ({exc})", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def llava_config(config, folder) -> dict:
+    archs = " ".join(config.get("architectures") or []) + str(config.get("model_type", ""))
+    if not config.get("mm_vision_tower") and "llava" not in archs.lower():
+        pytest.skip(f"{folder / 'config.json'}: no mm_vision_tower and no LLaVA architecture; "
+                    "a plain language model folder, so the projector checks do not apply")
+    return config
+
+
+@pytest.fixture(scope="module")
+def projector_shapes(tensors) -> dict[str, tuple[int, ...]]:
+    return {k[len(PROJECTOR_PREFIX):]: t.shape for k, t in tensors.items()
+            if k.startswith(PROJECTOR_PREFIX)}
+
+
+def snapshot(folder: Path) -> dict[str, tuple]:
+    """Each file's size and mtime, plus its sha256 when the folder is small."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    small = sum(p.stat().st_size for p in files) <= HASH_AT_MOST_BYTES
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns,
+                                         hashlib.sha256(p.read_bytes()).hexdigest()
+                                         if small else None)
+            for p in files}
+
+
+def test_index_matches_the_files(ckpt, llava_record):
+    start = time.perf_counter()
+    problems = consistency_problems(ckpt)
+    llava_record("index_check_wall_s", time.perf_counter() - start, "s")
+    assert not problems, f"{len(problems)} problem(s): " + "; ".join(problems[:5])
+    llava_record("tensors", len(ckpt.tensors), "count")
+    llava_record("shards", len(ckpt.files), "count")
+    llava_record("tensor_bytes", sum(t.nbytes for t in ckpt.tensors.values()), "B", "none")
+
+
+def test_config_has_the_llava_fields(llava_config, folder):
+    missing = [f for f in LLAVA_FIELDS if f not in llava_config]
+    assert not missing, f"{folder / 'config.json'}: lacks {', '.join(missing)}"
+    bad = [f for f in LLAVA_FIELDS[1:] if not isinstance(llava_config[f], int)
+           or llava_config[f] <= 0]
+    assert not bad, f"{folder / 'config.json'}: {bad[0]}={llava_config[bad[0]]!r} is not a " \
+                    "positive integer"
+
+
+def test_projector_type_agrees_with_the_config(llava_config, projector_shapes, folder):
+    try:
+        inferred = projector_type_from_shapes(projector_shapes)
+    except SpecError as exc:
+        pytest.fail(f"{folder}: {exc}", pytrace=False)
+    declared = llava_config.get("mm_projector_type")
+    if declared is None:
+        # LLaVA's builder silently falls back to `linear` (its issues #550/#465).
+        assert inferred == "linear", (
+            f"{folder / 'config.json'}: no mm_projector_type, so LLaVA builds 'linear', but the "
+            f"tensors are a {inferred} projector")
+    else:
+        assert inferred == declared, (f"{folder / 'config.json'}: mm_projector_type "
+                                      f"{declared!r}, but the tensors are a {inferred} projector")
+
+
+def test_projector_shapes_match_a_module_built_from_the_config(llava_config, projector_shapes,
+                                                               folder, llava_record):
+    kind = llava_config.get("mm_projector_type") or "linear"
+    try:
+        with torch.device("meta"):
+            module = build_projector(kind, llava_config["mm_hidden_size"],
+                                     llava_config["hidden_size"])
+    except (SpecError, KeyError) as exc:
+        pytest.fail(f"{folder / 'config.json'}: cannot build its projector ({exc})",
+                    pytrace=False)
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    assert projector_shapes == expected, (
+        f"{folder}: projector tensors {projector_shapes} != what {kind} with mm_hidden_size "
+        f"{llava_config['mm_hidden_size']} and hidden_size {llava_config['hidden_size']} "
+        f"builds: {expected}")
+    llava_record("projector_params", sum(v.numel() for v in module.parameters()), "params")
+
+
+def test_projector_count_formula_module_and_file_agree(llava_config, folder, llava_record):
+    try:
+        counts = count_checkpoint(folder)
+    except CheckpointError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    assert counts.agree, (f"{folder}: projector parameters disagree: formula {counts.formula:,}, "
+                          f"module {counts.module:,}, file headers {counts.tensors:,}")
+    llava_record("total_params", counts.total_params, "params")
+    llava_record("trainable_params_stage1", counts.trainable_stage1, "params")
+
+
+def test_language_model_shapes_match_transformers(llava_config, tensors, folder, llava_record):
+    lm_config = language_model_config(llava_config)
+    with torch.device("meta"):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(lm_config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: t.shape for k, t in tensors.items() if is_language_model_key(k)}
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    assert not missing and not extra, (f"{folder}: language model keys differ from "
+                                       f"{type(model).__name__}: missing {missing[:3]}, "
+                                       f"unexpected {extra[:3]}")
+    wrong = [k for k in expected if expected[k] != found[k]]
+    assert not wrong, (f"{folder}: {wrong[0]} has shape {found[wrong[0]]}, "
+                       f"{type(model).__name__} expects {expected[wrong[0]]}")
+    llava_record("language_model_params", sum(torch.Size(s).numel() for s in found.values()),
+                 "params")
+
+
+def test_language_model_loads_and_runs(ckpt, llava_config, folder):
+    size = sum(t.nbytes for t in ckpt.tensors.values())
+    if size > LOAD_AT_MOST_BYTES:
+        pytest.skip(f"{size / 2**30:.1f} GiB: loading the whole model is what this suite "
+                    f"avoids above {LOAD_AT_MOST_BYTES / 2**30:.0f} GiB")
+    from harness.backbone import load_language_model
+
+    model = load_language_model(folder, dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 5, 9, 2]])).logits
+    assert logits.shape[-1] == llava_config["vocab_size"]
+    assert torch.isfinite(logits).all(), f"{folder}: non-finite logits"
+
+
+def test_extraction_copies_the_projector_bit_for_bit(folder, ckpt, projector_shapes, tmp_path,
+                                                     llava_record):
+    if not projector_shapes:
+        pytest.skip(f"{folder}: no {PROJECTOR_PREFIX}* tensors to extract")
+    before = snapshot(folder)
+    start = time.perf_counter()
+    result = extract(folder, tmp_path / "mm_projector.bin")
+    llava_record("extract_wall_s", time.perf_counter() - start, "s")
+    llava_record("extract_files_read", len(result.files_read), "files", "lower")
+    got = torch.load(result.output, map_location="cpu", weights_only=True)
+    keys = [PROJECTOR_PREFIX + k for k in projector_shapes]
+    source = ckpt.read(keys)
+    assert sorted(got) == sorted(keys)
+    for key in keys:
+        assert got[key].dtype == source[key].dtype and torch.equal(got[key], source[key]), key
+    assert snapshot(folder) == before, f"{folder}: extraction changed an input file"
+
+
+def test_strip_gives_a_plain_language_model(folder, ckpt, llava_config, tmp_path, llava_record):
+    need = sum(t.nbytes for t in ckpt.tensors.values())
+    free = shutil.disk_usage(tmp_path).free
+    if free < need * 1.1 + 2 * 2**30:  # and leave others some room on a shared disk
+        pytest.skip(f"stripping needs ~{need / 2**30:.1f} GiB in {tmp_path}, "
+                    f"{free / 2**30:.1f} GiB free")
+    before = snapshot(folder)
+    start = time.perf_counter()
+    out = tmp_path / "stripped"
+    try:
+        _check_stripped(folder, out, llava_record, start)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)  # a real-size copy must not outlive the test
+    assert snapshot(folder) == before, f"{folder}: stripping changed an input file"
+
+
+def _check_stripped(folder: Path, out: Path, llava_record, start: float) -> None:
+    try:
+        result = strip(folder, out, verify=False)
+    except HarnessError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    llava_record("strip_wall_s", time.perf_counter() - start, "s")
+    problems = strict_problems(out)
+    assert not problems, f"{len(problems)} problem(s): " + "; ".join(problems[:3])
+    assert consistency_problems(open_folder(out)) == []
+    assert not [k for k in result.dropped if is_language_model_key(k)], \
+        f"{folder}: stripping dropped language-model tensors"
+    llava_record("stripped_params", parameter_count(out), "params")
