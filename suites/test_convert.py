@@ -1,0 +1,452 @@
+"""Layout conversion, original LLaVA <-> llava-hf: the hf folder loads into transformers'
+LlavaForConditionalGeneration with exactly its state-dict keys, shapes and dtypes; original ->
+hf -> original is byte-exact per tensor (tower included) and hf -> original -> hf too; the hf
+model's text + image logits equal the original model's within the stated tolerance, and bit for
+bit once the tower runs the same arithmetic (so the splice adds no difference); what llava-hf
+cannot express is refused by name. Every check is also shown to fail on a planted defect."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from harness.cli import main
+from harness.ops.convert import ConvertError, convert, padded_vocab
+from harness.ops.strip import scan_folder
+from harness.presets import build_spec
+from harness.synth import build
+from harness.tolerances import tolerance
+
+MISTRAL = {"arch": "mistral", "num_key_value_heads": 2, "rope_theta": 1e6}
+VOCAB = 512
+TEXT_BEFORE, TEXT_AFTER = [1, 5, 9], [20, 30, 7]
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Fields the hf layout has no place for and the way back cannot restore. Without tokenizer files
+# LLaVA's copy of model_max_length has nowhere to live either (it comes back as 2048).
+NOT_ROUND_TRIPPED = {"mm_vision_tower", "_name_or_path", "transformers_version"}
+NO_TOKENIZER = {"tokenizer_model_max_length"}
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+def llava_build(folder: Path, model: dict | None = None, tokenizer: bool = False,
+                **checkpoint) -> Path:
+    """A tiny original-layout checkpoint with its local CLIP tower (and tokenizer if asked)."""
+    spec = dataclasses.replace(build_spec("tiny", model=model, checkpoint=checkpoint or None),
+                               with_tokenizer=tokenizer, with_vision_tower=True)
+    build(spec, folder)
+    return folder
+
+
+def tensor_bytes(folder: Path) -> dict[str, tuple[str, tuple, bytes]]:
+    out = {}
+    for key, source in scan_folder(folder).tensors.items():
+        data = b""
+        for piece in source.byte_pieces(folder):
+            if piece.data is not None:
+                data += piece.data
+                continue
+            with open(piece.path, "rb") as fh:
+                fh.seek(piece.offset)
+                data += fh.read(piece.nbytes)
+        out[key] = (source.dtype, source.shape, data)
+    return out
+
+
+def tree_hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def without_legacy(tensors: dict) -> dict:
+    return {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
+
+
+def in_memory_name(key: str) -> str:
+    """The published llava-hf on-disk name -> transformers 5's in-memory name (own rules)."""
+    for old, new in (("language_model.model.", "model.language_model."),
+                     ("language_model.lm_head.", "lm_head."),
+                     ("multi_modal_projector.", "model.multi_modal_projector."),
+                     ("vision_tower.vision_model.", "model.vision_tower.")):
+        if key.startswith(old):
+            return new + key.removeprefix(old)
+    return key
+
+
+def hf_key_problems(folder: Path) -> list[str]:
+    """The hf folder's tensors against LlavaForConditionalGeneration's state dict on meta."""
+    from transformers import AutoConfig, LlavaForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    want = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch."))
+            for k, v in model.to(getattr(torch, config.dtype) if isinstance(config.dtype, str)
+                                 else config.dtype).state_dict().items()}
+    got = {in_memory_name(k): (s.shape, s.dtype) for k, s in scan_folder(folder).tensors.items()}
+    return ([f"missing {k}" for k in sorted(want.keys() - got.keys())]
+            + [f"unexpected {k}" for k in sorted(got.keys() - want.keys())]
+            + [f"{k}: {got[k]} != {want[k]}" for k in sorted(want.keys() & got.keys())
+               if got[k] != want[k]])
+
+
+def config_of(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())
+
+
+def edit_config(folder: Path, **fields) -> None:
+    (folder / "config.json").write_text(json.dumps({**config_of(folder), **fields}))
+
+
+# --- cases: original -> hf -> original ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    arch: str = "llama"
+    fmt: str = "bin"
+    shards: int = 2
+    placement: str = "last"
+    dtype: str = "float32"
+    to_format: str | None = None
+
+    def __str__(self) -> str:
+        parts = [self.arch, self.fmt, f"{self.shards}shard", self.placement, self.dtype]
+        return "-".join(parts + ([f"to-{self.to_format}"] if self.to_format else []))
+
+    def build(self, folder: Path) -> Path:
+        model = {**(MISTRAL if self.arch == "mistral" else {}), "dtype": self.dtype}
+        return llava_build(folder, model, format=self.fmt, shards=self.shards,
+                           placement=self.placement)
+
+
+CASES = [
+    Case(),
+    Case(fmt="safetensors", shards=1),
+    Case(shards=3, placement="split", dtype="float16"),
+    Case(arch="mistral", fmt="safetensors", shards=3, placement="middle", dtype="bfloat16"),
+    Case(to_format="safetensors"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_original_to_hf_to_original_is_byte_exact(case: Case, tmp_path):
+    src = case.build(tmp_path / "src")
+    tower = Path(config_of(src)["mm_vision_tower"])
+    before = tree_hashes(src)
+    convert(src, tmp_path / "hf", "hf", to_format=case.to_format)
+    assert tree_hashes(src) == before  # the tower folder lies inside src: covered too
+    assert hf_key_problems(tmp_path / "hf") == []
+
+    convert(tmp_path / "hf", tmp_path / "back", "original")
+    back = tmp_path / "back"
+    assert tensor_bytes(back) == without_legacy(tensor_bytes(src))
+    assert tensor_bytes(back / "vision_tower") == tensor_bytes(tower)
+    skip = NOT_ROUND_TRIPPED | NO_TOKENIZER
+    original, returned = config_of(src), config_of(back)
+    assert {k: v for k, v in returned.items() if k not in skip} == \
+        {k: v for k, v in original.items() if k not in skip}
+    assert returned["mm_vision_tower"] == str(back.absolute() / "vision_tower")
+
+    convert(back, tmp_path / "hf2", "hf", to_format=case.to_format)
+    assert tensor_bytes(tmp_path / "hf2") == tensor_bytes(tmp_path / "hf")
+
+
+def test_hf_folder_loads_strictly_into_llava_for_conditional_generation(tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    src = llava_build(tmp_path / "src")
+    convert(src, tmp_path / "hf", "hf")
+    model, info = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf",
+                                                                output_loading_info=True)
+    assert {k: list(v) for k, v in info.items() if v} == {}
+    rows = padded_vocab(VOCAB)
+    assert model.get_input_embeddings().weight.shape[0] == rows == 576
+    assert model.config.image_token_index == VOCAB and model.config.image_seq_length == 4
+
+
+def test_hf_key_check_catches_a_leftover_and_a_missing_key(tmp_path):
+    src = llava_build(tmp_path / "src", format="safetensors", shards=1)
+    convert(src, tmp_path / "hf", "hf")
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "hf" / "model.safetensors"
+    state = load_file(path)
+    state["language_model.model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    del state["multi_modal_projector.linear_2.bias"]
+    save_file(state, path, metadata={"format": "pt"})
+    assert hf_key_problems(tmp_path / "hf") == [
+        "missing model.multi_modal_projector.linear_2.bias",
+        "unexpected model.language_model.layers.0.self_attn.rotary_emb.inv_freq"]
+
+
+def test_round_trip_comparison_catches_a_changed_tensor(tmp_path):
+    src = llava_build(tmp_path / "src", format="safetensors", shards=1)
+    convert(src, tmp_path / "hf", "hf")
+    convert(tmp_path / "hf", tmp_path / "back", "original")
+    piece = scan_folder(tmp_path / "back").tensors["model.mm_projector.2.bias"].pieces[0]
+    with open(piece.path, "r+b") as fh:
+        fh.seek(piece.offset)
+        fh.write(b"\x00\x00\x80\x7f")
+    assert tensor_bytes(tmp_path / "back") != without_legacy(tensor_bytes(src))
+
+
+@st.composite
+def layouts(draw):
+    shards = draw(st.integers(1, 3))
+    placement = draw(st.sampled_from(["last", "first", "middle", "split"]))
+    assume(placement != "middle" or shards >= 3)
+    assume(placement != "split" or shards >= 2)
+    model = {"dtype": draw(st.sampled_from(list(DTYPES)))}
+    if draw(st.booleans()):
+        model |= MISTRAL
+    return {"model": model, "format": draw(st.sampled_from(["bin", "safetensors"])),
+            "shards": shards, "placement": placement, "legacy_buffers": draw(st.booleans()),
+            "to_format": draw(st.sampled_from([None, "bin", "safetensors"]))}
+
+
+@settings(max_examples=8, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                 HealthCheck.too_slow])
+@given(layout=layouts())
+def test_round_trip_any_generated_layout(layout, tmp_path_factory):
+    work = tmp_path_factory.mktemp("any")
+    to_format = layout.pop("to_format")
+    src = llava_build(work / "src", layout.pop("model"), **layout)
+    convert(src, work / "hf", "hf", to_format=to_format)
+    assert hf_key_problems(work / "hf") == []
+    convert(work / "hf", work / "back", "original")
+    assert tensor_bytes(work / "back") == without_legacy(tensor_bytes(src))
+
+
+# --- what transformers 5 itself saves reads too ---------------------------------------------
+
+
+def test_transformers5_saved_llava_converts_and_back(tmp_path):
+    """transformers 5's save_pretrained writes a flattened tower (`vision_tower.embeddings.*`)
+    and v5 config fields (rope_parameters, dtype): both are read."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+
+    torch.manual_seed(0)
+    text = LlamaConfig(hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                       num_attention_heads=4, vocab_size=576)
+    vision = CLIPVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=64, image_size=28, patch_size=14)
+    hf = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,
+                                                   image_token_index=512, image_seq_length=4))
+    hf.save_pretrained(tmp_path / "saved")
+    convert(tmp_path / "saved", tmp_path / "orig", "original")
+    orig = tensor_bytes(tmp_path / "orig")
+    assert orig["model.embed_tokens.weight"][1][0] == 512
+    from transformers import CLIPVisionModel
+
+    tower, info = CLIPVisionModel.from_pretrained(tmp_path / "orig" / "vision_tower",
+                                                  output_loading_info=True)
+    assert {k: list(v) for k, v in info.items() if v} == {}
+    assert all(torch.equal(a, b) for a, b in zip(tower.state_dict().values(),
+                                                 hf.model.vision_tower.state_dict().values()))
+    convert(tmp_path / "orig", tmp_path / "hf", "hf")
+    assert hf_key_problems(tmp_path / "hf") == []
+
+
+# --- logits: text + image ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_checkpoint_factory, tmp_path_factory):
+    """(original folder, hf folder): the default tiny checkpoint and its conversion."""
+    src = tiny_checkpoint_factory()
+    hf = tmp_path_factory.mktemp("convert") / "hf"
+    convert(src, hf, "hf")
+    return src, hf
+
+
+def image():
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 255, (30, 50, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)  # not square: exercises the pad-to-square path
+
+
+def original_logits(src: Path, dtype: torch.dtype, tower_dtype: torch.dtype | None = None):
+    from harness.model.images import process_images
+    from harness.ops.load import load_pretrained_model
+
+    _, model, processor, _ = load_pretrained_model(src, None, "llava-tiny", device="cpu",
+                                                   dtype=dtype, vision_tower_dtype=tower_dtype)
+    pixels = process_images([image()], processor, model.config).to(dtype)
+    ids = torch.tensor([TEXT_BEFORE + [-200] + TEXT_AFTER])
+    with torch.no_grad():
+        return model(ids, images=pixels).logits, pixels
+
+
+def hf_logits(hf: Path, dtype: torch.dtype, pixels, same_attention: bool = False):
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(hf, dtype=dtype).eval()
+    if same_attention:
+        from harness.model.vision import ORIGINAL_CLIP_ATTENTION
+
+        model.model.vision_tower.set_attn_implementation(ORIGINAL_CLIP_ATTENTION)
+    seq = model.config.image_seq_length
+    ids = torch.tensor([TEXT_BEFORE + [model.config.image_token_index] * seq + TEXT_AFTER])
+    with torch.no_grad():
+        return model(input_ids=ids, pixel_values=pixels).logits[..., :VOCAB]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_image_logits_match_within_tolerance(pair, dtype):
+    src, hf = pair
+    want, pixels = original_logits(src, DTYPES[dtype])
+    got = hf_logits(hf, DTYPES[dtype], pixels)
+    assert got.shape == want.shape == (1, len(TEXT_BEFORE) + 4 + len(TEXT_AFTER), VOCAB)
+    torch.testing.assert_close(got, want, **tolerance(f"convert.image_logits.{dtype}")
+                               .close_kwargs())
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_image_logits_bit_equal_once_the_tower_arithmetic_matches(pair, dtype):
+    """The whole difference is the CLIP tower's: run it in the same dtype with the same
+    attention arithmetic and the logits are identical, so the two splices agree exactly."""
+    src, hf = pair
+    want, pixels = original_logits(src, DTYPES[dtype], tower_dtype=DTYPES[dtype])
+    assert torch.equal(hf_logits(hf, DTYPES[dtype], pixels, same_attention=True), want)
+
+
+def test_hf_processor_gives_the_originals_pixels_and_image_tokens(pair):
+    from transformers import LlavaProcessor
+
+    from harness.model.images import process_images
+    from harness.ops.load import load_pretrained_model
+
+    src, hf = pair
+    _, model, processor, _ = load_pretrained_model(src, None, "llava-tiny", device="cpu",
+                                                   dtype=torch.float32)
+    batch = LlavaProcessor.from_pretrained(hf)(images=image(), text="<image>\nWhat is it?",
+                                              return_tensors="pt")
+    assert torch.equal(batch["pixel_values"], process_images([image()], processor,
+                                                             model.config))
+    assert int((batch["input_ids"] == VOCAB).sum()) == 4
+
+
+@pytest.mark.parametrize("defect", ["feature-layer", "projector-bytes"])
+def test_image_logit_check_catches_a_planted_defect(pair, tmp_path, defect):
+    src, hf = pair
+    planted = tmp_path / "hf"
+    shutil.copytree(hf, planted)
+    if defect == "feature-layer":
+        edit_config(planted, vision_feature_layer=-1)
+    else:
+        piece = scan_folder(planted).tensors["multi_modal_projector.linear_1.weight"].pieces[0]
+        with open(piece.path, "r+b") as fh:
+            fh.seek(piece.offset)
+            fh.write(np.full(8, 0.5, dtype=np.float32).tobytes())
+    want, pixels = original_logits(src, torch.float32)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(hf_logits(planted, torch.float32, pixels), want,
+                                   **tolerance("convert.image_logits.float32").close_kwargs())
+
+
+@pytest.mark.filterwarnings("ignore:`rope_scaling` is deprecated:FutureWarning")
+def test_tokenizer_round_trip_and_image_token(pair, tmp_path):
+    from transformers import AutoTokenizer
+
+    src, hf = pair
+    tok = AutoTokenizer.from_pretrained(hf)
+    assert tok.convert_tokens_to_ids("<image>") == VOCAB
+    assert tok.pad_token == "<pad>" and tok.pad_token_id == VOCAB + 1
+    text = "A photo of 3 cats on a sofa."
+    assert tok(text).input_ids == AutoTokenizer.from_pretrained(src)(text).input_ids
+    convert(hf, tmp_path / "back", "original")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert json.loads((tmp_path / "back" / name).read_text()) == \
+            json.loads((src / name).read_text()), name
+
+
+def test_back_converted_original_loads_in_the_original_loader(pair, tmp_path):
+    src, hf = pair
+    convert(hf, tmp_path / "back", "original")
+    assert {k: v for k, v in config_of(tmp_path / "back").items()
+            if k not in NOT_ROUND_TRIPPED} == \
+        {k: v for k, v in config_of(src).items() if k not in NOT_ROUND_TRIPPED}
+    want, _ = original_logits(src, torch.float32)
+    got, _ = original_logits(tmp_path / "back", torch.float32)
+    assert torch.equal(got, want)
+
+
+# --- refusals ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model, match", [
+    ({"projector_type": "linear"}, "mm_projector_type='linear'"),
+    ({"projector_type": "mlp3x_gelu"}, "mm_projector_type='mlp3x_gelu'"),
+    ({"image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad"},
+     "mm_patch_merge_type='spatial_unpad'"),
+], ids=["linear", "mlp3x", "anyres-unpad"])
+def test_what_llava_hf_cannot_express_is_refused(tmp_path, model, match):
+    src = llava_build(tmp_path / "src", model)
+    with pytest.raises(ConvertError, match=match):
+        convert(src, tmp_path / "hf", "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_image_start_end_tokens_are_refused(tmp_path):
+    src = llava_build(tmp_path / "src")
+    edit_config(src, mm_use_im_start_end=True)
+    with pytest.raises(ConvertError, match="mm_use_im_start_end=True"):
+        convert(src, tmp_path / "hf", "hf")
+
+
+def test_a_tower_that_is_not_a_local_folder_is_refused(tmp_path, capsys):
+    src = llava_build(tmp_path / "src")
+    edit_config(src, mm_vision_tower="openai/clip-vit-large-patch14-336")
+    with pytest.raises(ConvertError, match="not a local CLIP folder"):
+        convert(src, tmp_path / "hf", "hf")
+    assert main(["convert", str(src), "-o", str(tmp_path / "hf"), "--to", "hf"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    tower = tmp_path / "src" / "vision_tower"
+    assert main(["convert", str(src), "-o", str(tmp_path / "hf"), "--to", "hf",
+                 "--vision-tower", str(tower)]) == 0
+    assert "llava-hf layout" in capsys.readouterr().out
+
+
+def test_converting_to_the_layout_it_has_is_refused(tmp_path):
+    src = llava_build(tmp_path / "src")
+    with pytest.raises(ConvertError, match="already in the original LLaVA layout"):
+        convert(src, tmp_path / "out", "original")
+
+
+def test_hf_settings_the_original_lacks_are_refused(tmp_path):
+    src = llava_build(tmp_path / "src")
+    convert(src, tmp_path / "hf", "hf")
+    edit_config(tmp_path / "hf", projector_hidden_act="relu")
+    with pytest.raises(ConvertError, match="projector_hidden_act='relu'"):
+        convert(tmp_path / "hf", tmp_path / "back", "original")
+
+
+def test_a_user_token_past_the_image_token_is_not_cut_off(pair, tmp_path):
+    hf = pair[1]
+    planted = tmp_path / "hf"
+    shutil.copytree(hf, planted)
+    data = json.loads((planted / "tokenizer.json").read_text())
+    data["added_tokens"].append({"id": VOCAB + 2, "content": "<mine>", "lstrip": False,
+                                 "normalized": False, "rstrip": False, "single_word": False,
+                                 "special": True})
+    (planted / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(ConvertError, match=r"tokens \['<mine>'\] have ids >= 512"):
+        convert(planted, tmp_path / "back", "original")
