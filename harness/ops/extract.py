@@ -39,7 +39,7 @@ DEFAULT_NAME = "mm_projector.bin"
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 SAFETENSORS_SUFFIX = ".safetensors"
 CHUNK_BYTES = 2**20
-ALIGN = 64  # torch's record alignment, what lets torch.load(mmap=True) map tensors in place
+ALIGN = 64  # torch's record alignment: what lets a memory-mapped load map tensors in place
 
 # torch's typed-storage class names, as `torch.save` pickles them, and their dtypes.
 STORAGE_DTYPES = {"HalfStorage": "float16", "BFloat16Storage": "bfloat16",
