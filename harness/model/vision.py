@@ -27,14 +27,27 @@ class VisionTowerError(HarnessError):
 ORIGINAL_CLIP_ATTENTION = "llava_original_clip"
 
 
+#
+# The memory layout matters as much as the order: 4.37 makes q, k and v contiguous
+# [batch * heads, tokens, head_dim] and multiplies with `torch.bmm`, while a `matmul` on the
+# [batch, heads, tokens, head_dim] views transformers 5 passes in hands MKL strided operands,
+# for which it picks other GEMM kernels on some CPUs and shapes (seen on an AMD EPYC: a 64-wide
+# tower with two images differed by 1.2e-7 in float32; one image, or a 32-wide tower, did not).
 def _original_clip_attention(module, query, key, value, attention_mask, scaling, dropout=0.0,
                              **kwargs):
-    weights = torch.matmul(query * scaling, key.transpose(-1, -2))
+    batch, heads, tokens, head_dim = query.shape
+    flat = (batch * heads, -1, head_dim)
+    query = (query * scaling).contiguous().view(flat)
+    key = key.contiguous().view(flat)
+    value = value.contiguous().view(flat)
+    weights = torch.bmm(query, key.transpose(1, 2))
     if attention_mask is not None:
-        weights = weights + attention_mask
+        weights = (weights.view(batch, heads, tokens, -1) + attention_mask).view(
+            batch * heads, tokens, -1)
     weights = nn.functional.softmax(weights, dim=-1)
-    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
-    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+    probs = nn.functional.dropout(weights, p=dropout, training=module.training)
+    out = torch.bmm(probs, value).view(batch, heads, tokens, head_dim)
+    return out.transpose(1, 2).contiguous(), weights.view(batch, heads, tokens, -1)
 
 
 def _register_attention() -> None:
