@@ -3,9 +3,12 @@
 Two runs are only comparable when their environments say so, and a gate warns when they
 differ; so the fingerprint names everything that moves a figure: GPU (name, memory, driver,
 CUDA), CPU model and count, memory, OS, Python, the libraries under test, and the harness's
-own git commit with a dirty flag. Library versions come from package metadata, GPU facts from
-NVML through ctypes (no extra package) and the CUDA version from torch's version file, so a
-fingerprint costs milliseconds and never imports torch (2.4 s) on its own account.
+own git commit with a dirty flag. It also names what explains numeric differences between
+machines: CPU vendor, family and ISA level, and where torch is loaded its dispatch level, BLAS
+and oneDNN builds, threads, and on CUDA the compute capability, cuDNN and TF32. Library
+versions come from package metadata, GPU facts from NVML through ctypes (no extra package) and
+the CUDA version from torch's version file, so a fingerprint costs milliseconds and never
+imports torch (2.4 s) on its own account.
 """
 
 from __future__ import annotations
@@ -32,7 +35,16 @@ LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "safetensors", "ac
 # The fields a gate warns about when they differ between a baseline and a run: the ones that
 # move figures. Host name and commit are informative, not a reason to distrust a comparison.
 COMPARED_FIELDS = ("gpu_name", "gpu_count", "gpu_memory_mib", "gpu_driver", "cuda_version",
-                   "cpu_model", "cpu_count", "memory_mib", "os", "python", "libraries")
+                   "cpu_vendor", "cpu_model", "cpu_family", "cpu_isa", "cpu_count", "memory_mib",
+                   "os", "python", "libraries", "torch_cpu_capability", "torch_blas",
+                   "torch_onednn", "torch_threads", "cuda_capability", "cudnn_version", "tf32")
+# The fields that decide floating-point results on one machine (the kernels torch picks and
+# how it splits reductions): two computations agree bit for bit only where all of them match.
+NUMERIC_FIELDS = ("cpu_vendor", "cpu_model", "cpu_family", "cpu_isa", "torch_cpu_capability",
+                  "torch_blas", "torch_onednn", "torch_threads")
+# ISA extensions that change which kernels MKL, oneDNN and ATen pick, lowest first.
+ISA_LEVELS = (("amx", ("amx_tile", "amx_bf16")), ("avx512_bf16", ("avx512_bf16",)),
+              ("avx512", ("avx512f",)), ("avx2", ("avx2",)))
 
 
 class EnvironmentSchemaError(HarnessError):
@@ -44,7 +56,10 @@ class Environment:
     hostname: str | None = None
     os: str | None = None
     python: str | None = None
+    cpu_vendor: str | None = None
     cpu_model: str | None = None
+    cpu_family: str | None = None  # "family 26 model 2": one model name spans generations
+    cpu_isa: str | None = None  # the highest of ISA_LEVELS the CPU reports, else "baseline"
     cpu_count: int | None = None
     memory_mib: int | None = None
     gpu_name: str | None = None
@@ -52,6 +67,15 @@ class Environment:
     gpu_memory_mib: int | None = None
     gpu_driver: str | None = None
     cuda_version: str | None = None
+    # What torch computes with (filled where torch is imported): ATen's dispatch level, the
+    # BLAS and oneDNN builds, intra-op threads; on CUDA the compute capability, cuDNN and TF32.
+    torch_cpu_capability: str | None = None
+    torch_blas: str | None = None
+    torch_onednn: str | None = None
+    torch_threads: int | None = None
+    cuda_capability: str | None = None
+    cudnn_version: str | None = None
+    tf32: bool | None = None
     # {"torch": "2.13.0", ...}; None for a library that is not installed.
     libraries: dict[str, str | None] = dataclasses.field(default_factory=dict)
     git_commit: str | None = None
@@ -103,15 +127,64 @@ class Environment:
         return lines
 
 
-def _cpu_model() -> str | None:
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's entries of /proc/cpuinfo ({} where there is none)."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break
+                name, _, value = line.partition(":")
+                fields[name.strip()] = value.strip()
     except OSError:
         pass
-    return platform.processor() or None
+    return fields
+
+
+def isa_level(flags: set[str]) -> str:
+    return next((level for level, needs in ISA_LEVELS if any(f in flags for f in needs)),
+                "baseline")
+
+
+def _cpu_facts() -> dict:
+    info = _cpuinfo()
+    family = (f"family {info['cpu family']} model {info.get('model', '?')}"
+              if "cpu family" in info else None)
+    return {"cpu_vendor": info.get("vendor_id") or None,
+            "cpu_model": info.get("model name") or platform.processor() or None,
+            "cpu_family": family,
+            "cpu_isa": isa_level(set(info.get("flags", "").split())) if info else None}
+
+
+def torch_facts() -> dict:
+    """What torch computes with; imports torch (call it where torch is loaded anyway)."""
+    import torch
+
+    config = torch.__config__.show()
+    blas = re.search(r"BLAS_INFO=(\w+)", config)
+    mkl = re.search(r"Math Kernel Library Version ([\w.]+)", config)
+    onednn = re.search(r"MKL-DNN v([\w.]+)", config)
+    facts = {"torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+             "torch_blas": (f"{blas.group(1)} {mkl.group(1)}" if blas and mkl and
+                            blas.group(1) == "mkl" else blas.group(1) if blas else None),
+             "torch_onednn": onednn.group(1) if onednn else None,
+             "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(0)
+        cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+        facts.update(cuda_capability=f"{major}.{minor}",
+                     cudnn_version=None if cudnn is None else str(cudnn),
+                     tf32=bool(torch.backends.cuda.matmul.allow_tf32))
+    return facts
+
+
+def numeric_fingerprint() -> dict:
+    """The NUMERIC_FIELDS of this machine and process, with torch's version: equal
+    fingerprints mean two computations of the same thing agree bit for bit."""
+    env = collect(probe_gpu=False, probe_torch=True)
+    return {"torch": env.libraries.get("torch"),
+            **{name: getattr(env, name) for name in NUMERIC_FIELDS}}
 
 
 def _memory_mib() -> int | None:
@@ -229,16 +302,19 @@ def git_state(repo: Path | None) -> tuple[str | None, bool | None]:
     return commit or None, bool(status.strip())
 
 
-def collect(probe_gpu: bool = True) -> Environment:
-    """The fingerprint of this machine and process, measured now."""
+def collect(probe_gpu: bool = True, probe_torch: bool | None = None) -> Environment:
+    """The fingerprint of this machine and process, measured now. torch's facts are read
+    when torch is already imported (or `probe_torch=True`): never 2.4 s for a fingerprint."""
     commit, dirty = git_state(harness_repo())
     env = Environment(
         hostname=socket.gethostname() or None, os=platform.platform(),
-        python=platform.python_version(), cpu_model=_cpu_model(), cpu_count=_cpu_count(),
+        python=platform.python_version(), **_cpu_facts(), cpu_count=_cpu_count(),
         memory_mib=_memory_mib(), libraries={name: _version(name) for name in LIBRARIES},
         git_commit=commit, git_dirty=dirty)
     if probe_gpu:
         env = dataclasses.replace(env, **_gpu_facts())
+    if probe_torch or (probe_torch is None and "torch" in sys.modules):
+        env = dataclasses.replace(env, **torch_facts())
     return env
 
 

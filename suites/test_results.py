@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from harness.environment import Environment, collect, nvml_gpus
+from harness.environment import Environment, collect, isa_level, numeric_fingerprint, nvml_gpus
 from harness.results import (
     DIRECTIONS,
     OUTCOMES,
@@ -37,7 +37,11 @@ values = (st.integers(min_value=-2**70, max_value=2**70)
 metrics = st.builds(Metric, values, st.text(max_size=8), st.sampled_from(DIRECTIONS))
 environments = st.builds(
     Environment, hostname=optional_text, os=optional_text, python=optional_text,
-    cpu_model=optional_text, cpu_count=st.none() | st.integers(1, 512),
+    cpu_vendor=optional_text, cpu_model=optional_text, cpu_family=optional_text,
+    cpu_isa=optional_text, cpu_count=st.none() | st.integers(1, 512),
+    torch_cpu_capability=optional_text, torch_blas=optional_text, torch_onednn=optional_text,
+    torch_threads=st.none() | st.integers(1, 512), cuda_capability=optional_text,
+    cudnn_version=optional_text, tf32=st.none() | st.booleans(),
     memory_mib=st.none() | st.integers(0, 2**40), gpu_name=optional_text,
     gpu_count=st.integers(0, 16), gpu_memory_mib=st.none() | st.integers(0, 2**20),
     gpu_driver=optional_text, cuda_version=optional_text,
@@ -167,6 +171,31 @@ def test_environment_fingerprint_names_hardware_libraries_and_commit():
     if not nvml_gpus()[0]:
         assert env.gpu_count == 0 and env.gpu_name is None
     assert Environment.from_dict(env.to_dict()) == env
+
+
+def test_fingerprint_names_what_moves_the_last_bits():
+    """CPU vendor, family and ISA level, and torch's dispatch level, BLAS, oneDNN and threads:
+    what decides whether two machines compute the same bits (CUDA facts where there is one)."""
+    import torch
+
+    env = collect()  # torch is imported here, so its facts are read
+    assert env.cpu_vendor and env.cpu_family and env.cpu_isa in {
+        "amx", "avx512_bf16", "avx512", "avx2", "baseline"}
+    assert env.torch_cpu_capability == torch.backends.cpu.get_cpu_capability()
+    assert env.torch_threads == torch.get_num_threads()
+    assert env.torch_blas and env.torch_onednn
+    if not torch.cuda.is_available():
+        assert env.cuda_capability is None and env.tf32 is None
+    fingerprint = numeric_fingerprint()
+    assert fingerprint["torch"] == env.libraries["torch"]
+    assert fingerprint["cpu_isa"] == env.cpu_isa
+
+
+@pytest.mark.parametrize("flags, level", [
+    ({"sse2"}, "baseline"), ({"avx2", "fma"}, "avx2"), ({"avx2", "avx512f"}, "avx512"),
+    ({"avx512f", "avx512_bf16"}, "avx512_bf16"), ({"avx512f", "amx_tile"}, "amx")])
+def test_isa_level_is_the_highest_the_cpu_reports(flags, level):
+    assert isa_level(flags) == level
 
 
 def test_fingerprint_does_not_import_torch():
