@@ -179,9 +179,11 @@ def make_parser() -> argparse.ArgumentParser:
                    help="synthetic checkpoint to validate without --checkpoint")
     p.add_argument("--checkpoint", type=Path, metavar="DIR",
                    help="validate this checkpoint folder instead (default suites: checkpoint)")
+    from .run import DEFAULT_SUITES
+
     p.add_argument("--suites", type=_suite_names, metavar="A,B",
-                   help="suite names, comma-separated, or 'all' (default: builder, checkpoint, "
-                        "extraction, counts)")
+                   help="suite names, comma-separated, or 'all' (default: "
+                        f"{', '.join(DEFAULT_SUITES)})")
     p.add_argument("--report-dir", type=Path, default=Path("reports"), metavar="DIR",
                    help="reports go to DIR/<run-id>/ (default: reports)")
     p.add_argument("--suites-dir", type=Path, metavar="DIR",

@@ -29,6 +29,7 @@ MARKERS = {
 }
 
 _COLLECTOR = pytest.StashKey["Collector"]()
+_ORACLES = pytest.StashKey[dict]()  # oracle name -> what it is, for the report
 _GATE_LINES = pytest.StashKey[list]()
 _REPORT_PATH = pytest.StashKey[Path]()
 
@@ -98,6 +99,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "--llava-preset)")
     group.addoption("--llava-preset", choices=PRESET_NAMES, default="tiny",
                     help="preset of the synthetic checkpoint used without --llava-checkpoint")
+    group.addoption("--llava-oracle", choices=("auto", "live", "stored"), default="auto",
+                    help="original-LLaVA oracle: auto (default) = the live one where its "
+                         "environment is set up ('llava-harness oracle setup') plus the stored "
+                         "copies; live = as auto, but a missing live oracle is an error; "
+                         "stored = the stored copies only")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -110,6 +116,7 @@ def pytest_configure(config: pytest.Config) -> None:
     from .run import SUITES
 
     config.stash[_COLLECTOR] = Collector(SUITES)
+    config.stash[_ORACLES] = {}
 
 
 def _cuda_available() -> bool:
@@ -180,6 +187,42 @@ def realsize_checkpoint_factory(llava_cache: Path):
         return cached_build(build_spec(preset, model=model, checkpoint=checkpoint), llava_cache)
 
     return factory
+
+
+@pytest.fixture(scope="session")
+def llava_oracle_folders(tiny_checkpoint_factory: CheckpointFactory) -> dict[str, Path]:
+    """The tiny checkpoints the original-LLaVA oracle reads, by their oracle id."""
+    from .oracle.cases import checkpoints
+
+    return {entry["id"]: tiny_checkpoint_factory(entry["preset"], model=entry["model"],
+                                                 checkpoint=entry["checkpoint"])
+            for entry in checkpoints()}
+
+
+@pytest.fixture(scope="session")
+def llava_oracle(request: pytest.FixtureRequest, llava_oracle_folders):
+    """The oracle named by the indirect parameter: "live" (computed on this machine by
+    LLaVA's code; bit for bit) or "stored:<copy>" (a committed copy; bit for bit on a machine
+    like the one that made it, else within the cross-machine ulp bounds)."""
+    from .oracle import source
+    from .oracle.venv import default_env
+
+    name = getattr(request, "param", "live")
+    mode = request.config.getoption("--llava-oracle")
+    if name == "live":
+        if mode == "stored":
+            pytest.skip("live oracle: --llava-oracle stored")
+        if not default_env().is_ready():
+            message = ("live oracle: its environment is not set up; run 'llava-harness oracle "
+                       "setup' (LLaVA's wheel under transformers 4.37, ~30 s)")
+            if mode == "live":
+                pytest.fail(f"--llava-oracle live: {message}", pytrace=False)
+            pytest.skip(message)
+        oracle = source.live(llava_oracle_folders)
+    else:
+        oracle = source.stored_copy(name.removeprefix("stored:"))
+    request.config.stash[_ORACLES][name] = oracle.describe()
+    return oracle
 
 
 # -- results: a fixture to record metrics, outcomes from the reports, written at the end -------
@@ -290,6 +333,8 @@ def _settings(config: pytest.Config) -> dict[str, str]:
     baseline = config.getoption("--llava-baseline")
     if baseline is not None:
         out["baseline_run"] = baseline.run_id
+    for name, what in sorted(config.stash.get(_ORACLES, {}).items()):
+        out[f"oracle {name}"] = what
     return out
 
 
@@ -326,6 +371,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
         if not any(line.startswith("FAIL") for line in lines):
             terminalreporter.write_line(f"all {len(config.getoption('--llava-fail'))} "
                                         "check(s) passed")
+    for name, what in sorted(config.stash.get(_ORACLES, {}).items()):
+        terminalreporter.write_line(f"llava-harness oracle {name}: {what}")
     path = config.stash.get(_REPORT_PATH, None)
     if path is not None:
         terminalreporter.write_line(f"llava-harness report: {path}")

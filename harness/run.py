@@ -30,6 +30,7 @@ SUITES = {
     "counts": "test_projector_counts.py",
     "loader": "test_loader.py",
     "original": "test_original_llava.py",
+    "oracle": "test_oracle.py",
     "splice": "test_splice.py",
     "stage1": "test_stage1_alignment.py",
     "strip": "test_backbone_strip.py",

@@ -27,6 +27,7 @@ class Tolerance:
     atol: float = 0.0
     rtol: float = 0.0
     top1: float | None = None
+    ulps: float | None = None  # a bound in units in the last place (see the entry's reason)
 
     def close_kwargs(self) -> dict:
         """Keyword arguments for `torch.testing.assert_close`."""
@@ -51,5 +52,5 @@ def tolerance(name: str) -> Tolerance:
         node = node[part]
     if "reason" not in node:
         raise ToleranceError(f"{TOLERANCES_FILE}: [{name}] has no reason")
-    fields = {k: node[k] for k in ("atol", "rtol", "top1") if k in node}
+    fields = {k: node[k] for k in ("atol", "rtol", "top1", "ulps") if k in node}
     return Tolerance(name=name, reason=node["reason"], **fields)

@@ -1,0 +1,104 @@
+"""`llava-harness oracle setup | compute | check | status`: the original-LLaVA oracle.
+
+`setup` makes the oracle environment (LLaVA's released wheel under its pinned transformers
+4.37, in the cache folder); `compute` has LLaVA's code compute the oracle on this machine
+(into the cache, or `-o DIR`, e.g. to refresh a stored copy); `check` runs the harness's model
+on every case and compares (live: bit for bit; stored: bit for bit on the machine that made it,
+else within the ulp bounds of tolerances.toml); `status` says what is there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def register(sub, bench) -> None:
+    p = sub.add_parser("oracle", help="the original-LLaVA oracle: set up, compute, check")
+    act = p.add_subparsers(dest="oracle_command", required=True, parser_class=type(p))
+    s = act.add_parser("setup", help="create the oracle environment (llava-torch 1.2.2.post1, "
+                                     "transformers 4.37.2) in the cache folder")
+    s.add_argument("--force", action="store_true", help="recreate it even if it is ready")
+    s.set_defaults(func=cmd_setup)
+    c = act.add_parser("compute", help="compute the oracle on this machine with LLaVA's code")
+    c.add_argument("-o", "--output", type=Path, metavar="DIR",
+                   help="write it here (default: the cache, reused while nothing changed)")
+    c.add_argument("--force", action="store_true", help="replace an existing --output")
+    c.set_defaults(func=cmd_compute)
+    k = act.add_parser("check", help="compare the harness's model with the oracle, case by case")
+    k.add_argument("--oracle", choices=("live", "stored"), default="live",
+                   help="live (default; needs setup) or the stored copy")
+    k.add_argument("--json", action="store_true", help="print one JSON object")
+    k.set_defaults(func=cmd_check)
+    t = act.add_parser("status", help="where the environment and oracles are, and this machine")
+    t.set_defaults(func=cmd_status)
+
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    from ..oracle.venv import setup
+
+    setup(force=args.force, log=lambda line: print(line, file=sys.stderr))
+    return 0
+
+
+def cmd_compute(args: argparse.Namespace) -> int:
+    from ..oracle import live
+
+    folder = live.compute(args.output, force=args.force) if args.output else live.cached()
+    manifest = json.loads((folder / live.MANIFEST).read_text())
+    print(f"oracle: {len(manifest['cases'])} cases computed by llava-torch "
+          f"{manifest['llava']['package']} in {manifest['compute_seconds']} s "
+          f"({len(manifest['failures'])} known failures of the original code) at {folder}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from ..oracle import live, replay, source
+
+    _quiet_third_party()
+    with tempfile.TemporaryDirectory(prefix="llava-oracle-check-") as tmp:
+        folders = live.build_checkpoints(Path(tmp) / "ckpt")
+        oracle = source.live(folders) if args.oracle == "live" else source.stored()
+        verdicts = {case["id"]: replay.case_problems(oracle, case, folders, Path(tmp))
+                    for case in oracle.cases}
+    bad = sum(1 for problems in verdicts.values() if problems)
+    if args.json:
+        print(json.dumps({"oracle": oracle.describe(), "exact": oracle.exact,
+                          "cases": verdicts}, indent=2))
+    else:
+        print(oracle.describe())
+        for case_id, problems in verdicts.items():
+            print(f"  {'ok  ' if not problems else 'FAIL'} {case_id}")
+            for line in problems:
+                print(f"       {line}")
+        print(f"{len(verdicts) - bad}/{len(verdicts)} cases match")
+    return 1 if bad else 0
+
+
+def _quiet_third_party() -> None:
+    """transformers' progress bars and deprecation notices would bury the verdicts."""
+    import warnings
+
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from ..environment import numeric_fingerprint
+    from ..oracle import source
+    from ..oracle.venv import default_env
+
+    env = default_env()
+    print(f"environment: {env.folder} ({'ready' if env.is_ready() else 'not set up'})")
+    print(f"this machine: {json.dumps(numeric_fingerprint(), sort_keys=True)}")
+    for copy in source.stored_copies():
+        same = copy.exact and " (this machine: bit for bit)" or ""
+        print(f"stored: {copy.folder.name}: {source.describe_machine(copy.manifest)}{same}")
+    return 0
