@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from .gate import check_arg
-from .presets import PRESET_NAMES, build_spec
+from .presets import PRESET_NAMES, TINY_PRESETS, build_spec
 
 MARKERS = {
     "gpu": "needs a CUDA GPU; skipped with a reason on CPU",
@@ -268,7 +268,7 @@ def llava_checkpoint(pytestconfig: pytest.Config, llava_checkpoint_spec,
     if user is not None:
         return user
     preset = pytestconfig.getoption("--llava-preset")
-    if preset == "tiny":
+    if preset in TINY_PRESETS:
         return tiny_checkpoint_factory(preset)
     if not pytestconfig.getoption("--realsize"):
         pytest.skip(f"--llava-preset {preset}: {_NO_REALSIZE}")

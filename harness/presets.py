@@ -20,6 +20,16 @@ _PRESETS: dict[str, BuildSpec] = {
                         tokenizer_model_max_length=256),
         checkpoint=CheckpointSpec(format="bin", shards=2, max_shard_size=None),
         with_vision_tower=True, with_tokenizer=True),
+    # tiny with an MLP 192 wide instead of 172: every quantized layer then fits bitsandbytes'
+    # CPU 4-bit kernel (out_features divisible by 32), so every quantization mode runs on CPU.
+    # tiny itself keeps 172 (Llama-2's 11008/4096 ratio) and the oracles computed on it.
+    "tiny-quant": BuildSpec(
+        model=ModelSpec(name="tiny-quant", vocab_size=512, hidden_size=64, intermediate_size=192,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                        max_position_embeddings=256, dtype="float32", vision=TINY_VISION,
+                        tokenizer_model_max_length=256),
+        checkpoint=CheckpointSpec(format="bin", shards=2, max_shard_size=None),
+        with_vision_tower=True, with_tokenizer=True),
     # liuhaotian/llava-v1.5-7b: Vicuna-7B v1.5 (Llama-2-7B dims), saved by transformers 4.31.
     "llava-v1.5-7b": BuildSpec(
         model=ModelSpec(name="llava-v1.5-7b"),
@@ -43,6 +53,8 @@ _PRESETS: dict[str, BuildSpec] = {
 }
 
 PRESET_NAMES = tuple(_PRESETS)
+# Built in about a second, anywhere: no cache, no --realsize.
+TINY_PRESETS = ("tiny", "tiny-quant")
 
 
 def preset(name: str) -> BuildSpec:

@@ -313,6 +313,31 @@ def test_bench_end_to_end_in_subprocesses(tiny_quant, tmp_path, capsys):
     assert results.environment.libraries["bitsandbytes"]
 
 
+def test_the_tiny_bench_measures_every_mode(tmp_path, monkeypatch, capsys):
+    """`bench quant --preset tiny` measures tiny-quant, which differs from tiny only in a
+    192-wide MLP and fits every CPU kernel, so no mode is skipped."""
+    import argparse
+
+    from harness.commands.quant import _checkpoint
+    from harness.presets import preset
+
+    monkeypatch.setenv("LLAVA_HARNESS_CACHE", str(tmp_path))
+    folder, name = _checkpoint(argparse.Namespace(checkpoint=None, format=None, preset="tiny"))
+    assert name == "tiny-quant" and "tiny-quant" in capsys.readouterr().err
+    assert cpu_4bit_problem(parts_from_folder(folder)) is None
+    tiny, quant = preset("tiny").model, preset("tiny-quant").model
+    assert quant.replace(name="tiny", intermediate_size=tiny.intermediate_size) == tiny
+
+
+def test_the_gpu_session_names_its_baseline_after_the_hardware():
+    from harness.bench.session import baseline_name
+
+    assert baseline_name({"gpu_name": "NVIDIA H200"}, dry_run=False) == "quant-nvidia-h200"
+    assert baseline_name({"cpu_model": "AMD EPYC 9R14 96-Core"}, dry_run=True) == \
+        "quant-cpu-amd-epyc-9r14-96-core"
+    assert baseline_name(None, dry_run=False) == "quant-unknown"
+
+
 # --- the command line -----------------------------------------------------------------------
 
 def _cli_error(capsys, *args) -> str:
