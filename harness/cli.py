@@ -213,20 +213,62 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP (what CI runners, `timeout` and `docker stop` send): unwinds like
+    Ctrl-C, so atomic outputs remove their temporary files on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum, _frame):
+    raise Terminated(signum)
+
+
+def _install_signal_handlers() -> dict:
+    """Our handlers for SIGTERM and SIGHUP; returns the previous ones, to restore."""
+    import signal
+
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            previous[sig] = signal.signal(sig, _raise_terminated)
+        except (ValueError, OSError):  # not the main thread, or not on this platform
+            pass
+    return previous
+
+
+def _error(text: str) -> int:
+    from .checkpoint.problems import shown
+
+    # Names and keys come from untrusted files: escaped, the message stays one line.
+    print(f"llava-harness: error: {shown(text)}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     args = make_parser().parse_args(argv)
+    previous = _install_signal_handlers()
     try:
         return args.func(args)
     except HarnessError as exc:
-        print(f"llava-harness: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return _error(str(exc))
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"llava-harness: error: {where}{exc.strerror or exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return _error(f"{where}{exc.strerror or exc}")
     except KeyboardInterrupt:
         print("llava-harness: interrupted; nothing was left behind", file=sys.stderr)
         return 130
+    except Terminated as exc:
+        print(f"llava-harness: {signal.Signals(exc.signum).name}: stopped; nothing was left "
+              "behind", file=sys.stderr)
+        return 128 + exc.signum
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

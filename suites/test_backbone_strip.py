@@ -27,7 +27,7 @@ from harness.checkpoint.atomic import OutputExistsError
 from harness.checkpoint.reader import CheckpointError
 from harness.cli import main
 from harness.keys import KeyMapError
-from harness.ops import strip as strip_mod
+from harness.checkpoint import torch_zip
 from harness.ops.strip import StripError, parameter_count, scan_folder, strict_problems, strip
 from harness.presets import build_spec
 from harness.synth import build
@@ -544,7 +544,7 @@ def test_without_in_kernel_copy_or_hard_links_the_output_is_the_same(tmp_path, m
 @pytest.mark.parametrize("zip64", [False, True], ids=["zip32", "zip64-forced"])
 def test_written_bin_shards_are_valid_torch_zips(tmp_path, monkeypatch, zip64):
     if zip64:  # every record and offset past the limit: exercises the zip64 fields at tiny size
-        monkeypatch.setattr(strip_mod, "_ZIP64_LIMIT", 1)
+        monkeypatch.setattr(torch_zip, "_ZIP64_LIMIT", 1)
     src = bare_build(tmp_path / "src", format="safetensors")
     strip(src, tmp_path / "out", to_format="bin", keep_legacy_buffers=True)
     want = tensor_bytes(src)

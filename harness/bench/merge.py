@@ -37,7 +37,6 @@ from pathlib import Path
 import torch
 start = time.perf_counter()
 from peft import PeftModel
-from harness.checkpoint.reader import load_bin
 from harness.model.config import llava_config
 from harness.model.llava import MODEL_CLASSES
 from harness.ops.load import normalise_trainable_keys
@@ -46,8 +45,9 @@ adapter, base, out, dtype, stats = Path(sys.argv[1]), sys.argv[2], sys.argv[3], 
 arch, config = llava_config(adapter)
 model = MODEL_CLASSES[arch].from_pretrained(base, config=config, dtype=getattr(torch, dtype))
 state = model.state_dict()
-trainables = normalise_trainable_keys(dict(load_bin(adapter / "non_lora_trainables.bin")),
-                                      set(state), adapter)
+# LLaVA's own way: the whole file through torch.load (its own synthetic adapter, trusted).
+raw = torch.load(adapter / "non_lora_trainables.bin", map_location="cpu", weights_only=True)
+trainables = normalise_trainable_keys(dict(raw), set(state), adapter)
 with torch.no_grad():
     for key, value in trainables.items():
         state[key].copy_(value.to(state[key].dtype))

@@ -1,4 +1,12 @@
-"""Atomic output folders: build beside the target, rename into place only when complete."""
+"""Atomic output folders and files: build beside the target, rename into place only when
+complete.
+
+The temporary name carries the builder's process id (`.<name>.<pid>.<random>.partial`), so a
+later build of the same target can tell a leftover of a killed process (SIGKILL, a power cut;
+SIGTERM, SIGHUP and Ctrl-C clean up themselves) from one still being written, and sweeps it
+with a note. Messages never name the temporary path: a failure inside it is reported under the
+target's name.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +23,45 @@ from ..errors import HarnessError
 
 class OutputExistsError(HarnessError, FileExistsError):
     """The output folder exists and replacing it was not asked for."""
+
+
+class StalePartialWarning(UserWarning):
+    """A leftover of an interrupted build of the same target was removed."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale(target: Path) -> list[Path]:
+    """Remove `.<name>.<pid>.*.partial` leftovers beside `target` whose process is gone."""
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    for path in target.parent.glob(f".{target.name}.*.partial"):
+        pid = path.name[len(target.name) + 2:].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        _remove(path)
+        removed.append(path)
+        warnings.warn(f"{target}: removed {path.name}, left by an interrupted run (process "
+                      f"{pid})", StalePartialWarning, stacklevel=3)
+    return removed
+
+
+def _named_as_target(exc: BaseException, tmp: Path, target: Path) -> None:
+    """Rewrite a message naming the temporary path to name the target instead."""
+    if isinstance(exc, (HarnessError, OSError)) and str(tmp) in str(exc):
+        exc.args = tuple(a.replace(str(tmp), str(target)) if isinstance(a, str) else a
+                         for a in exc.args)
+        if isinstance(exc, OSError) and exc.filename and str(tmp) in str(exc.filename):
+            exc.filename = str(exc.filename).replace(str(tmp), str(target))
 
 
 def check_target(target: Path, force: bool) -> None:
@@ -35,7 +82,9 @@ def atomic_dir(target: Path, force: bool = False) -> Iterator[Path]:
     if target.parent.exists() and not target.parent.is_dir():
         raise NotADirectoryError(20, "is not a folder", str(target.parent))
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    sweep_stale(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".partial",
+                                dir=target.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a checkpoint folder is normally shared-readable
     old = None
     try:
@@ -46,10 +95,11 @@ def atomic_dir(target: Path, force: bool = False) -> Iterator[Path]:
             old = target.with_name(f".{target.name}.{os.getpid()}.old")
             target.rename(old)
         tmp.rename(target)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and old.exists() and not target.exists():
             old.rename(target)  # interrupted between the two renames: put the old one back
+        _named_as_target(exc, tmp, target)
         raise
     if old is not None:
         try:
@@ -66,18 +116,24 @@ def _remove(path: Path) -> None:
 
 
 @contextmanager
-def atomic_file(target: Path, force: bool = False) -> Iterator[Path]:
-    """Like atomic_dir for a single file: yield a temp path, rename it to `target` at the end."""
+def atomic_file(target: Path, force: bool = False, mode: int = 0o644) -> Iterator[Path]:
+    """Like atomic_dir for a single file: yield a fresh temp path (not yet created, so a
+    writer may create it exclusively), rename it to `target` at the end with `mode`."""
     target = Path(target).absolute()
     check_target(target, force)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    sweep_stale(target)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".partial",
+                                dir=target.parent)
     os.close(fd)
     tmp = Path(name)
+    tmp.unlink()
     try:
         yield tmp
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, mode)
+        check_target(target, force)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        _named_as_target(exc, tmp, target)
         raise

@@ -1,127 +1,57 @@
-"""Reading a checkpoint folder lazily: its files, index and tensor headers, then single tensors.
+"""A checkpoint folder: its files, index and validated tensor headers, then single tensors.
 
-Headers come without reading tensor data: safetensors' JSON header, or for `.bin` the pickle
-of an mmap'd `torch.load(weights_only=True)`, which touches no storage until asked. Every
-problem is a `CheckpointError` whose message is one line naming the file and what was wrong.
+This is the one way every command reads a checkpoint. Headers come from the two format
+readers (safetensors_format, torch_zip), which validate every record before anything trusts
+it; files are resolved inside the folder (paths); tensors are then mapped from their validated
+offsets, so torch never parses a file itself. Every problem is a `CheckpointError` whose
+message is one line naming the file and what was wrong.
 """
 
 from __future__ import annotations
 
 import json
-import pickle
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from ..errors import HarnessError
-from ..layout import DTYPE_BYTES, shape_numel
 from ..plan import INDEX_NAMES, SINGLE_NAMES
+from .paths import inside, plain_name
+from .problems import CheckpointError, shown
+from .safetensors_format import MAX_HEADER_BYTES, scan_safetensors
+from .tensors import Source
+from .torch_zip import scan_bin
 
-SAFETENSORS_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
-                     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-                     "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+__all__ = ["MAX_HEADER_BYTES", "CheckpointError", "CheckpointFolder", "ScannedFolder",
+           "TensorMeta", "consistency_problems", "open_folder", "read_file", "scan_folder",
+           "scan_file"]
 
-
-# safetensors itself refuses headers above 100 MB; a bigger claim is a corrupt file.
-MAX_HEADER_BYTES = 100 * 10**6
-
-
-class CheckpointError(HarnessError):
-    """Bad checkpoint input; the message is one line naming the file and the fault."""
-
-
-@dataclass(frozen=True)
-class TensorMeta:
-    key: str
-    shape: tuple[int, ...]
-    dtype: str
-    file: str
-
-    @property
-    def numel(self) -> int:
-        return shape_numel(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * DTYPE_BYTES.get(self.dtype, 0)
+MAX_JSON_BYTES = 64 << 20  # a 13B's index is ~40 KB
+# The header entry of one tensor: key, dtype, shape, file, and where its bytes are.
+TensorMeta = Source
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path, where: Path | None = None) -> dict:
+    """A small JSON object file, size-capped, with one-line errors."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not readable JSON ({exc})") from None
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise CheckpointError(f"{shown(where or path)}: {size} bytes, over the "
+                                  f"{MAX_JSON_BYTES} byte limit for a JSON file")
+        data = json.loads(path.read_bytes())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{shown(where or path)}: not readable JSON ({shown(exc)})") \
+            from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        raise CheckpointError(f"{shown(where or path)}: expected a JSON object, got "
+                              f"{type(data).__name__}")
     return data
 
 
-def safetensors_header(path: Path) -> dict[str, TensorMeta]:
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: truncated: {size} bytes, too short for a "
-                                  "safetensors header")
-        n = int.from_bytes(head, "little")
-        if n > MAX_HEADER_BYTES:
-            raise CheckpointError(f"{path}: not safetensors: header length {n} is over the "
-                                  f"{MAX_HEADER_BYTES} byte limit")
-        if n > size - 8:
-            raise CheckpointError(f"{path}: truncated or not safetensors: header length {n} "
-                                  f"exceeds the file's {size} bytes")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{path}: safetensors header is not valid JSON ({exc})") \
-                from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: safetensors header is a {type(header).__name__}, "
-                              "not an object")
-    header.pop("__metadata__", None)
-    metas, end = {}, 0
-    for key, entry in header.items():
-        try:
-            shape, (_, stop) = tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
-            dtype = SAFETENSORS_NAMES.get(entry["dtype"], str(entry["dtype"]).lower())
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: header entry for {key} lacks a valid dtype, shape "
-                                  "or data_offsets") from None
-        metas[key] = TensorMeta(key, shape, dtype, path.name)
-        end = max(end, int(stop))
-    if 8 + n + end > size:
-        raise CheckpointError(f"{path}: truncated: header describes {8 + n + end} bytes, the "
-                              f"file has {size}")
-    return metas
-
-
-def load_bin(path: Path) -> dict:
-    """`torch.load` of a `.bin` shard, mmap'd and weights-only, with one-line errors."""
-    import torch
-
-    try:
-        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: holds objects that are not plain weights; refusing "
-                              f"to unpickle it ({first})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable torch checkpoint, truncated or "
-                              f"corrupt ({first})") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: expected a dict of tensor names to tensors, got "
-                              f"{type(obj).__name__}")
-    for key, value in obj.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a "
-                                  "tensor under a string name")
-    return obj
-
-
-def bin_header(path: Path) -> dict[str, TensorMeta]:
-    return {k: TensorMeta(k, tuple(v.shape), str(v.dtype).removeprefix("torch."), path.name)
-            for k, v in load_bin(path).items()}
+def scan_file(path: Path, fmt: str) -> tuple[dict[str, Source], dict | None]:
+    """One shard's tensors (validated) and, for safetensors, its `__metadata__`."""
+    if fmt == "safetensors":
+        return scan_safetensors(path)
+    return scan_bin(path), None
 
 
 @dataclass
@@ -134,7 +64,9 @@ class CheckpointFolder:
     weight_map: dict[str, str] | None
     total_size: int | None
     # Headers read so far: consistency checks, key sets and reads all need them, once.
-    _headers: dict[str, dict[str, TensorMeta]] = field(default_factory=dict, repr=False)
+    _headers: dict[str, dict[str, Source]] = field(default_factory=dict, repr=False)
+    _metadata: dict[str, dict | None] = field(default_factory=dict, repr=False)
+    _maps: dict = field(default_factory=dict, repr=False)
 
     @property
     def files(self) -> list[str]:
@@ -142,23 +74,25 @@ class CheckpointFolder:
             return [SINGLE_NAMES[self.format]]
         return sorted(set(self.weight_map.values()))
 
-    def header(self, file: str) -> dict[str, TensorMeta]:
+    def file_path(self, file: str) -> Path:
+        """A shard named by the index, resolved inside the folder (a link out is refused)."""
+        return inside(self.path, file, where=self.path / (self.index_file or file),
+                      kind="shard ")
+
+    def header(self, file: str) -> dict[str, Source]:
         if file not in self._headers:
-            self._headers[file] = self._read_header(file)
+            self._headers[file], self._metadata[file] = scan_file(self.file_path(file),
+                                                                  self.format)
         return self._headers[file]
 
-    def _read_header(self, file: str) -> dict[str, TensorMeta]:
-        path = self.path / file
-        if not path.is_file():
-            source = self.index_file or "checkpoint folder"
-            raise CheckpointError(f"{self.path / source}: names shard {file}, which does not "
-                                  "exist")
-        return safetensors_header(path) if self.format == "safetensors" else bin_header(path)
+    def metadata(self, file: str) -> dict | None:
+        self.header(file)
+        return self._metadata[file]
 
     @cached_property
-    def tensors(self) -> dict[str, TensorMeta]:
+    def tensors(self) -> dict[str, Source]:
         """Every tensor in every file, from headers only."""
-        out: dict[str, TensorMeta] = {}
+        out: dict[str, Source] = {}
         for file in self.files:
             out.update(self.header(file))
         return out
@@ -167,60 +101,84 @@ class CheckpointFolder:
         if self.weight_map is None:
             return self.files[0]
         if key not in self.weight_map:
-            raise CheckpointError(f"{self.path / self.index_file}: does not list {key}")
+            raise CheckpointError(f"{shown(self.path / self.index_file)}: does not list "
+                                  f"{shown(key)}")
         return self.weight_map[key]
+
+    def check(self, total_size: bool = True) -> None:
+        """Every shard read and validated, and the index consistent with them (and with its
+        total_size, unless a caller checks that later)."""
+        problems = consistency_problems(self, total_size)
+        if problems:
+            raise CheckpointError(problems[0])
 
     def read(self, keys: list[str]) -> dict:
         """Only the named tensors, opening only the files that hold them."""
-        by_file: dict[str, list[str]] = {}
-        for key in keys:
-            by_file.setdefault(self.file_of(key), []).append(key)
         out = {}
-        for file, names in by_file.items():
-            out.update(self._read_file(file, names))
+        for key in keys:
+            file = self.file_of(key)
+            source = self.header(file).get(key)
+            if source is None:
+                raise CheckpointError(f"{shown(self.file_path(file))}: index lists "
+                                      f"{shown(key)} in this shard, but the shard does not "
+                                      "hold it")
+            out[key] = self.tensor(source)
         return out
 
-    def _read_file(self, file: str, names: list[str]) -> dict:
-        path = self.path / file
-        if not path.is_file():
-            raise CheckpointError(f"{self.path / (self.index_file or file)}: names shard "
-                                  f"{file}, which does not exist")
-        if self.format == "safetensors":
-            from safetensors import safe_open
+    def tensor(self, source: Source):
+        """One tensor, mapped from its validated offsets (copy-on-write: never written)."""
+        return as_tensor(source, self._maps)
 
-            self.header(file)  # validates truncation before safe_open maps it
-            with safe_open(path, framework="pt") as f:
-                missing = [n for n in names if n not in f.keys()]  # noqa: SIM118 (safe_open is not a container)
-                if missing:
-                    raise CheckpointError(f"{path}: index lists {missing[0]} in this shard, "
-                                          "but the shard does not hold it")
-                return {n: f.get_tensor(n) for n in names}
-        state = load_bin(path)
-        missing = [n for n in names if n not in state]
-        if missing:
-            raise CheckpointError(f"{path}: index lists {missing[0]} in this shard, but the "
-                                  "shard does not hold it")
-        return {n: state[n] for n in names}
+
+def as_tensor(source: Source, maps: dict):
+    import numpy as np
+    import torch
+
+    dtype = getattr(torch, source.dtype)
+    if source.storage is not None:
+        path, offset, nbytes = source.storage.path, source.storage.offset, source.storage.nbytes
+    else:
+        (piece,) = source.pieces
+        path, offset, nbytes = piece.path, piece.offset, piece.nbytes
+    if path not in maps:
+        maps[path] = np.memmap(path, dtype=np.uint8, mode="c")
+    raw = torch.from_numpy(maps[path][offset:offset + nbytes]).view(dtype)
+    if source.storage is None:
+        return raw.reshape(source.shape)
+    view_offset, shape, stride = source.view
+    return raw.as_strided(shape, stride, view_offset)
+
+
+def read_file(path: Path, fmt: str | None = None) -> dict:
+    """Every tensor of one file (`mm_projector.bin`, `non_lora_trainables.bin`, an adapter),
+    validated first; the format from the extension unless given."""
+    path = Path(path)
+    fmt = fmt or ("safetensors" if path.suffix == ".safetensors" else "bin")
+    sources, _ = scan_file(path, fmt)
+    maps: dict = {}
+    return {key: as_tensor(s, maps) for key, s in sources.items()}
 
 
 def _weight_map(index: Path, data: dict) -> dict[str, str]:
     weight_map = data.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(f"{index}: has no weight_map")
+        raise CheckpointError(f"{shown(index)}: has no weight_map")
     for key, file in weight_map.items():
         # A shard is a plain file name in this folder; a path could read outside it.
-        if not isinstance(file, str) or not file or "/" in file or "\\" in file \
-                or file in (".", ".."):
-            raise CheckpointError(f"{index}: weight_map maps {key} to {file!r}, not a file "
-                                  "name in this folder")
+        if not isinstance(file, str):
+            raise CheckpointError(f"{shown(index)}: weight_map maps {shown(key)} to "
+                                  f"{shown(repr(file))}, not a file name")
+        plain_name(file, index)
     return dict(weight_map)
 
 
 def _total_size(index: Path, data: dict) -> int | None:
     metadata = data.get("metadata") or {}
     total = metadata.get("total_size") if isinstance(metadata, dict) else None
-    if total is not None and not isinstance(total, int):
-        raise CheckpointError(f"{index}: metadata.total_size is {total!r}, not an integer")
+    if total is not None and (not isinstance(total, int) or isinstance(total, bool)
+                              or total < 0):
+        raise CheckpointError(f"{shown(index)}: metadata.total_size is {shown(repr(total))}, "
+                              "not a non-negative integer")
     return total
 
 
@@ -228,23 +186,24 @@ def open_folder(path: Path) -> CheckpointFolder:
     """Find a checkpoint's format and index; safetensors wins when both are present."""
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"{path}: not a folder")
+        raise CheckpointError(f"{shown(path)}: not a folder")
     for fmt in ("safetensors", "bin"):
-        index = path / INDEX_NAMES[fmt]
-        if index.is_file():
-            data = _read_json(index)
-            return CheckpointFolder(path, fmt, index.name, _weight_map(index, data),
-                                    _total_size(index, data))
-        if (path / SINGLE_NAMES[fmt]).is_file():
+        index = inside(path, INDEX_NAMES[fmt], must_exist=False)
+        if index is not None:
+            data = read_json(index, path / INDEX_NAMES[fmt])
+            where = path / INDEX_NAMES[fmt]
+            return CheckpointFolder(path, fmt, INDEX_NAMES[fmt], _weight_map(where, data),
+                                    _total_size(where, data))
+        if inside(path, SINGLE_NAMES[fmt], must_exist=False) is not None:
             return CheckpointFolder(path, fmt, None, None, None)
-    raise CheckpointError(f"{path}: no checkpoint found (expected an index file or "
+    raise CheckpointError(f"{shown(path)}: no checkpoint found (expected an index file or "
                           f"{' / '.join(SINGLE_NAMES.values())})")
 
 
-def consistency_problems(folder: CheckpointFolder) -> list[str]:
+def consistency_problems(folder: CheckpointFolder, total_size: bool = True) -> list[str]:
     """Every way the index and the files disagree, one line each (empty when consistent)."""
     problems = []
-    headers: dict[str, dict[str, TensorMeta]] = {}
+    headers: dict[str, dict[str, Source]] = {}
     for file in folder.files:
         try:
             headers[file] = folder.header(file)
@@ -253,17 +212,37 @@ def consistency_problems(folder: CheckpointFolder) -> list[str]:
     if folder.weight_map is not None:
         for key, file in sorted(folder.weight_map.items()):
             if file in headers and key not in headers[file]:
-                problems.append(f"{folder.path / file}: index lists {key} in this shard, but "
-                                "the shard does not hold it")
+                problems.append(f"{shown(folder.path / file)}: index lists {shown(key)} in "
+                                "this shard, but the shard does not hold it")
         for file, metas in headers.items():
             for key in sorted(metas):
                 listed = folder.weight_map.get(key)
                 if listed != file:
-                    where = f"maps to {listed}" if listed else "does not list"
-                    problems.append(f"{folder.path / file}: holds {key}, which the index {where}")
-    if folder.total_size is not None and not problems:
+                    where = f"maps to {shown(listed)}" if listed else "does not list"
+                    problems.append(f"{shown(folder.path / file)}: holds {shown(key)}, which "
+                                    f"the index {where}")
+    if total_size and folder.total_size is not None and not problems:
         actual = sum(m.nbytes for metas in headers.values() for m in metas.values())
         if actual != folder.total_size:
-            problems.append(f"{folder.path / folder.index_file}: total_size "
+            problems.append(f"{shown(folder.path / folder.index_file)}: total_size "
                             f"{folder.total_size} != {actual}, the sum of tensor bytes")
     return problems
+
+
+@dataclass
+class ScannedFolder:
+    folder: CheckpointFolder
+    files: dict[str, dict[str, Source]]
+    metadata: dict[str, dict | None]
+
+    @property
+    def tensors(self) -> dict[str, Source]:
+        return {k: s for sources in self.files.values() for k, s in sources.items()}
+
+
+def scan_folder(path: Path, total_size: bool = True) -> ScannedFolder:
+    """Every tensor's location, file by file, validated and checked against the index."""
+    folder = open_folder(path)
+    folder.check(total_size)
+    return ScannedFolder(folder, {f: folder.header(f) for f in folder.files},
+                         {f: folder.metadata(f) for f in folder.files})

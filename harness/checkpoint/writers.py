@@ -1,17 +1,17 @@
-"""Streaming shard writers: one tensor in memory at a time, never a whole shard.
+"""The builder's shard writers: one tensor in memory at a time, never a whole shard.
 
-`.bin` shards are written in torch's own zip format record by record through torch's
-`PyTorchFileWriter` (the writer `torch.save` uses), so the files are what `torch.save` of the
-same state dict would produce: same records, same order, same 64-byte data alignment, valid
-CRCs. safetensors shards get their header first (every offset is known from the plan), then
-the tensors' bytes straight from the fill chunks, with no intermediate copy.
+`.bin` shards are written record by record through torch's own `PyTorchFileWriter` (the
+writer `torch.save` uses): a synthetic checkpoint must be byte for byte what `torch.save` of
+the same state dict produces, and only torch's writer is that (the checkpoint layer's
+torch-free `.bin` writer, for copies, writes the same records with its own zip headers).
+safetensors shards go through the checkpoint layer's one safetensors writer, fed with the fill
+chunks: header first (every offset is known from the plan), then the bytes with no
+intermediate copy.
 """
 
 from __future__ import annotations
 
 import io
-import json
-import os
 import pickle
 import sys
 from collections import OrderedDict
@@ -22,21 +22,15 @@ import torch
 import torch._utils
 
 from ..layout import TensorInfo
+from .files import fsync_path
 
 Chunks = Callable[[TensorInfo], Iterable[bytes | memoryview]]
 Progress = Callable[[int], None]
 
 _STORAGE_TYPES = {"float16": torch.HalfStorage, "bfloat16": torch.BFloat16Storage,
                   "float32": torch.FloatStorage}
-SAFETENSORS_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 
 
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _Storage:
@@ -115,32 +109,17 @@ def safetensors_order(tensors: Sequence[TensorInfo]) -> list[TensorInfo]:
     return sorted(tensors, key=lambda t: (-t.nbytes // max(t.numel, 1), t.key))
 
 
-def safetensors_header(tensors: Sequence[TensorInfo]) -> bytes:
-    header: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for t in safetensors_order(tensors):
-        header[t.key] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
-                         "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes with spaces
-    return len(raw).to_bytes(8, "little") + raw
-
-
 def write_safetensors(path: Path, tensors: Sequence[TensorInfo], chunks: Chunks,
                       progress: Progress | None = None) -> None:
-    with open(path, "wb") as f:
-        f.write(safetensors_header(tensors))
-        for info in safetensors_order(tensors):
-            written = 0
-            for chunk in chunks(info):
-                written += f.write(chunk)
-            if written != info.nbytes:
-                raise ValueError(f"{info.key}: produced {written} bytes, expected {info.nbytes}")
-            if progress:
-                progress(info.nbytes)
-        f.flush()
-        os.fsync(f.fileno())
+    from .safetensors_format import write_safetensors as write
+
+    def emit(out, info: TensorInfo) -> None:
+        for chunk in chunks(info):
+            out.write(chunk)
+        if progress:
+            progress(info.nbytes)
+
+    write(path, safetensors_order(tensors), emit=emit)
 
 
 WRITERS = {"bin": write_bin, "safetensors": write_safetensors}

@@ -7,7 +7,6 @@ Extraction never imports torch: the command is done in about the time Python tak
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -38,7 +37,8 @@ def register(sub, bench) -> None:
                         "(default: mm_projector)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--json", type=Path, metavar="FILE",
-                   help="also write a JSON summary (keys, files read, bytes, work seconds)")
+                   help="also write a JSON summary (keys, files read, bytes, work seconds); "
+                        "- for stdout")
     p.set_defaults(func=cmd_extract)
 
     b = bench.add_parser("extract", help="extraction CLI against a naive whole-shard load")
@@ -58,13 +58,17 @@ def register(sub, bench) -> None:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from ..checkpoint.atomic import atomic_file
-    from ..ops.extract import extract
+    from ..checkpoint.paths import check_side_file
+    from ..ops.extract import extract, output_path
+    from . import write_json
 
-    result = extract(args.checkpoint or args.model_path, args.output, args.keys, args.force)
+    source = args.checkpoint or args.model_path
+    check_side_file(args.json, [source], output_path(args.output))
+    result = extract(source, args.output, args.keys, args.force)
     if args.json:
-        with atomic_file(args.json, force=True) as tmp:
-            tmp.write_text(json.dumps(result.summary(), indent=2) + "\n")
+        write_json(args.json, result.summary())
+        if str(args.json) == "-":
+            return 0
     print(f"extracted {len(result.keys)} tensors ({result.numel:,} elements, "
           f"{result.nbytes:,} bytes) from {len(result.files_read)} of {result.files_total} "
           f"file(s) -> {result.output}")

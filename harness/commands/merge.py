@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 DTYPE_NAMES = ("float16", "bfloat16", "float32")
@@ -28,7 +27,8 @@ def register(sub, bench) -> None:
     p.add_argument("--device", default="cpu",
                    help="where the updates are computed: cpu (default) or cuda")
     p.add_argument("--force", action="store_true", help="replace an existing output")
-    p.add_argument("--json", type=Path, metavar="FILE", help="also write a JSON summary")
+    p.add_argument("--json", type=Path, metavar="FILE",
+                   help="also write a JSON summary; - for stdout")
     p.set_defaults(func=cmd_merge)
 
     from ..cli import _positive_int
@@ -70,14 +70,17 @@ def _device(text: str) -> str:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from ..checkpoint.atomic import atomic_file
+    from ..checkpoint.paths import check_side_file
     from ..ops.merge import merge_lora
+    from . import write_json
 
+    check_side_file(args.json, [args.adapter, args.base], args.out)
     result = merge_lora(args.adapter, args.base, args.out, dtype=args.dtype, force=args.force,
                         device=_device(args.device))
     if args.json:
-        with atomic_file(args.json, force=True) as tmp:
-            tmp.write_text(json.dumps(result.summary(), indent=2) + "\n")
+        write_json(args.json, result.summary())
+        if str(args.json) == "-":
+            return 0
     for note in result.dropped:
         print(f"note: dropped vision-tower adapter {note}")
     print(f"merged {result.merged} layer(s), {result.biases} bias(es), {result.trainables} "

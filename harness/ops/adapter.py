@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint.reader import load_bin
+from ..checkpoint.paths import inside
+from ..checkpoint.reader import read_file
 from ..errors import HarnessError
 from .detect import ADAPTER_CONFIG
 from .lora import PEFT_PREFIX
@@ -82,22 +83,14 @@ class AdapterWeights:
     """The adapter's tensors, read one at a time (a 7B rank-128 adapter is over 1 GB)."""
 
     def __init__(self, folder: Path, stack: ExitStack):
-        found = [folder / n for n in ADAPTER_FILES if (folder / n).is_file()]
+        found = [p for p in (inside(folder, n, must_exist=False) for n in ADAPTER_FILES)
+                 if p is not None]
         if not found:
             raise AdapterError(f"{folder}: no {' or '.join(ADAPTER_FILES)}")
         self.path = found[0]
-        if self.path.suffix == ".safetensors":
-            from safetensors import SafetensorError, safe_open
-
-            try:
-                handle = stack.enter_context(safe_open(self.path, framework="pt"))
-            except (SafetensorError, OSError) as exc:
-                raise AdapterError(f"{self.path}: unreadable: {exc}") from None
-            self.keys, self.get = list(handle.keys()), handle.get_tensor
-        else:
-            state = load_bin(self.path)
-            self.keys, self.get = list(state), state.__getitem__
-
+        # Validated by the checkpoint layer, then mapped: a tensor's pages are read on use.
+        state = read_file(self.path)
+        self.keys, self.get = list(state), state.__getitem__
 
 
 @dataclass

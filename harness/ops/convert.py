@@ -1,7 +1,7 @@
 """Layout conversion: original LLaVA <-> llava-hf (transformers' LlavaForConditionalGeneration).
 
 Keys go through the declarative maps in harness/keys.py (layout -> canonical -> layout), shards
-are rewritten streaming by the machinery in harness/ops/strip.py, so no shard is held in memory.
+are rewritten streaming by the checkpoint layer (harness/checkpoint/shards.py), so no shard is held in memory.
 
 What differs beyond names, and how it is bridged:
 - The vision tower. The original reads it from the folder `mm_vision_tower` names; llava-hf
@@ -33,18 +33,12 @@ from .. import keys
 from ..checkpoint.atomic import atomic_dir
 from ..errors import HarnessError
 from ..layout import DTYPE_BYTES
-from .strip import (
-    Piece,
-    ScannedFolder,
-    Source,
-    arch_of,
-    is_llava_config_field,
-    piece_chunks,
-    plan_shards,
-    scan_folder,
-    write_safetensors,
-    write_shards,
-)
+from ..checkpoint.paths import check_output
+from ..checkpoint.reader import ScannedFolder, scan_folder
+from ..checkpoint.safetensors_format import safetensors_order, write_safetensors
+from ..checkpoint.shards import plan_shards, write_shards
+from ..checkpoint.tensors import Piece, Source, piece_chunks
+from .strip import arch_of, is_llava_config_field
 
 IMAGE_TOKEN, PAD_TOKEN = "<image>", "<pad>"
 # llava-hf pads the token rows to a multiple of 64 (tensor-core friendly shapes).
@@ -102,6 +96,7 @@ def convert(ckpt: Path, out: Path, to: str, *, vision_tower: Path | None = None,
     """Convert the checkpoint at `ckpt` to the `to` layout ('hf' or 'original') at `out`."""
     if to not in ("hf", "original"):
         raise ConvertError(f"--to {to!r}: expected hf or original")
+    check_output(Path(out), [Path(ckpt)] + ([Path(vision_tower)] if vision_tower else []))
     scanned = scan_folder(Path(ckpt))
     config = _read_json(scanned.folder.path / "config.json")
     layout = keys.layout_of(config, scanned.tensors, where=str(scanned.folder.path))
@@ -509,7 +504,7 @@ def write_tower_folder(path: Path, tensors: list[Source], vision: dict, image: d
     if len(dtypes) == 1:
         config["torch_dtype"] = dtypes.pop()
     _dump(path / "config.json", config)
-    write_safetensors(path / "model.safetensors", tensors, None)
+    write_safetensors(path / "model.safetensors", safetensors_order(tensors), None)
     processor = dict(image) or clip_processor_defaults(vision["image_size"])
     for name in ("do_pad", "processor_class"):
         processor.pop(name, None)

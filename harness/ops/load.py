@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint.reader import CheckpointError, consistency_problems, load_bin, open_folder
+from ..checkpoint.paths import inside
+from ..checkpoint.reader import open_folder, read_file
 from ..errors import HarnessError
 from ..model.config import architecture_of, llava_config, read_config_json
 from ..model.llava import MODEL_CLASSES
@@ -98,12 +99,10 @@ def _check_unquantized(model) -> None:
 
 
 def _check_folder(path: Path) -> None:
-    """Headers and index before transformers touches the files: a truncated shard or an index
-    naming a missing file is one clear line here, not a deep traceback there."""
-    folder = open_folder(path)
-    problems = consistency_problems(folder)
-    if problems:
-        raise CheckpointError(problems[0])
+    """Every record of every shard validated, and the index checked against them, before
+    transformers (torch) maps a byte: a truncated, inflated or deflated record, a lying header
+    or an index naming a missing file is one clear line here, never zeros or garbage there."""
+    open_folder(path).check()
 
 
 def _checkpoint_projector_shapes(path: Path) -> dict[str, tuple]:
@@ -175,11 +174,7 @@ def _load_extra(model, path: Path, source_keys: dict) -> set[str]:
 
 
 def _read_weights(path: Path) -> dict:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return dict(load_bin(path))
+    return read_file(path)
 
 
 @dataclass
@@ -246,7 +241,7 @@ def _require_multimodal(model, missing: set[str], supplied: set[str], path: Path
 
 def _load_projector_only(path: Path, base: Path | None, opts: _Options):
     arch, config, model, missing = _load_base_for(path, base, opts, "projector-only")
-    file = next(path / n for n in PROJECTOR_FILES if (path / n).is_file())
+    file = next(p for p in (inside(path, n, must_exist=False) for n in PROJECTOR_FILES) if p)
     raw = _read_weights(file)
     # The type check comes first: keys of another projector type would otherwise surface as
     # "matches no tensor", which hides the real fault.
@@ -270,8 +265,12 @@ def _apply_adapter(model, path: Path):
     the plain merge: peft's `safe_merge` rounds half precision differently)."""
     from peft import PeftModel
 
-    from .adapter import unapplied_adapter_problems
+    from .adapter import ADAPTER_FILES, unapplied_adapter_problems
 
+    for name in ADAPTER_FILES:  # validated before peft's own reader maps it
+        found = inside(path, name, must_exist=False)
+        if found is not None:
+            read_file(found)
     model = PeftModel.from_pretrained(model, path)
     problems = unapplied_adapter_problems(model, path)
     if problems:
@@ -286,9 +285,9 @@ def _apply_adapter(model, path: Path):
 def _load_lora(path: Path, base: Path | None, opts: _Options):
     arch, _config, model, missing = _load_base_for(path, base, opts, "LoRA")
     supplied: set[str] = set()
-    trainables = path / NON_LORA_TRAINABLES
-    if trainables.is_file():
-        weights = normalise_trainable_keys(dict(load_bin(trainables)), set(model.state_dict()),
+    trainables = inside(path, NON_LORA_TRAINABLES, must_exist=False)
+    if trainables is not None:
+        weights = normalise_trainable_keys(read_file(trainables, "bin"), set(model.state_dict()),
                                            trainables)
         supplied = _load_extra(model, trainables, weights)
     _require_multimodal(model, missing, supplied, path)

@@ -35,7 +35,8 @@ from types import SimpleNamespace
 import torch
 
 from ..checkpoint.atomic import atomic_dir, check_target
-from ..checkpoint.reader import CheckpointError, consistency_problems, load_bin, open_folder
+from ..checkpoint.paths import check_output, inside
+from ..checkpoint.reader import as_tensor, open_folder, read_file
 from ..checkpoint.writers import WRITERS
 from ..errors import HarnessError
 from ..layout import TensorInfo
@@ -136,10 +137,10 @@ def _multimodal_shapes(config: dict) -> dict[str, tuple]:
 def _trainables(adapter: Path, known: dict[str, tuple]) -> dict[str, torch.Tensor]:
     from .load import normalise_trainable_keys
 
-    file = adapter / NON_LORA_TRAINABLES
-    if not file.is_file():
+    file = inside(adapter, NON_LORA_TRAINABLES, must_exist=False)
+    if file is None:
         return {}
-    raw = {k.replace(".base_layer.", "."): v for k, v in load_bin(file).items()}
+    raw = {k.replace(".base_layer.", "."): v for k, v in read_file(file, "bin").items()}
     weights = normalise_trainable_keys(raw, set(known), file)
     for key, value in weights.items():
         if tuple(value.shape) != tuple(known[key]):
@@ -205,16 +206,11 @@ def plan_merge(cfg: AdapterConfig, weights: AdapterWeights, adapter: Path, folde
 
 
 class _Shard:
-    """One base shard opened lazily for the duration of its rewrite."""
+    """One base shard, its tensors mapped from their validated offsets while it is rewritten."""
 
     def __init__(self, folder, file: str, stack: ExitStack):
-        path = folder.path / file
-        if folder.format == "safetensors":
-            from safetensors import safe_open
-
-            self.get = stack.enter_context(safe_open(path, framework="pt")).get_tensor
-        else:
-            self.get = load_bin(path).__getitem__
+        header, maps = folder.header(file), {}
+        self.get = lambda key: as_tensor(header[key], maps)
 
 
 def _is_legacy_buffer(key: str) -> bool:
@@ -288,11 +284,7 @@ def release_freed_memory() -> None:
 
 
 def _check_paths(adapter: Path, base: Path, out: Path) -> None:
-    target = out.resolve()
-    for source in (adapter.resolve(), base.resolve()):
-        if target == source or source in target.parents or target in source.parents:
-            raise MergeError(f"{out}: the output would overwrite or sit inside an input "
-                             f"({source})")
+    check_output(out, [adapter, base])
 
 
 def _read_llava_config(adapter: Path, base: Path) -> dict:
@@ -365,9 +357,7 @@ def merge_lora(adapter, base, out, *, dtype: str | None = None, force: bool = Fa
     check_target(out, force)
     cfg = AdapterConfig.read(adapter)
     folder = open_folder(base)
-    problems = consistency_problems(folder)
-    if problems:
-        raise CheckpointError(problems[0])
+    folder.check()
     config = _read_llava_config(adapter, base)
     torch_dtype = OUT_DTYPES[dtype] if dtype else None
     model_dtype = _model_dtype(folder, torch_dtype)

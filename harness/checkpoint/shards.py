@@ -1,0 +1,75 @@
+"""Rewriting a checkpoint folder shard by shard: the streaming layer strip, convert and merge
+stand on. Each source shard becomes an output shard of the tensors a mapper keeps; a shard
+kept whole in the same format is hard-linked, any other is rewritten from file ranges."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..plan import INDEX_NAMES, shard_name
+from .files import link_or_copy, mode_of
+from .reader import ScannedFolder
+from .safetensors_format import safetensors_order, write_safetensors
+from .tensors import Source
+from .torch_zip import write_bin
+
+
+@dataclass
+class OutShard:
+    name: str
+    tensors: list[Source]
+    link_from: Path | None = None
+    metadata: dict | None = None
+    mode: int = 0o644  # the source shard's permission bits
+
+
+Mapper = Callable[[str, Source], Source | None]
+
+
+def _write(fmt: str, path: Path, shard: OutShard) -> None:
+    if fmt == "bin":
+        write_bin(path, shard.tensors, mode=shard.mode)
+    else:
+        write_safetensors(path, safetensors_order(shard.tensors), shard.metadata,
+                          mode=shard.mode)
+
+
+def plan_shards(scanned: ScannedFolder, mapper: Mapper, fmt: str) -> list[OutShard]:
+    """Each source shard becomes an output shard of the tensors `mapper` keeps (renamed or
+    rebuilt as it returns them); a shard it returns unchanged in full, in the same format, is
+    linked. Shards left empty disappear, and names follow the new count and format."""
+    shards = []
+    for file, sources in scanned.files.items():
+        kept = [t for t in (mapper(file, s) for s in sources.values()) if t is not None]
+        same = (fmt == scanned.folder.format and len(kept) == len(sources)
+                and all(t is s for t, s in zip(kept, sources.values())))
+        path = scanned.folder.file_path(file)
+        if kept:
+            shards.append(OutShard(file, kept, path if same else None,
+                                   scanned.metadata.get(file), mode_of([path])))
+    renumber = fmt != scanned.folder.format or len(shards) != len(scanned.files)
+    if renumber:
+        for i, shard in enumerate(shards):
+            shard.name = shard_name(fmt, i, len(shards))
+    return shards
+
+
+def write_shards(out: Path, shards: list[OutShard], fmt: str, indexed: bool) -> dict:
+    """Write (or link) every shard and the index; returns {shard: 'linked'|'copied'|
+    'rewritten'}."""
+    done = {}
+    for shard in shards:
+        if shard.link_from is not None:
+            done[shard.name] = link_or_copy(shard.link_from, out / shard.name)
+        else:
+            _write(fmt, out / shard.name, shard)
+            done[shard.name] = "rewritten"
+    if indexed or len(shards) > 1:
+        weight_map = {t.key: s.name for s in shards for t in s.tensors}
+        total = sum(t.nbytes for s in shards for t in s.tensors)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / INDEX_NAMES[fmt]).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return done
