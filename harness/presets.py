@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from .specs import BuildSpec, CheckpointSpec, ModelSpec, SpecError, VisionSpec
 
 # CLIP ViT-L/14-336, the tower of every LLaVA-1.5/1.6 preset: mm_hidden_size 1024, 576 patches.
@@ -15,16 +17,6 @@ _PRESETS: dict[str, BuildSpec] = {
     # Small enough to build, load and run a forward pass in about a second on 2 CPU cores.
     "tiny": BuildSpec(
         model=ModelSpec(name="tiny", vocab_size=512, hidden_size=64, intermediate_size=172,
-                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                        max_position_embeddings=256, dtype="float32", vision=TINY_VISION,
-                        tokenizer_model_max_length=256),
-        checkpoint=CheckpointSpec(format="bin", shards=2, max_shard_size=None),
-        with_vision_tower=True, with_tokenizer=True),
-    # tiny with an MLP 192 wide instead of 172: every quantized layer then fits bitsandbytes'
-    # CPU 4-bit kernel (out_features divisible by 32), so every quantization mode runs on CPU.
-    # tiny itself keeps 172 (Llama-2's 11008/4096 ratio) and the oracles computed on it.
-    "tiny-quant": BuildSpec(
-        model=ModelSpec(name="tiny-quant", vocab_size=512, hidden_size=64, intermediate_size=192,
                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                         max_position_embeddings=256, dtype="float32", vision=TINY_VISION,
                         tokenizer_model_max_length=256),
@@ -52,6 +44,12 @@ _PRESETS: dict[str, BuildSpec] = {
                                   legacy_buffers=False)),
 }
 
+# tiny with an MLP 192 wide instead of 172: every quantized layer then fits bitsandbytes' CPU
+# 4-bit kernel (out_features divisible by 32), so every quantization mode runs on CPU. tiny
+# itself keeps 172 (Llama-2's 11008/4096 ratio) and the oracles computed on it.
+_PRESETS["tiny-quant"] = dataclasses.replace(
+    _PRESETS["tiny"], model=_PRESETS["tiny"].model.replace(name="tiny-quant",
+                                                          intermediate_size=192))
 PRESET_NAMES = tuple(_PRESETS)
 # Built in about a second, anywhere: no cache, no --realsize.
 TINY_PRESETS = ("tiny", "tiny-quant")

@@ -7,7 +7,6 @@ architecture comes from `model_type` / `architectures`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import HarnessError
@@ -21,16 +20,16 @@ class ConfigError(HarnessError):
 
 
 def read_config_json(folder: Path) -> dict:
+    """A model folder's config.json, resolved inside the folder (a link out is refused) and
+    size-capped, as every file of an untrusted checkpoint is read."""
+    from ..checkpoint.paths import inside
+    from ..checkpoint.reader import read_json
+
     path = Path(folder) / "config.json"
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: missing (every model folder needs a config.json)") from None
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: unreadable: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: not a JSON object")
-    return data
+    found = inside(Path(folder), "config.json", must_exist=False)
+    if found is None:
+        raise ConfigError(f"{path}: missing (every model folder needs a config.json)")
+    return read_json(found, path)
 
 
 def architecture_of(data: dict, where: Path | str = "config.json") -> str:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +32,8 @@ from .. import keys
 from ..checkpoint.atomic import atomic_dir
 from ..errors import HarnessError
 from ..layout import DTYPE_BYTES
-from ..checkpoint.paths import check_output
+from ..checkpoint.files import copy_files
+from ..checkpoint.paths import check_output, inside
 from ..checkpoint.reader import ScannedFolder, scan_folder
 from ..checkpoint.safetensors_format import safetensors_order, write_safetensors
 from ..checkpoint.shards import plan_shards, write_shards
@@ -390,18 +390,17 @@ def _content(token) -> str | None:
 
 def _tokens_from(src: Path, vocab: int) -> dict[int, str]:
     found = {}
-    if (src / "tokenizer.json").is_file():
+    if inside(src, "tokenizer.json", must_exist=False):
         found.update({t["id"]: t["content"] for t in
                       _read_json(src / "tokenizer.json").get("added_tokens", [])})
-    if (src / "tokenizer_config.json").is_file():
+    if inside(src, "tokenizer_config.json", must_exist=False):
         decoder = _read_json(src / "tokenizer_config.json").get("added_tokens_decoder", {})
         found.update({int(i): t["content"] for i, t in decoder.items()})
     return {i: t for i, t in found.items() if i >= vocab}
 
 
 def _copy_if_present(src: Path, out: Path, name: str) -> None:
-    if (src / name).is_file():
-        shutil.copyfile(src / name, out / name)
+    copy_files(src, out, [name])
 
 
 # --- hf -> original -------------------------------------------------------------------------------
