@@ -9,7 +9,6 @@ peft's file layout: `adapter_config.json`, and `adapter_model.safetensors` (or `
 
 from __future__ import annotations
 
-import json
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,13 +51,13 @@ class AdapterConfig:
 
     @classmethod
     def read(cls, folder: Path) -> AdapterConfig:
+        from ..checkpoint.reader import read_json
+
         path = folder / ADAPTER_CONFIG
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise AdapterError(f"{path}: missing; {folder} is not a LoRA adapter folder") from None
-        except (OSError, ValueError) as exc:
-            raise AdapterError(f"{path}: unreadable: {exc}") from None
+        found = inside(folder, ADAPTER_CONFIG, must_exist=False)
+        if found is None:
+            raise AdapterError(f"{path}: missing; {folder} is not a LoRA adapter folder")
+        data = read_json(found, path)
         if data.get("peft_type") != "LORA":
             raise AdapterError(f"{path}: peft_type {data.get('peft_type')!r}; only LORA merges")
         for name in UNSUPPORTED:

@@ -24,7 +24,6 @@ because a LLaVA checkpoint re-reads its tower from `mm_vision_tower` and cannot 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from types import SimpleNamespace
 import torch
 
 from ..checkpoint.atomic import atomic_dir, check_target
+from ..checkpoint.files import copy_files
 from ..checkpoint.paths import check_output, inside
 from ..checkpoint.reader import as_tensor, open_folder, read_file
 from ..checkpoint.writers import WRITERS
@@ -288,13 +288,11 @@ def _check_paths(adapter: Path, base: Path, out: Path) -> None:
 
 
 def _read_llava_config(adapter: Path, base: Path) -> dict:
+    from ..model.config import read_config_json
+
     for folder in (adapter, base):
-        path = folder / "config.json"
-        if path.is_file():
-            try:
-                return json.loads(path.read_text())
-            except ValueError as exc:
-                raise MergeError(f"{path}: not valid JSON: {exc}") from None
+        if inside(folder, "config.json", must_exist=False) is not None:
+            return read_config_json(folder)
     raise MergeError(f"{adapter}: no config.json here or in the base {base}")
 
 
@@ -340,9 +338,7 @@ def _write_side_files(config: dict, dtype: torch.dtype, base: Path, out: Path) -
     if "dtype" in config:
         config["dtype"] = _DTYPE_NAMES[dtype]
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for name in AUX_FILES:
-        if (base / name).is_file():
-            shutil.copyfile(base / name, out / name)
+    copy_files(base, out, AUX_FILES)
 
 
 def merge_lora(adapter, base, out, *, dtype: str | None = None, force: bool = False,
