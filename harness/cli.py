@@ -17,6 +17,7 @@ from .presets import PRESET_NAMES, build_spec
 from .specs import DTYPES, FORMATS, PLACEMENTS, SpecError, check_projector_type, parse_size
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 3
 
 
 class _Parser(argparse.ArgumentParser):
@@ -262,6 +263,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("llava-harness: interrupted; nothing was left behind", file=sys.stderr)
         return 130
+    except Exception as exc:  # a fault the harness did not foresee: still one line
+        import os
+
+        if os.environ.get("LLAVA_HARNESS_DEBUG"):
+            raise
+        from .checkpoint.problems import shown
+
+        print(f"llava-harness: internal error: {type(exc).__name__}: {shown(exc)} (a bug, or "
+              "input nothing checks yet; LLAVA_HARNESS_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
     except Terminated as exc:
         print(f"llava-harness: {signal.Signals(exc.signum).name}: stopped; nothing was left "
               "behind", file=sys.stderr)
