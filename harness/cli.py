@@ -108,8 +108,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     spec = spec_from_args(args)
     folder = open_folder(args.folder)
-    for file in folder.files:
-        folder.header(file)  # unreadable input: CheckpointError, one line, exit 2
+    folder.check()  # unreadable or inconsistent input: CheckpointError, one line, exit 2
     problems = layout_problems(spec, folder)
     if not problems and not args.layout_only:
         problems = data_problems(spec, folder)

@@ -55,6 +55,32 @@ def sweep_stale(target: Path) -> list[Path]:
     return removed
 
 
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP while a temporary is created and named: delivered
+    between the two, the unwinding would find nothing to remove. They arrive on release,
+    inside the cleanup's reach."""
+    import signal
+
+    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    except (AttributeError, ValueError, OSError):  # no pthreads, or not allowed here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _remove_own_partials(target: Path) -> None:
+    """Interrupted before the temporary's name was bound: remove what this process made for
+    this target (the pid in the name says whose it is)."""
+    for path in target.parent.glob(f".{target.name}.{os.getpid()}.*.partial"):
+        _remove(path)
+
+
 def _named_as_target(exc: BaseException, tmp: Path, target: Path) -> None:
     """Rewrite a message naming the temporary path to name the target instead."""
     if isinstance(exc, (HarnessError, OSError)) and str(tmp) in str(exc):
@@ -83,11 +109,12 @@ def atomic_dir(target: Path, force: bool = False) -> Iterator[Path]:
         raise NotADirectoryError(20, "is not a folder", str(target.parent))
     target.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".partial",
-                                dir=target.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a checkpoint folder is normally shared-readable
-    old = None
+    tmp, old = None, None
     try:
+        with _signals_held():
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.",
+                                        suffix=".partial", dir=target.parent))
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a checkpoint folder is shared-readable
         yield tmp
         # Re-check: something may have appeared at the target while we were building.
         check_target(target, force)
@@ -96,10 +123,13 @@ def atomic_dir(target: Path, force: bool = False) -> Iterator[Path]:
             target.rename(old)
         tmp.rename(target)
     except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            _named_as_target(exc, tmp, target)
+        else:
+            _remove_own_partials(target)
         if old is not None and old.exists() and not target.exists():
             old.rename(target)  # interrupted between the two renames: put the old one back
-        _named_as_target(exc, tmp, target)
         raise
     if old is not None:
         try:
@@ -123,11 +153,16 @@ def atomic_file(target: Path, force: bool = False, mode: int = 0o644) -> Iterato
     check_target(target, force)
     target.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(target)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".partial",
-                                dir=target.parent)
-    os.close(fd)
-    tmp = Path(name)
-    tmp.unlink()
+    try:
+        with _signals_held():
+            fd, name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.",
+                                        suffix=".partial", dir=target.parent)
+            os.close(fd)
+            tmp = Path(name)
+            tmp.unlink()  # a fresh name, so the writer may create it exclusively
+    except BaseException:
+        _remove_own_partials(target)
+        raise
     try:
         yield tmp
         os.chmod(tmp, mode)

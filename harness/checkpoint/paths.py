@@ -87,3 +87,16 @@ def check_side_file(side: Path | None, inputs: list[Path], output: Path) -> None
     if side is None or str(side) == STDOUT:
         return
     check_output(side, [*inputs, output], what="--json file")
+
+
+# Files beside the weights that transformers reads on its own when a folder is loaded.
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer.json",
+              "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+              "chat_template.jinja", "preprocessor_config.json")
+
+
+def check_side_files(folder: Path) -> None:
+    """Before a library reads a folder itself: none of its side files may be a link out of
+    the folder or anything but a regular file."""
+    for name in SIDE_FILES:
+        inside(Path(folder), name, must_exist=False)

@@ -47,11 +47,13 @@ def read_json(path: Path, where: Path | None = None) -> dict:
     return data
 
 
-def scan_file(path: Path, fmt: str) -> tuple[dict[str, Source], dict | None]:
-    """One shard's tensors (validated) and, for safetensors, its `__metadata__`."""
+def scan_file(path: Path, fmt: str, label: Path | None = None) -> tuple[dict[str, Source],
+                                                                         dict | None]:
+    """One shard's tensors (validated) and, for safetensors, its `__metadata__`; `label` is
+    the name the folder gives the file where `path` is a link's target."""
     if fmt == "safetensors":
-        return scan_safetensors(path)
-    return scan_bin(path), None
+        return scan_safetensors(path, label)
+    return scan_bin(path, label), None
 
 
 @dataclass
@@ -81,8 +83,8 @@ class CheckpointFolder:
 
     def header(self, file: str) -> dict[str, Source]:
         if file not in self._headers:
-            self._headers[file], self._metadata[file] = scan_file(self.file_path(file),
-                                                                  self.format)
+            self._headers[file], self._metadata[file] = scan_file(
+                self.file_path(file), self.format, self.path / file)
         return self._headers[file]
 
     def metadata(self, file: str) -> dict | None:

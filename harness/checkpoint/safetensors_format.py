@@ -37,9 +37,11 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def read_header(path: Path) -> tuple[dict, int, int]:
-    """(the parsed header object, where the data starts, the file's size)."""
-    with open(path, "rb") as fh:
+def read_header(path: Path, label: Path | None = None) -> tuple[dict, int, int]:
+    """(the parsed header object, where the data starts, the file's size); messages name
+    `label` (the name the folder gives the file), else `path`."""
+    real, path = path, label or path
+    with open(real, "rb") as fh:
         size = os.fstat(fh.fileno()).st_size
         head = fh.read(8)
         if len(head) < 8:
@@ -72,7 +74,7 @@ def _metadata(path: Path, header: dict) -> dict | None:
     return metadata
 
 
-def _entry(path: Path, key: str, entry, base: int, size: int) -> Source:
+def _entry(path: Path, key: str, entry, base: int, size: int, real: Path) -> Source:
     where = f"{shown(path)}: header entry {shown(key)}"
     if not key:
         raise CheckpointError(f"{shown(path)}: header has an entry with an empty name")
@@ -89,7 +91,7 @@ def _entry(path: Path, key: str, entry, base: int, size: int) -> Source:
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))):
         raise CheckpointError(f"{where}: data_offsets {shown(offsets)} are not two integers")
     start, stop = offsets
-    source = Source(key, dtype, tuple(shape), (Piece(path, base + start, stop - start),),
+    source = Source(key, dtype, tuple(shape), (Piece(real, base + start, stop - start),),
                     file=path.name)
     if start < 0 or stop - start != source.nbytes:
         raise CheckpointError(f"{where}: data_offsets {start}..{stop} do not hold its shape "
@@ -100,13 +102,15 @@ def _entry(path: Path, key: str, entry, base: int, size: int) -> Source:
     return source
 
 
-def scan_safetensors(path: Path) -> tuple[dict[str, Source], dict | None]:
+def scan_safetensors(path: Path, label: Path | None = None) -> tuple[dict[str, Source],
+                                                                    dict | None]:
     """Every tensor of a safetensors file with its byte range, in data order; and the
-    header's `__metadata__`."""
-    path = Path(path)
-    header, base, size = read_header(path)
+    header's `__metadata__`. `label`: the name the folder gives the file (a link inside it)."""
+    real = Path(path)
+    path = Path(label or path)
+    header, base, size = read_header(real, path)
     metadata = _metadata(path, header)
-    sources = [_entry(path, key, entry, base, size) for key, entry in header.items()]
+    sources = [_entry(path, key, entry, base, size, real) for key, entry in header.items()]
     sources.sort(key=lambda s: s.pieces[0].offset)
     end = base
     for s in sources:

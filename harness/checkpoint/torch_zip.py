@@ -242,15 +242,17 @@ def _pickle_of(path: Path, archive: zipfile.ZipFile, infos: dict) -> tuple[str, 
     return prefix, archive.read(info)
 
 
-def scan_bin(path: Path) -> dict[str, Source]:
-    """Every tensor of a `.bin` shard with the location of its bytes, in pickle order."""
-    path = Path(path)
+def scan_bin(path: Path, label: Path | None = None) -> dict[str, Source]:
+    """Every tensor of a `.bin` shard with the location of its bytes, in pickle order.
+    `label`: the name the folder gives the file (a link inside it), for messages."""
+    real = Path(path)
+    path = Path(label or path)
     try:
-        archive = zipfile.ZipFile(path)
+        archive = zipfile.ZipFile(real)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise CheckpointError(f"{shown(path)}: not a readable torch zip checkpoint, truncated "
                               f"or corrupt ({shown(exc)})") from None
-    with archive, open(path, "rb") as fh:
+    with archive, open(real, "rb") as fh:
         entries = archive.infolist()
         if len(entries) > MAX_RECORDS:
             raise CheckpointError(f"{shown(path)}: {len(entries)} zip records, over the "
@@ -267,7 +269,7 @@ def scan_bin(path: Path) -> dict[str, Source]:
         for key, ref in state.items():
             storage = storages.get(ref.storage.key)
             if storage is None:
-                storage = _bin_storage(path, fh, size, infos, prefix, ref.storage)
+                storage = _bin_storage(path, fh, size, infos, prefix, ref.storage, real)
                 storages[ref.storage.key] = storage
             elif (storage.dtype, storage.numel) != (ref.storage.dtype, ref.storage.numel):
                 raise CheckpointError(f"{shown(path)}: storage {shown(storage.name)} is named "
@@ -276,8 +278,8 @@ def scan_bin(path: Path) -> dict[str, Source]:
         return out
 
 
-def _bin_storage(path: Path, fh, size: int, infos: dict, prefix: str,
-                 ref: _StorageRef) -> BinStorage:
+def _bin_storage(path: Path, fh, size: int, infos: dict, prefix: str, ref: _StorageRef,
+                 real: Path) -> BinStorage:
     info = infos.get(f"{prefix}data/{ref.key}")
     if info is None:
         raise CheckpointError(f"{shown(path)}: data.pkl names storage {shown(ref.key)}, which "
@@ -291,7 +293,7 @@ def _bin_storage(path: Path, fh, size: int, infos: dict, prefix: str,
     if offset + nbytes > size:
         raise CheckpointError(f"{shown(path)}: truncated: record {shown(info.filename)} ends "
                               f"at byte {offset + nbytes}, the file has {size}")
-    return BinStorage(path, ref.key, offset, nbytes, info.CRC, ref.dtype, ref.numel)
+    return BinStorage(real, ref.key, offset, nbytes, info.CRC, ref.dtype, ref.numel)
 
 
 def _bin_source(path: Path, key: str, ref: _TensorRef, storage: BinStorage) -> Source:
@@ -303,7 +305,8 @@ def _bin_source(path: Path, key: str, ref: _TensorRef, storage: BinStorage) -> S
                               f"storage {shown(storage.name)}")
     pieces = None
     if is_contiguous(ref.shape, ref.stride):
-        pieces = (Piece(path, storage.offset + ref.offset * itemsize, numel * itemsize),)
+        pieces = (Piece(storage.path, storage.offset + ref.offset * itemsize,
+                        numel * itemsize),)
     return Source(key, storage.dtype, ref.shape, pieces, storage,
                   (ref.offset, ref.shape, ref.stride), file=path.name)
 

@@ -77,14 +77,13 @@ class ConvertResult:
 
 
 def _read_json(path: Path) -> dict:
+    """A JSON file of a checkpoint folder, resolved inside it (a link out is refused)."""
+    from ..checkpoint.reader import read_json
     from ..model.config import read_config_json
 
     if path.name == "config.json":
         return read_config_json(path.parent)
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConvertError(f"{path}: unreadable JSON ({exc})") from None
+    return read_json(inside(path.parent, path.name), path)
 
 
 def _dump(path: Path, data: dict) -> None:

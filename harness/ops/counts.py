@@ -14,7 +14,6 @@ model has unfrozen, for comparing against `projector_params(...)`.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,21 +212,19 @@ def count(config: dict, shapes: dict[str, tuple[int, ...]], source: str, config_
 
 
 def _read_config(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: not found; the projector type and dims come from "
-                              "it") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not readable JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
+    from ..checkpoint.paths import inside
+    from ..checkpoint.reader import read_json
+
+    found = inside(path.parent, path.name, must_exist=False)
+    if found is None:
+        raise CheckpointError(f"{path}: not found; the projector type and dims come from it")
+    return read_json(found, path)
 
 
 def count_checkpoint(path: Path) -> Counts:
     """Counts for a checkpoint folder: tensor shapes from the file headers, no data read."""
     folder = open_folder(path)
+    folder.check()  # an index that lies about its shards is bad input, not a count
     shapes = {key: meta.shape for key, meta in folder.tensors.items()}
     where = str(folder.path / (folder.index_file or folder.files[0]))
     return count(_read_config(folder.path / "config.json"), shapes, str(folder.path),

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint.paths import inside
+from ..checkpoint.paths import check_side_files, inside
 from ..checkpoint.reader import open_folder, read_file
 from ..errors import HarnessError
 from ..model.config import architecture_of, llava_config, read_config_json
@@ -103,6 +103,7 @@ def _check_folder(path: Path) -> None:
     transformers (torch) maps a byte: a truncated, inflated or deflated record, a lying header
     or an index naming a missing file is one clear line here, never zeros or garbage there."""
     open_folder(path).check()
+    check_side_files(path)
 
 
 def _checkpoint_projector_shapes(path: Path) -> dict[str, tuple]:
@@ -197,6 +198,7 @@ class _Options:
 def _tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
+    check_side_files(folder)
     try:
         with warnings.catch_warnings():
             # It reads config.json too, and transformers 5 warns about the published
