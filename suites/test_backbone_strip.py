@@ -588,3 +588,23 @@ def test_realsize_strip_is_llama2_7b(realsize_checkpoint_factory, tmp_path, fmt)
             assert len(state) == len(scan_folder(out).files[first.name])
     finally:
         shutil.rmtree(out, ignore_errors=True)
+
+
+def test_the_strict_checks_target_class_is_remembered(tmp_path, monkeypatch):
+    """The target class is built on the meta device once per (config, transformers, torch);
+    the next strip of the same architecture reads it from the cache and gives the same state,
+    and a different config builds anew."""
+    from harness.ops import strip as strip_ops
+
+    monkeypatch.setenv("LLAVA_HARNESS_CACHE", str(tmp_path / "cache"))
+    src = bare_build(tmp_path / "src")
+    strip(src, tmp_path / "out", verify=False)
+    built = []
+    real = strip_ops._meta_state
+    monkeypatch.setattr(strip_ops, "_meta_state", lambda f: built.append(f) or real(f))
+    first = strip_ops.expected_state(tmp_path / "out")
+    assert strip_ops.expected_state(tmp_path / "out") == first and len(built) == 1
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    (tmp_path / "out" / "config.json").write_text(json.dumps({**config, "vocab_size": 640}))
+    assert strip_ops.expected_state(tmp_path / "out")["lm_head.weight"][0] == (640, 64)
+    assert len(built) == 2
