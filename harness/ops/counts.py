@@ -224,11 +224,15 @@ def _read_config(path: Path) -> dict:
 def count_checkpoint(path: Path) -> Counts:
     """Counts for a checkpoint folder: tensor shapes from the file headers, no data read."""
     folder = open_folder(path)
-    folder.check()  # an index that lies about its shards is bad input, not a count
+    # An index that lies about its shards is bad input, not a count; its total_size is
+    # checked last, so that a tensor of the wrong shape is named for what it is.
+    folder.check(total_size=False)
     shapes = {key: meta.shape for key, meta in folder.tensors.items()}
     where = str(folder.path / (folder.index_file or folder.files[0]))
-    return count(_read_config(folder.path / "config.json"), shapes, str(folder.path),
-                 str(folder.path / "config.json"), where, "file_headers")
+    counts = count(_read_config(folder.path / "config.json"), shapes, str(folder.path),
+                   str(folder.path / "config.json"), where, "file_headers")
+    folder.check()
+    return counts
 
 
 def count_preset(name: str) -> Counts:
