@@ -1,16 +1,6 @@
-"""Repository-only pytest settings. The fixtures and options live in the installed plugin
+"""Repository-only pytest settings: a plain `pytest` at the top of the checkout collects the
+suites and nothing of the generated or data folders. The suites' own settings travel with them
+(suites/conftest.py, suites/pytest.ini); the fixtures and options live in the installed plugin
 (harness/plugin.py, registered through the pytest11 entry point)."""
 
-import os
-
-from hypothesis import HealthCheck, settings
-
-# ci: few, deterministic examples so the default run stays well inside its time budget.
-settings.register_profile("ci", max_examples=15, deadline=None, derandomize=True,
-                          suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                 HealthCheck.too_slow])
-# dev: more examples, random, for hunting edge cases locally.
-settings.register_profile("dev", max_examples=100, deadline=None,
-                          suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                 HealthCheck.too_slow])
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+collect_ignore = ["reports", "fixtures", ".ci-cache", ".venv"]

@@ -187,7 +187,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-dir", type=Path, default=Path("reports"), metavar="DIR",
                    help="reports go to DIR/<run-id>/ (default: reports)")
     p.add_argument("--suites-dir", type=Path, metavar="DIR",
-                   help="the suites folder (default: the checkout's suites/)")
+                   help="the suites folder (default: the installed harness.suites)")
     p.add_argument("--realsize", action="store_true", help="also run real-size tests")
     p.add_argument("-k", dest="select", metavar="EXPR", help="pytest -k selection")
     p.add_argument("--run-id", type=_run_id, help="run id (default: UTC time + random suffix)")

@@ -232,8 +232,16 @@ def evaluate(checks: list[Check], results: Results, baseline: Results | None = N
 # -- baselines ---------------------------------------------------------------------------------
 
 def baselines_dir() -> Path:
-    """`fixtures/baselines/` of the checkout the package lives in."""
-    return Path(__file__).resolve().parent.parent / "fixtures" / "baselines"
+    """`fixtures/baselines/` of the checkout the package lives in (committed with the code it
+    describes); an installed harness has no checkout to commit to, and writes nowhere in
+    site-packages."""
+    from .data import fixtures_dir
+    from .environment import harness_repo
+
+    if harness_repo() is None:
+        raise GateError("baseline --name writes into a checkout's fixtures/baselines/, and this "
+                        "harness is installed, not a checkout: pass --out FILE")
+    return fixtures_dir() / "baselines"
 
 
 def _git(folder: Path, *args: str) -> str | None:

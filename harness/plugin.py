@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from .gate import check_arg
+from .oracle.source import MODES as ORACLE_MODES
 from .presets import PRESET_NAMES, TINY_PRESETS, build_spec
 
 MARKERS = {
@@ -99,7 +100,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "--llava-preset)")
     group.addoption("--llava-preset", choices=PRESET_NAMES, default="tiny",
                     help="preset of the synthetic checkpoint used without --llava-checkpoint")
-    group.addoption("--llava-oracle", choices=("auto", "live", "stored"), default="auto",
+    group.addoption("--llava-oracle", choices=ORACLE_MODES, default="auto",
                     help="original-LLaVA oracle: auto (default) = the live one where its "
                          "environment is set up ('llava-harness oracle setup') plus the stored "
                          "copies; live = as auto, but a missing live oracle is an error; "

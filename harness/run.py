@@ -1,8 +1,8 @@
 """`llava-harness run`: the main job. Runs suites through pytest, writes the report, says where.
 
-The suites live in the repository's `suites/` folder, next to the `harness` package in a
-checkout or an editable install; a wheel does not ship them, so a non-editable install needs
-`--suites-dir` pointing at a checkout's `suites/`. Each suite name maps to one file; a name
+The suites ship with the package as `harness.suites` (the repository's `suites/` folder, which
+an editable install maps onto the same name), so `run` works from any folder after a plain
+`pip install`; `--suites-dir` points elsewhere. Each suite name maps to one file; a name
 whose file does not exist (yet) is skipped with a message. pytest runs in a child process
 (its own imports, its own exit code), with the plugin writing `<report-dir>/<run-id>/`; its
 output is streamed and kept in `pytest.log` there.
@@ -31,6 +31,7 @@ SUITES = {
     "loader": "test_loader.py",
     "original": "test_original_llava.py",
     "oracle": "test_oracle.py",
+    "packaging": "test_packaging.py",
     "splice": "test_splice.py",
     "stage1": "test_stage1_alignment.py",
     "strip": "test_backbone_strip.py",
@@ -60,7 +61,9 @@ class RunError(HarnessError):
 
 
 def suites_dir_default() -> Path:
-    return Path(__file__).resolve().parent.parent / "suites"
+    from .data import suites_dir
+
+    return suites_dir()
 
 
 def parse_suite_names(text: str) -> tuple[str, ...]:
@@ -136,9 +139,9 @@ def _stream(cmd: list[str], cwd: Path, log: Path) -> tuple[int, list[str]]:
 def _check_inputs(opts: RunOptions) -> Path:
     suites_dir = Path(opts.suites_dir) if opts.suites_dir else suites_dir_default()
     if not suites_dir.is_dir():
-        raise RunError(f"{suites_dir}: no suites folder here (a non-editable install does not "
-                       "ship the suites; pass --suites-dir pointing at a llava-harness "
-                       "checkout's suites/)")
+        raise RunError(f"{suites_dir}: no suites folder here (pass --suites-dir DIR; every "
+                       "install, editable or a non-editable install of the wheel, ships them as "
+                       "harness.suites)")
     report_dir = Path(opts.report_dir)
     if report_dir.exists() and not report_dir.is_dir():
         raise RunError(f"--report-dir {report_dir}: exists and is not a folder")

@@ -1,4 +1,5 @@
-"""Tolerances for arithmetic comparisons, read from `fixtures/tolerances.toml` (one data file).
+"""Tolerances for arithmetic comparisons, read from `fixtures/tolerances.toml` (one data file,
+shipped in the wheel as `harness.fixtures`).
 
 Each entry names its reason; a test that compares within a tolerance gets it from here by a
 dotted name, so every bound in the project is reviewable in one place.
@@ -11,9 +12,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from .data import fixtures_dir
 from .errors import HarnessError
 
-TOLERANCES_FILE = Path(__file__).resolve().parent.parent / "fixtures" / "tolerances.toml"
+TOLERANCES_FILE = fixtures_dir() / "tolerances.toml"
 
 
 class ToleranceError(HarnessError):

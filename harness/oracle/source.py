@@ -15,11 +15,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data import fixtures_dir
 from ..environment import numeric_fingerprint
 from ..errors import HarnessError
 from ..tolerances import tolerance
 
-STORED_ROOT = Path(__file__).resolve().parents[2] / "fixtures" / "reference" / "original-llava"
+STORED_ROOT = fixtures_dir() / "reference" / "original-llava"
 MODES = ("auto", "live", "stored")
 
 

@@ -1,0 +1,16 @@
+"""Settings of the suites, shipped with them (harness.suites), so an installed harness runs
+them as the repository does. The fixtures and options live in the plugin (harness/plugin.py)."""
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+# ci: few, deterministic examples so the default run stays well inside its time budget.
+settings.register_profile("ci", max_examples=15, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                 HealthCheck.too_slow])
+# dev: more examples, random, for hunting edge cases locally.
+settings.register_profile("dev", max_examples=100, deadline=None,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                 HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

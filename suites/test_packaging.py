@@ -1,0 +1,63 @@
+"""The wheel is the product: what `pip install` gives carries the suites and their data inside
+the package, and nothing outside it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from harness.data import fixtures_dir, suites_dir
+
+PACKAGE = Path(__file__).resolve().parent.parent / "harness"
+
+
+def _pyproject() -> dict | None:
+    path = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    return tomllib.loads(path.read_text()) if path.is_file() else None
+
+
+def test_the_data_and_suites_are_found_where_the_package_is():
+    assert (fixtures_dir() / "tolerances.toml").is_file()
+    assert (fixtures_dir() / "reference" / "original-llava").is_dir()
+    assert (suites_dir() / "test_original_llava.py").is_file()
+    assert (suites_dir() / "conftest.py").is_file() and (suites_dir() / "pytest.ini").is_file()
+
+
+def test_every_subpackage_is_listed_for_the_wheel():
+    project = _pyproject()
+    if project is None:
+        pytest.skip("an installed harness: pyproject.toml stays in the checkout")
+    listed = set(project["tool"]["setuptools"]["packages"])
+    found = {"harness"} | {f"harness.{p.parent.name}" for p in PACKAGE.glob("*/__init__.py")}
+    assert found <= listed, f"not listed in pyproject.toml: {sorted(found - listed)}"
+
+
+def test_the_wheel_carries_suites_and_data_inside_the_package(tmp_path):
+    if _pyproject() is None:
+        pytest.skip("an installed harness: the wheel is built from a checkout")
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
+                           "--no-build-isolation", "-q", "-w", str(tmp_path), str(root)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (wheel,) = tmp_path.glob("llava_harness-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/", 1)[0] for n in names}
+    assert tops == {"harness", next(t for t in tops if t.endswith(".dist-info"))}
+    for needed in ("harness/fixtures/tolerances.toml", "harness/suites/conftest.py",
+                   "harness/suites/pytest.ini", "harness/suites/test_original_llava.py",
+                   "harness/fixtures/reference/llava-v1.5-7b.json"):
+        assert needed in names, needed
+    copies = {n.split("/")[4] for n in names
+              if n.startswith("harness/fixtures/reference/original-llava/")
+              and n.endswith("/manifest.json")}
+    assert len(copies) >= 2
+    for copy in copies:
+        manifest = f"harness/fixtures/reference/original-llava/{copy}/manifest.json"
+        assert any(n.startswith(f"harness/fixtures/reference/original-llava/{copy}/cases/")
+                   for n in names), manifest
