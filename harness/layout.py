@@ -29,15 +29,8 @@ def shape_numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    key: str
-    shape: tuple[int, ...]
-    dtype: str
-    # How values are drawn (see fill.py): weight, bias, norm, inv_freq.
-    kind: str
-    # Which part of the model: lm, projector, vision, newline.
-    group: str
+class Shaped:
+    """`numel` and `nbytes` of anything with a `shape` and a `dtype` name."""
 
     @property
     def numel(self) -> int:
@@ -46,6 +39,18 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return self.numel * DTYPE_BYTES[self.dtype]
+
+
+@dataclass(frozen=True)
+class TensorInfo(Shaped):
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+    # How values are drawn (see fill.py): weight, bias, norm, inv_freq.
+    kind: str
+    # Which part of the model: lm, projector, vision, newline.
+    group: str
+
 
 
 def projector_tensors(model: ModelSpec) -> list[TensorInfo]:

@@ -17,17 +17,14 @@ from pathlib import Path
 from ..plan import INDEX_NAMES, SINGLE_NAMES
 from .paths import inside, plain_name
 from .problems import CheckpointError, shown
-from .safetensors_format import MAX_HEADER_BYTES, scan_safetensors
+from .safetensors_format import scan_safetensors
 from .tensors import Source
 from .torch_zip import scan_bin
 
-__all__ = ["MAX_HEADER_BYTES", "CheckpointError", "CheckpointFolder", "ScannedFolder",
-           "TensorMeta", "consistency_problems", "open_folder", "read_file", "scan_folder",
-           "scan_file"]
+__all__ = ["CheckpointError", "CheckpointFolder", "ScannedFolder", "consistency_problems",
+           "open_folder", "read_file", "scan_file", "scan_folder"]
 
 MAX_JSON_BYTES = 64 << 20  # a 13B's index is ~40 KB
-# The header entry of one tensor: key, dtype, shape, file, and where its bytes are.
-TensorMeta = Source
 
 
 def read_json(path: Path, where: Path | None = None) -> dict:

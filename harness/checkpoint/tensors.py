@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..layout import DTYPE_BYTES, shape_numel
+from ..layout import DTYPE_BYTES, Shaped
 from .problems import CheckpointError
 
 SAFETENSORS_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
@@ -55,7 +55,7 @@ class BinStorage:
 
 
 @dataclass(frozen=True)
-class Source:
+class Source(Shaped):
     """One tensor: its name, dtype, shape, the file it is in, and where its bytes are."""
 
     key: str
@@ -66,13 +66,6 @@ class Source:
     view: tuple[int, tuple[int, ...], tuple[int, ...]] | None = None  # offset, shape, stride
     file: str | None = None
 
-    @property
-    def numel(self) -> int:
-        return shape_numel(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * DTYPE_BYTES[self.dtype]
 
     def renamed(self, key: str) -> Source:
         return dataclasses.replace(self, key=key)
