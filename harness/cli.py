@@ -153,10 +153,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
                        force=args.force)
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("llava-harness")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="llava-harness",
                                      description="Benchmark and validation harness for LLaVA "
                                                  "checkpoints.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("build", help="write a synthetic LLaVA checkpoint")
@@ -188,7 +198,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="reports go to DIR/<run-id>/ (default: reports)")
     p.add_argument("--suites-dir", type=Path, metavar="DIR",
                    help="the suites folder (default: the installed harness.suites)")
-    p.add_argument("--realsize", action="store_true", help="also run real-size tests")
+    p.add_argument("--realsize", "--llava-realsize", dest="realsize", action="store_true",
+                   help="also run real-size tests")
     p.add_argument("-k", dest="select", metavar="EXPR", help="pytest -k selection")
     p.add_argument("--run-id", type=_run_id, help="run id (default: UTC time + random suffix)")
     from .gate import check_arg

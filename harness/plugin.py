@@ -25,8 +25,8 @@ from .presets import PRESET_NAMES, TINY_PRESETS, build_spec
 
 MARKERS = {
     "gpu": "needs a CUDA GPU; skipped with a reason on CPU",
-    "realsize": "builds or reads real-size (7B/13B) checkpoints; run with --realsize",
-    "slow": "takes more than a few seconds on 2 CPU cores",
+    "realsize": "builds or reads real-size (7B/13B) checkpoints; run with --llava-realsize",
+    "slow": "takes minutes on 2 CPU cores; runs only with --llava-slow",
 }
 
 _COLLECTOR = pytest.StashKey["Collector"]()
@@ -35,7 +35,8 @@ _GATE_LINES = pytest.StashKey[list]()
 _REPORT_PATH = pytest.StashKey[Path]()
 
 _NO_GPU = "needs a CUDA GPU (torch.cuda.is_available() is False on this machine)"
-_NO_REALSIZE = ("real-size: builds a 13.5 GB+ checkpoint into the cache; run with --realsize "
+_NO_SLOW = "slow: takes minutes on 2 cores; run with --llava-slow"
+_NO_REALSIZE = ("real-size: builds a 13.5 GB+ checkpoint into the cache; run with --llava-realsize "
                 "(cache folder: --llava-cache or LLAVA_HARNESS_CACHE)")
 
 
@@ -80,8 +81,12 @@ def _checkpoint_dir(text: str) -> Path:
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("llava", "llava-harness")
-    group.addoption("--realsize", action="store_true", default=False,
+    group.addoption("--llava-realsize", "--realsize", dest="llava_realsize",
+                    action="store_true", default=False,
                     help="run real-size tests (builds real-size checkpoints into the cache)")
+    group.addoption("--llava-slow", action="store_true", default=False,
+                    help="run the tests marked slow (the full LoRA matrix, child-process "
+                         "benchmarks); without it they skip, and -m 'not slow' deselects them")
     group.addoption("--llava-cache", type=_existing_or_creatable_dir, default=None,
                     metavar="DIR", help="cache folder for real-size builds "
                                         "(default: $LLAVA_HARNESS_CACHE or ~/.cache/llava-harness)")
@@ -127,12 +132,15 @@ def _cuda_available() -> bool:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    realsize = config.getoption("--realsize")
+    realsize = config.getoption("llava_realsize")
+    slow = config.getoption("--llava-slow")
     need_cuda = any(item.get_closest_marker("gpu") for item in items)
     has_cuda = _cuda_available() if need_cuda else False
     for item in items:
         if item.get_closest_marker("realsize") and not realsize:
             item.add_marker(pytest.mark.skip(reason=_NO_REALSIZE))
+        if item.get_closest_marker("slow") and not slow:
+            item.add_marker(pytest.mark.skip(reason=_NO_SLOW))
         if item.get_closest_marker("gpu") and not has_cuda:
             item.add_marker(pytest.mark.skip(reason=_NO_GPU))
 
@@ -264,14 +272,14 @@ def llava_checkpoint_spec(pytestconfig: pytest.Config):
 def llava_checkpoint(pytestconfig: pytest.Config, llava_checkpoint_spec,
                      tiny_checkpoint_factory: CheckpointFactory) -> Path:
     """The folder under validation: `--llava-checkpoint DIR`, else a synthetic one of
-    `--llava-preset` (tiny: built per session; real size: the cache, with --realsize)."""
+    `--llava-preset` (tiny: built per session; real size: the cache, with --llava-realsize)."""
     user = pytestconfig.getoption("--llava-checkpoint")
     if user is not None:
         return user
     preset = pytestconfig.getoption("--llava-preset")
     if preset in TINY_PRESETS:
         return tiny_checkpoint_factory(preset)
-    if not pytestconfig.getoption("--realsize"):
+    if not pytestconfig.getoption("llava_realsize"):
         pytest.skip(f"--llava-preset {preset}: {_NO_REALSIZE}")
     from .cache import cache_root, cached_build
 
@@ -328,7 +336,7 @@ def _settings(config: pytest.Config) -> dict[str, str]:
     user = config.getoption("--llava-checkpoint")
     out = {"checkpoint": str(Path(user).absolute()) if user is not None
            else f"synthetic ({config.getoption('--llava-preset')} preset)",
-           "realsize": str(config.getoption("--realsize")).lower(),
+           "realsize": str(config.getoption("llava_realsize")).lower(),
            "pytest_args": " ".join(_relative(arg, config.rootpath)
                                    for arg in config.invocation_params.args)}
     baseline = config.getoption("--llava-baseline")

@@ -51,7 +51,7 @@ _PRESETS["tiny-quant"] = dataclasses.replace(
     _PRESETS["tiny"], model=_PRESETS["tiny"].model.replace(name="tiny-quant",
                                                           intermediate_size=192))
 PRESET_NAMES = tuple(_PRESETS)
-# Built in about a second, anywhere: no cache, no --realsize.
+# Built in about a second, anywhere: no cache, no --llava-realsize.
 TINY_PRESETS = ("tiny", "tiny-quant")
 
 

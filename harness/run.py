@@ -114,7 +114,7 @@ def pytest_command(files: list[Path], opts: RunOptions, run_id: str) -> list[str
     if opts.checkpoint is not None:
         cmd += ["--llava-checkpoint", str(Path(opts.checkpoint).absolute())]
     if opts.realsize:
-        cmd.append("--realsize")
+        cmd.append("--llava-realsize")
     if opts.select:
         cmd += ["-k", opts.select]
     return cmd

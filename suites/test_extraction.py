@@ -541,7 +541,6 @@ def test_unknown_output_extension(fresh, tmp_path, capsys):
 
 # --- the benchmark's machinery (figures come from `llava-harness bench extract`) ------------
 
-@pytest.mark.slow
 def test_bench_extract_records_both_sides(built, tmp_path, capsys):
     from harness.results import load_results
 

@@ -16,7 +16,7 @@ show, e.g. DoRA only breaking in float16. The risky combinations are added by na
 rank in both half precisions (the update's sum over 128 products rounds hardest), DoRA in
 bfloat16 (the row norm is taken over a bfloat16 weight), rsLoRA at rank 128 (its scaling is
 sqrt(128) ~ 11x plain LoRA's, so a wrong formula shows most), and LLaVA's own v1.5 settings.
-The full cross product runs with `-m slow`.
+The full cross product runs with `--llava-slow`.
 """
 
 from __future__ import annotations
@@ -266,15 +266,14 @@ def test_merge_routes_agree(bases, tmp_path, case):
 
 
 def pytest_generate_tests(metafunc):
-    """The full matrix is parametrized only when `-m` selects slow tests: the plugin does not
-    deselect `slow` by itself, and 1728 cases would take half an hour."""
+    """The full matrix is parametrized only with --llava-slow (1728 cases would take half an
+    hour); without it one placeholder stands for it, skipped by the plugin's slow policy."""
     if metafunc.function.__name__ != "test_merge_routes_agree_full_matrix":
         return
-    if "slow" in (metafunc.config.getoption("markexpr") or ""):
+    if metafunc.config.getoption("--llava-slow"):
         metafunc.parametrize("case", FULL, ids=lambda c: c.id)
     else:
-        skip = pytest.mark.skip(reason=f"the full {len(FULL)}-case matrix runs with -m slow")
-        metafunc.parametrize("case", [pytest.param(None, marks=skip)], ids=["full-matrix"])
+        metafunc.parametrize("case", [None], ids=["full-matrix"])
 
 
 @pytest.mark.slow
@@ -640,14 +639,8 @@ def test_merge_lora_cli_bad_inputs(bases, tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name not in ("lora", "taken")]
 
 
-@pytest.fixture
-def slow_only(request):
-    if "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("starts child processes (a torch import each): runs with -m slow")
-
-
-@pytest.mark.slow
-def test_bench_merge_runs_on_a_tiny_base(slow_only, bases, tmp_path, capsys):
+@pytest.mark.slow  # starts child processes, a torch import each
+def test_bench_merge_runs_on_a_tiny_base(bases, tmp_path, capsys):
     from harness.results import load_results
 
     code, out, err = _cli(capsys, "bench", "merge", "--base", bases["safetensors"], "--rank", 4,

@@ -1,5 +1,5 @@
 """The wheel is the product: what `pip install` gives carries the suites and their data inside
-the package, and nothing outside it."""
+the package, and nothing outside it; the command line and the plugin behave the same there."""
 
 from __future__ import annotations
 
@@ -61,3 +61,39 @@ def test_the_wheel_carries_suites_and_data_inside_the_package(tmp_path):
         manifest = f"harness/fixtures/reference/original-llava/{copy}/manifest.json"
         assert any(n.startswith(f"harness/fixtures/reference/original-llava/{copy}/cases/")
                    for n in names), manifest
+
+
+def test_the_command_line_says_its_version(capsys):
+    from importlib import metadata
+
+    from harness.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"llava-harness {metadata.version('llava-harness')}"
+
+
+SLOW_SUITE = '''
+import pytest
+
+@pytest.mark.slow
+def test_takes_minutes():
+    pass
+
+def test_quick():
+    pass
+'''
+
+
+@pytest.mark.parametrize("args, outcome", [
+    ([], "1 passed, 1 skipped"), (["--llava-slow"], "2 passed"),
+    (["-m", "not slow"], "1 passed, 1 deselected"), (["-m", "slow"], "1 skipped, 1 deselected")])
+def test_one_slow_policy(tmp_path, args, outcome):
+    """The plugin's slow policy, in any repository: slow tests run only with --llava-slow, and
+    `-m "not slow"` deselects them (it does not select anything)."""
+    (tmp_path / "test_s.py").write_text(SLOW_SUITE)
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           str(tmp_path / "test_s.py"), *args], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert outcome in done.stdout, done.stdout[-1500:]

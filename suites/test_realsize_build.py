@@ -1,4 +1,4 @@
-"""Real-size builds (run with --realsize): the cached llava-v1.5-7b folders carry exactly the
+"""Real-size builds (run with --llava-realsize): the cached llava-v1.5-7b folders carry exactly the
 published metadata, read from their headers without loading tensor data, and spot-checked
 tensors regenerate from (seed, key). Each build is 13.5 GB; the cache keeps them across runs."""
 

@@ -5,7 +5,7 @@ GPU time is short (minutes, every start a bare machine), so this is the one prep
 1. check the machine: torch sees CUDA, bitsandbytes imports (carried as a wheel: the image has
    none), the harness's pins hold; print the environment fingerprint;
 2. build real-size `llava-v1.5-7b` (safetensors) into the cache folder with the builder;
-3. the GPU suites on it: `pytest suites -m gpu --realsize` with the report;
+3. the GPU suites on it: `pytest suites -m gpu --llava-realsize` with the report;
 4. `bench quant` on it with every mode on CUDA, with its records;
 5. the records as a baseline named after the GPU, and the report, under `--out`.
 
@@ -100,7 +100,7 @@ def gpu_suites(session: Session, suites: Path) -> int:
             "-m", "gpu", "--llava-report-dir", str(session.out / "reports"),
             "--llava-run-id", f"session-{session.device}", *_plugin_args()]
     if not session.dry_run:
-        args.append("--realsize")
+        args.append("--llava-realsize")
     done = subprocess.run(args, timeout=PYTEST_TIMEOUT_S)
     if done.returncode not in (0, 5):  # 5: no test selected, as on a CPU without gpu tests
         raise SessionError(f"pytest -m gpu exited {done.returncode}")
