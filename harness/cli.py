@@ -233,7 +233,11 @@ class Terminated(BaseException):
         self.signum = signum
 
 
+_received: list[int] = []  # signals delivered to this process, newest last
+
+
 def _raise_terminated(signum, _frame):
+    _received.append(signum)
     raise Terminated(signum)
 
 
@@ -250,6 +254,14 @@ def _install_signal_handlers() -> dict:
     return previous
 
 
+def _stopped(signum: int) -> int:
+    import signal
+
+    print(f"llava-harness: {signal.Signals(signum).name}: stopped; nothing was left behind",
+          file=sys.stderr)
+    return 128 + signum
+
+
 def _error(text: str) -> int:
     from .checkpoint.problems import shown
 
@@ -262,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     import signal
 
     args = make_parser().parse_args(argv)
+    _received.clear()
     previous = _install_signal_handlers()
     try:
         return args.func(args)
@@ -276,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a fault the harness did not foresee: still one line
         import os
 
+        if _received:  # the signal, surfacing as another error (a C extension's import, say)
+            return _stopped(_received[-1])
+
         if os.environ.get("LLAVA_HARNESS_DEBUG"):
             raise
         from .checkpoint.problems import shown
@@ -285,9 +301,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return EXIT_INTERNAL
     except Terminated as exc:
-        print(f"llava-harness: {signal.Signals(exc.signum).name}: stopped; nothing was left "
-              "behind", file=sys.stderr)
-        return 128 + exc.signum
+        return _stopped(exc.signum)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

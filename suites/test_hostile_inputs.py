@@ -1053,3 +1053,23 @@ def test_partial_of_a_live_process_is_kept(tmp_path, capsys):
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_signal_that_surfaces_as_another_error_is_reported_as_the_signal(tmp_path, capsys,
+                                                                           monkeypatch):
+    """SIGTERM delivered while a C extension initialises (torch's import, say) comes out of
+    the import as an ImportError, not as the CLI's own exception: still a stop by SIGTERM,
+    exit 143, nothing left behind, not an 'internal error'."""
+    from harness import cli, synth
+
+    def interrupted_import(*_args, **_kwargs):
+        try:
+            cli._raise_terminated(signal.SIGTERM, None)
+        except cli.Terminated:
+            raise ImportError("initialization failed") from None
+
+    monkeypatch.setattr(synth, "write_tensors", interrupted_import)
+    ran = run_cli(capsys, ["build", "--preset", "tiny", "--out", tmp_path / "built"])
+    assert ran.code == EXIT_SIGTERM and "SIGTERM" in ran.err, ran.err
+    assert "internal error" not in ran.err
+    assert not list(tmp_path.iterdir())
