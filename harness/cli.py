@@ -125,7 +125,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_suites(RunOptions(
         suites=args.suites, preset=args.preset, checkpoint=args.checkpoint,
         report_dir=args.report_dir, suites_dir=args.suites_dir, realsize=args.realsize,
-        select=args.select, baseline=args.baseline, checks=args.fail, run_id=args.run_id))
+        select=args.select, baseline=args.baseline, checks=args.fail, run_id=args.run_id,
+        pytest_args=tuple(args.pytest_args)))
 
 
 def _run_id(text: str) -> str:
@@ -207,6 +208,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", type=Path, metavar="FILE", help="results file to gate against")
     p.add_argument("--fail", type=check_arg, action="append", default=[], metavar="EXPR",
                    help="gate check, e.g. 'peak_rss:+5%%'; repeatable")
+    p.add_argument("pytest_args", nargs="*", metavar="-- PYTEST_ARGS",
+                   help="after --, passed to pytest as they are (e.g. -- --junitxml out.xml)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("bench", help="benchmarks")

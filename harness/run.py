@@ -105,6 +105,7 @@ class RunOptions:
     baseline: Path | None = None
     checks: list = field(default_factory=list)
     run_id: str | None = None
+    pytest_args: tuple[str, ...] = ()  # after `--` on the command line, for pytest as they are
 
 
 def pytest_command(files: list[Path], opts: RunOptions, run_id: str) -> list[str]:
@@ -117,7 +118,7 @@ def pytest_command(files: list[Path], opts: RunOptions, run_id: str) -> list[str
         cmd.append("--llava-realsize")
     if opts.select:
         cmd += ["-k", opts.select]
-    return cmd
+    return cmd + list(opts.pytest_args)
 
 
 def _stream(cmd: list[str], cwd: Path, log: Path) -> tuple[int, list[str]]:

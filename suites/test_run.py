@@ -92,6 +92,16 @@ def test_run_on_a_synthetic_folder_writes_a_report(bare_folder, tmp_path, capsys
     assert "## Summary per suite" in text and "projector_params" in text
 
 
+def test_arguments_after_a_double_dash_go_to_pytest(bare_folder, tmp_path, capsys):
+    """`run -- --junitxml FILE`: a CI system gets pytest's own JUnit XML beside the report."""
+    xml = tmp_path / "junit.xml"
+    code = main(["run", "--checkpoint", str(bare_folder), "--report-dir", str(tmp_path),
+                 "--run-id", "junit", "-k", "index", "--", "--junitxml", str(xml)])
+    assert code == 0, capsys.readouterr().out[-3000:]
+    text = xml.read_text()
+    assert "<testsuite" in text and "test_index_matches_the_files" in text
+
+
 def plant(folder):
     """Three independent defects: the index's total_size, the config's projector type (the
     tensors are mlp2x_gelu) and its layer count (the tensors have 2 layers)."""
