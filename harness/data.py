@@ -2,7 +2,9 @@
 
 In the repository they are the top-level `fixtures/` and `suites/`; the wheel carries them as
 `harness.fixtures` and `harness.suites` (pyproject's package-dir), and an editable install maps
-the same names onto the repository's folders. Everything reads them through here.
+the same names onto the repository's folders. A source tree used straight from `PYTHONPATH`
+(as on a bare GPU machine) has neither mapping: there the folders beside the package are used.
+Everything reads them through here.
 """
 
 from __future__ import annotations
@@ -10,15 +12,20 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+_CHECKOUT = Path(__file__).resolve().parent.parent
 
-def _folder(package: str) -> Path:
-    # Both are plain folders on disk (never zipped), so the traversable is a real path.
-    return Path(str(resources.files(package)))
+
+def _folder(package: str, beside: str) -> Path:
+    try:
+        # Plain folders on disk in every install (never zipped): the traversable is a path.
+        return Path(str(resources.files(package)))
+    except ModuleNotFoundError:
+        return _CHECKOUT / beside
 
 
 def fixtures_dir() -> Path:
-    return _folder("harness.fixtures")
+    return _folder("harness.fixtures", "fixtures")
 
 
 def suites_dir() -> Path:
-    return _folder("harness.suites")
+    return _folder("harness.suites", "suites")

@@ -109,8 +109,11 @@ class RunOptions:
 
 
 def pytest_command(files: list[Path], opts: RunOptions, run_id: str) -> list[str]:
-    cmd = [sys.executable, "-m", "pytest", *map(str, files), "-q", "-p", "no:cacheprovider",
-           "--tb=line", "--llava-report-dir", str(Path(opts.report_dir).absolute()),
+    # -P: the working folder is not put on sys.path, so the harness the suites test is the
+    # one this process runs, never a checkout that happens to be the current folder.
+    cmd = [sys.executable, "-P", "-m", "pytest", *map(str, files), "-q", "-p",
+           "no:cacheprovider", "--tb=line",
+           "--llava-report-dir", str(Path(opts.report_dir).absolute()),
            "--llava-run-id", run_id, "--llava-preset", opts.preset]
     if opts.checkpoint is not None:
         cmd += ["--llava-checkpoint", str(Path(opts.checkpoint).absolute())]

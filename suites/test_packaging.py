@@ -97,3 +97,17 @@ def test_one_slow_policy(tmp_path, args, outcome):
                            str(tmp_path / "test_s.py"), *args], capture_output=True, text=True,
                           cwd=tmp_path, timeout=120)
     assert outcome in done.stdout, done.stdout[-1500:]
+
+
+def test_a_bare_source_tree_finds_its_data_beside_the_package():
+    """`PYTHONPATH=checkout python -m harness.cli ...` (a bare GPU machine, no install): no
+    package mapping exists, and the folders beside the package are used."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "fixtures" / "tolerances.toml").is_file():
+        pytest.skip("an installed harness: there is no source tree beside it")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from harness.data import fixtures_dir, "
+            "suites_dir; print(fixtures_dir()); print(suites_dir())")
+    done = subprocess.run([sys.executable, "-S", "-c", code, str(root)], capture_output=True,
+                          text=True, timeout=60)  # -S: no site-packages, no editable mapping
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(root / "fixtures"), str(root / "suites")]

@@ -96,7 +96,7 @@ def _plugin_args() -> list[str]:
 
 
 def gpu_suites(session: Session, suites: Path) -> int:
-    args = [sys.executable, "-m", "pytest", str(suites), "-q", "-p", "no:cacheprovider",
+    args = [sys.executable, "-P", "-m", "pytest", str(suites), "-q", "-p", "no:cacheprovider",
             "-m", "gpu", "--llava-report-dir", str(session.out / "reports"),
             "--llava-run-id", f"session-{session.device}", *_plugin_args()]
     if not session.dry_run:
