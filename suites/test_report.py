@@ -245,5 +245,6 @@ def test_plugin_collects_outcomes_metrics_and_benchmarks(tmp_path):
 def test_plugin_writes_nothing_by_default(tmp_path):
     done = run_plugin(tmp_path)
     assert done.returncode == 1 and "llava-harness report" not in done.stdout
-    # (.benchmarks is pytest-benchmark's own storage folder, not ours)
-    assert {p.name for p in tmp_path.iterdir()} - {".benchmarks"} == {"test_plugin_demo.py"}
+    # (.benchmarks is pytest-benchmark's own storage folder, __pycache__ Python's: not ours)
+    assert {p.name for p in tmp_path.iterdir()} - {".benchmarks", "__pycache__"} == \
+        {"test_plugin_demo.py"}
