@@ -182,9 +182,8 @@ def torch_facts() -> dict:
 def numeric_fingerprint() -> dict:
     """The NUMERIC_FIELDS of this machine and process, with torch's version: equal
     fingerprints mean two computations of the same thing agree bit for bit."""
-    env = collect(probe_gpu=False, probe_torch=True)
-    return {"torch": env.libraries.get("torch"),
-            **{name: getattr(env, name) for name in NUMERIC_FIELDS}}
+    facts = {**_cpu_facts(), **torch_facts()}  # no git, no NVML: only what moves the bits
+    return {"torch": _version("torch"), **{name: facts.get(name) for name in NUMERIC_FIELDS}}
 
 
 def _memory_mib() -> int | None:

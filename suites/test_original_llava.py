@@ -57,7 +57,7 @@ def test_the_checkpoints_are_the_ones_the_oracle_read(llava_oracle, llava_oracle
 @pytest.mark.parametrize("case_id", cases.case_ids())
 def test_the_harness_matches_the_original(llava_oracle, llava_oracle_folders, tmp_path,
                                           case_id):
-    case = next((c for c in llava_oracle.cases if c["id"] == case_id), None)
+    case = llava_oracle.case(case_id)
     assert case is not None, f"{llava_oracle.folder}: the oracle has no case {case_id}"
     problems = case_problems(llava_oracle, case, llava_oracle_folders, tmp_path)
     assert not problems, f"{llava_oracle.describe()}:\n" + "\n".join(problems)
@@ -78,7 +78,7 @@ def test_the_comparison_sees_a_one_ulp_change(llava_oracle, llava_oracle_folders
     compared bit for bit that alone must fail the comparison. Across machines the change is
     far below the arithmetic noise, so there the bound must instead catch anything just past
     it, and a realistic defect (the projector's GELU in its tanh approximation)."""
-    case = next(c for c in llava_oracle.cases if c["id"] == cases.MAIN_CASE)
+    case = llava_oracle.case(cases.MAIN_CASE)
     folder = llava_oracle_folders[case["checkpoint"]]
     expected = llava_oracle.tensors(case)
     loaded = load_full(folder, torch.float32)

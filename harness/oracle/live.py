@@ -137,15 +137,16 @@ def _manifest(computed: dict, hashes: dict, fingerprint: dict, env: OracleEnv,
 
 
 def compute(out: Path, folders: dict[str, Path] | None = None, env: OracleEnv | None = None,
-            force: bool = False) -> Path:
-    """Compute the oracle into `out` (atomically) with LLaVA's code on this machine."""
+            force: bool = False, hashes: dict | None = None) -> Path:
+    """Compute the oracle into `out` (atomically) with LLaVA's code on this machine;
+    `hashes`, when the caller has them, are the `folders`' file hashes."""
     env = require_env(env)
     out = Path(out)
     with tempfile.TemporaryDirectory(prefix="llava-oracle-") as tmp:
         work = Path(tmp)
         if folders is None:
-            folders = build_checkpoints(work / "ckpt")
-        hashes = {cid: folder_hashes(folders[cid]) for cid in folders}
+            folders, hashes = build_checkpoints(work / "ckpt"), None
+        hashes = hashes or {cid: folder_hashes(folders[cid]) for cid in folders}
         fingerprint = numeric_fingerprint()
         with atomic_dir(out, force=force) as staging:
             plan = {"out": str(staging), "scratch": str(work / "scratch"),
@@ -173,5 +174,5 @@ def cached(folders: dict[str, Path] | None = None, env: OracleEnv | None = None)
         folder = oracle_root() / f"live-{result_key(env, hashes, numeric_fingerprint())}"
         if not (folder / MANIFEST).is_file():
             shutil.rmtree(folder, ignore_errors=True)
-            compute(folder, folders, env)
+            compute(folder, folders, env, hashes=hashes)
     return folder

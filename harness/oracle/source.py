@@ -48,8 +48,8 @@ class Oracle:
     def cases(self) -> list[dict]:
         return self.manifest["cases"]
 
-    def case(self, case_id: str) -> dict:
-        return next(c for c in self.cases if c["id"] == case_id)
+    def case(self, case_id: str) -> dict | None:
+        return next((c for c in self.cases if c["id"] == case_id), None)
 
     def describe(self) -> str:
         where = describe_machine(self.manifest)
