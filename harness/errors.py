@@ -1,7 +1,7 @@
 """The one base class the CLI turns into a one-line error and exit code 2.
 
 Every module raises its own subclass (a spec, a checkpoint, an existing output, ...); the CLI
-catches `HarnessError` alone, so a new command needs no change to `cli.main`.
+catches `HarnessError` alone, so a new command needs no change to `cli.app.main`.
 """
 
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from .gate import check_arg
 from .oracle.source import MODES as ORACLE_MODES
-from .presets import PRESET_NAMES, TINY_PRESETS, build_spec
+from .report.gate import check_arg
+from .synth.presets import PRESET_NAMES, TINY_PRESETS, build_spec
 
 MARKERS = {
     "gpu": "needs a CUDA GPU; skipped with a reason on CPU",
@@ -55,7 +55,7 @@ def _report_dir(text: str) -> Path:
 
 
 def _run_id(text: str) -> str:
-    from .results import ResultsError, check_run_id
+    from .report.results import ResultsError, check_run_id
 
     try:
         return check_run_id(text)
@@ -64,7 +64,7 @@ def _run_id(text: str) -> str:
 
 
 def _baseline(text: str):
-    from .results import ResultsError, load_results
+    from .report.results import ResultsError, load_results
 
     try:
         return load_results(Path(text).expanduser())
@@ -118,8 +118,8 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
+    from .cli.run import SUITES
     from .report.collector import Collector
-    from .run import SUITES
 
     config.stash[_COLLECTOR] = Collector(SUITES)
     config.stash[_ORACLES] = {}
@@ -154,7 +154,7 @@ class CheckpointFactory:
 
     def __call__(self, preset: str = "tiny", *, model: dict | None = None,
                  checkpoint: dict | None = None) -> Path:
-        from .synth import build
+        from .synth.builder import build
 
         spec = build_spec(preset, model=model, checkpoint=checkpoint)
         if spec not in self._built:
@@ -181,7 +181,7 @@ def tiny_checkpoint(tiny_checkpoint_factory: CheckpointFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def llava_cache(pytestconfig: pytest.Config) -> Path:
-    from .cache import cache_root
+    from .synth.cache import cache_root
 
     return pytestconfig.getoption("--llava-cache") or cache_root()
 
@@ -189,7 +189,7 @@ def llava_cache(pytestconfig: pytest.Config) -> Path:
 @pytest.fixture(scope="session")
 def realsize_checkpoint_factory(llava_cache: Path):
     """`factory(preset, model={...}, checkpoint={...})` -> a cached real-size folder."""
-    from .cache import cached_build
+    from .synth.cache import cached_build
 
     def factory(preset: str = "llava-v1.5-7b", *, model: dict | None = None,
                 checkpoint: dict | None = None) -> Path:
@@ -281,7 +281,7 @@ def llava_checkpoint(pytestconfig: pytest.Config, llava_checkpoint_spec,
         return tiny_checkpoint_factory(preset)
     if not pytestconfig.getoption("llava_realsize"):
         pytest.skip(f"--llava-preset {preset}: {_NO_REALSIZE}")
-    from .cache import cache_root, cached_build
+    from .synth.cache import cache_root, cached_build
 
     root = pytestconfig.getoption("--llava-cache") or cache_root()
     return cached_build(llava_checkpoint_spec, root)
@@ -353,17 +353,17 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
     checks = config.getoption("--llava-fail")
     if report_dir is None and not checks:
         return  # the default run writes nothing and measures nothing
-    from .environment import current
+    from .report.environment import current
 
     results = config.stash[_COLLECTOR].results(config.getoption("--llava-run-id"), current(),
                                                _settings(config))
     if report_dir is not None:
-        from .report import write_report
+        from .report.single import write_report
 
         paths = write_report(results, Path(report_dir) / results.run_id)
         config.stash[_REPORT_PATH] = paths["markdown"]
     if checks:
-        from .gate import evaluate
+        from .report.gate import evaluate
 
         gate = evaluate(checks, results, config.getoption("--llava-baseline"), outcomes=False)
         config.stash[_GATE_LINES] = [f"warning: {w}" for w in gate.warnings] + gate.lines()

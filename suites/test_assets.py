@@ -1,4 +1,4 @@
-"""Tests for harness.assets: locally built tokenizer and CLIP vision tower folders."""
+"""Tests for harness.synth.assets: locally built tokenizer and CLIP vision tower folders."""
 
 import os
 
@@ -15,7 +15,7 @@ from PIL import Image
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from tokenizers import Tokenizer
 
-from harness.assets import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE, build_clip_tower, build_tokenizer
+from harness.synth.assets import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE, build_clip_tower, build_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json")

@@ -22,15 +22,15 @@ import torch
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
-from harness import keys
+from harness.checkpoint import torch_zip
 from harness.checkpoint.atomic import OutputExistsError
 from harness.checkpoint.reader import CheckpointError
-from harness.cli import main
-from harness.keys import KeyMapError
-from harness.checkpoint import torch_zip
+from harness.cli.app import main
+from harness.ops import keys
+from harness.ops.keys import KeyMapError
 from harness.ops.strip import StripError, parameter_count, scan_folder, strict_problems, strip
-from harness.presets import build_spec
-from harness.synth import build
+from harness.synth.builder import build
+from harness.synth.presets import build_spec
 
 IDS = torch.tensor([[1, 17, 42, 7, 300, 5, 511, 2]])
 MISTRAL = {"arch": "mistral", "num_key_value_heads": 2, "rope_theta": 1e6}

@@ -13,14 +13,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness import synth
 from harness.checkpoint.atomic import OutputExistsError
 from harness.checkpoint.reader import consistency_problems, open_folder
-from harness.fill import make_tensor
-from harness.plan import make_plan
-from harness.presets import build_spec
-from harness.synth import build
-from harness.verify import verify
+from harness.synth import builder as synth
+from harness.synth.builder import build
+from harness.synth.fill import make_tensor
+from harness.synth.plan import make_plan
+from harness.synth.presets import build_spec
+from harness.synth.verify import verify
 
 
 def bare(spec):

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from harness.checkpoint.reader import CheckpointError, consistency_problems, open_folder
-from harness.cli import main
-from harness.presets import build_spec
-from harness.synth import build
-from harness.verify import verify
+from harness.cli.app import main
+from harness.synth.builder import build
+from harness.synth.presets import build_spec
+from harness.synth.verify import verify
 
 SHARD1, SHARD2 = "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"
 INDEX = "pytorch_model.bin.index.json"
@@ -203,7 +203,7 @@ def test_malformed_index(tmp_path, index, words):
 
 def test_measured_peak_is_the_childs_own():
     """The parent's high-water mark must not leak into the child's figure (rusage's does)."""
-    from harness.measure import run_measured
+    from harness.bench.measure import run_measured
 
     ballast = bytearray(400 * 2**20)
     ballast[:: 4096] = b"x" * len(ballast[:: 4096])  # touch every page

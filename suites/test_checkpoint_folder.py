@@ -15,15 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.backbone import is_language_model_key, language_model_config
 from harness.checkpoint.reader import CheckpointError, consistency_problems, open_folder
 from harness.errors import HarnessError
-from harness.layout import PROJECTOR_PREFIX
+from harness.model.backbone import is_language_model_key, language_model_config
 from harness.model.projector import build_projector, projector_type_from_shapes
 from harness.ops.counts import count_checkpoint
 from harness.ops.extract import extract
 from harness.ops.strip import parameter_count, strict_problems, strip
-from harness.specs import SpecError
+from harness.synth.layout import PROJECTOR_PREFIX
+from harness.synth.specs import SpecError
 
 # Loading the language model for a forward pass is only done below this size: the point of
 # this suite is to validate a real-size folder without holding it in memory.
@@ -180,7 +180,7 @@ def test_language_model_loads_and_runs(ckpt, llava_config, folder):
     if size > LOAD_AT_MOST_BYTES:
         pytest.skip(f"{size / 2**30:.1f} GiB: loading the whole model is what this suite "
                     f"avoids above {LOAD_AT_MOST_BYTES / 2**30:.0f} GiB")
-    from harness.backbone import load_language_model
+    from harness.model.backbone import load_language_model
 
     model = load_language_model(folder, dtype=torch.float32)
     with torch.no_grad():

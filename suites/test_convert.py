@@ -20,11 +20,11 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from harness.cli import main
+from harness.cli.app import main
 from harness.ops.convert import ConvertError, convert, padded_vocab
 from harness.ops.strip import scan_folder
-from harness.presets import build_spec
-from harness.synth import build
+from harness.synth.builder import build
+from harness.synth.presets import build_spec
 from harness.tolerances import tolerance
 
 MISTRAL = {"arch": "mistral", "num_key_value_heads": 2, "rope_theta": 1e6}

@@ -26,13 +26,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+from harness.checkpoint.formats import INDEX_NAMES, SINGLE_NAMES
 from harness.checkpoint.reader import open_folder
-from harness.cli import main
+from harness.cli.app import main
 from harness.model.projector import build_projector
 from harness.ops.extract import extract, tensors_in
-from harness.plan import INDEX_NAMES, SINGLE_NAMES
-from harness.presets import build_spec
-from harness.synth import build
+from harness.synth.builder import build
+from harness.synth.presets import build_spec
 
 TYPES = ("linear", "mlp2x_gelu", "mlp3x_gelu")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -347,7 +347,7 @@ def test_only_the_projector_bytes_are_read(built, tmp_path, fmt):
 
 def test_extraction_does_not_import_torch(built, tmp_path):
     folder = built(Layout("bin", 2))
-    code = ("import sys; from harness.cli import main; rc = main(sys.argv[1:]); "
+    code = ("import sys; from harness.cli.app import main; rc = main(sys.argv[1:]); "
             "sys.exit(3 if 'torch' in sys.modules else rc)")
     done = subprocess.run([sys.executable, "-c", code, "extract", str(folder), "-o",
                            str(tmp_path / "p.bin")], check=False, capture_output=True,
@@ -542,7 +542,7 @@ def test_unknown_output_extension(fresh, tmp_path, capsys):
 # --- the benchmark's machinery (figures come from `llava-harness bench extract`) ------------
 
 def test_bench_extract_records_both_sides(built, tmp_path, capsys):
-    from harness.results import load_results
+    from harness.report.results import load_results
 
     folder = built(Layout("bin", 2))
     out = tmp_path / "bench.json"

@@ -14,10 +14,10 @@ import textwrap
 
 import pytest
 
-from harness.cli import main
-from harness.environment import Environment
-from harness.gate import GateError, evaluate, parse_check, write_baseline
-from harness.results import Metric, Record, Results, load_results, write_results
+from harness.cli.app import main
+from harness.report.environment import Environment
+from harness.report.gate import GateError, evaluate, parse_check, write_baseline
+from harness.report.results import Metric, Record, Results, load_results, write_results
 
 ENV = Environment(hostname="ci", cpu_model="Test CPU", cpu_count=2, python="3.11.7",
                   libraries={"torch": "2.13.0"}, git_commit="a" * 40, git_dirty=False)

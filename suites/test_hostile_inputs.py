@@ -64,11 +64,11 @@ from pathlib import Path
 
 import pytest
 
+from harness.bench.measure import run_measured
 from harness.checkpoint.atomic import StalePartialWarning
-from harness.cli import main
-from harness.measure import run_measured
-from harness.presets import build_spec
-from harness.synth import build
+from harness.cli.app import main
+from harness.synth.builder import build
+from harness.synth.presets import build_spec
 
 # --- constants -----------------------------------------------------------------------------
 
@@ -746,7 +746,7 @@ def test_crafted_pickles_and_bombs_are_what_they_claim(tmp_path):
 
 # --- resource bombs: in a measured child process ------------------------------------------------
 
-CHILD = ("import signal, sys; signal.alarm(%d); from harness.cli import main; "
+CHILD = ("import signal, sys; signal.alarm(%d); from harness.cli.app import main; "
          "sys.exit(main(sys.argv[1:]))" % CHILD_ALARM_S)
 # Each child pays its command's imports; verify stands for the torch-importing commands
 # (merge-lora and load refuse through the same open_folder(...).check() before any work).
@@ -997,7 +997,7 @@ def test_sigterm_the_instant_the_temporary_exists_leaves_nothing(make_ckpt, tmp_
     """A signal is delivered at any bytecode boundary, also the first one after the temporary
     was created: simulated deterministically by raising the CLI's SIGTERM exception as
     tempfile returns. Nothing may be left behind, as the message then claims."""
-    from harness.cli import Terminated
+    from harness.cli.app import Terminated
 
     target = tmp_path / ("built" if command == "build" else "mm_projector.bin")
     argv = (["build", "--preset", "tiny", "--out", target] if command == "build"
@@ -1060,7 +1060,8 @@ def test_a_signal_that_surfaces_as_another_error_is_reported_as_the_signal(tmp_p
     """SIGTERM delivered while a C extension initialises (torch's import, say) comes out of
     the import as an ImportError, not as the CLI's own exception: still a stop by SIGTERM,
     exit 143, nothing left behind, not an 'internal error'."""
-    from harness import cli, synth
+    from harness.cli import app as cli
+    from harness.synth import builder as synth
 
     def interrupted_import(*_args, **_kwargs):
         try:

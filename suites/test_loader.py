@@ -19,9 +19,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.backbone import load_language_model
 from harness.checkpoint.reader import open_folder
-from harness.cli import main as cli_main
+from harness.cli.app import main as cli_main
+from harness.model.backbone import load_language_model
 from harness.model.images import process_images
 from harness.model.probe import probe_ids, probe_image, probe_logits
 from harness.model.splice import IMAGE_TOKEN_INDEX

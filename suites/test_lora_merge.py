@@ -419,7 +419,7 @@ PREFIX_IDS = ["base_model.model.model", "base_model.model", "model", "bare"]
 @pytest.fixture(scope="module")
 def vicuna_like(tiny_checkpoint_factory, tmp_path_factory) -> tuple[Path, Path]:
     """(full tiny LLaVA, the same language model alone: no projector, with tokenizer)."""
-    from harness.backbone import load_language_model
+    from harness.model.backbone import load_language_model
 
     src = tiny_checkpoint_factory()
     out = tmp_path_factory.mktemp("vicuna-like") / "vicuna"
@@ -568,7 +568,7 @@ def test_an_adapter_for_a_module_the_base_lacks_is_refused(bases, tiny_checkpoin
 # --- the command line ----------------------------------------------------------------------
 
 def _cli(capsys, *args) -> tuple[int, str, str]:
-    from harness.cli import main as cli_main
+    from harness.cli.app import main as cli_main
 
     try:
         code = cli_main([str(a) for a in args])
@@ -641,7 +641,7 @@ def test_merge_lora_cli_bad_inputs(bases, tmp_path, capsys):
 
 @pytest.mark.slow  # starts child processes, a torch import each
 def test_bench_merge_runs_on_a_tiny_base(bases, tmp_path, capsys):
-    from harness.results import load_results
+    from harness.report.results import load_results
 
     code, out, err = _cli(capsys, "bench", "merge", "--base", bases["safetensors"], "--rank", 4,
                           "--alpha", 8, "--work", tmp_path / "work", "--naive", "--out",

@@ -33,7 +33,8 @@ def test_every_subpackage_is_listed_for_the_wheel():
     if project is None:
         pytest.skip("an installed harness: pyproject.toml stays in the checkout")
     listed = set(project["tool"]["setuptools"]["packages"])
-    found = {"harness"} | {f"harness.{p.parent.name}" for p in PACKAGE.glob("*/__init__.py")}
+    found = {"harness"} | {"harness." + ".".join(p.parent.relative_to(PACKAGE).parts)
+                           for p in PACKAGE.rglob("*/__init__.py") if "__pycache__" not in p.parts}
     assert found <= listed, f"not listed in pyproject.toml: {sorted(found - listed)}"
 
 
@@ -66,7 +67,7 @@ def test_the_wheel_carries_suites_and_data_inside_the_package(tmp_path):
 def test_the_command_line_says_its_version(capsys):
     from importlib import metadata
 
-    from harness.cli import main
+    from harness.cli.app import main
 
     with pytest.raises(SystemExit) as done:
         main(["--version"])

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from harness.checkpoint.reader import CheckpointError
-from harness.cli import main
+from harness.cli.app import main
 from harness.model.projector import build_projector
 from harness.ops.counts import (
     count_checkpoint,
@@ -33,9 +33,9 @@ from harness.ops.counts import (
     projector_params,
     trainable_params,
 )
-from harness.presets import PRESET_NAMES, build_spec
-from harness.specs import SpecError
-from harness.synth import build
+from harness.synth.builder import build
+from harness.synth.presets import PRESET_NAMES, build_spec
+from harness.synth.specs import SpecError
 
 REFERENCE = Path(__file__).resolve().parent.parent / "fixtures" / "reference"
 # The figures the published models and LLaVA's wiki give.

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness.bench.measure import NvmlSampler
 from harness.bench.quant import (
     GOALS,
     ModeResult,
@@ -28,9 +29,7 @@ from harness.bench.quant import (
     with_theory,
 )
 from harness.bench.quant_child import drift_metrics, run_child, structure_problems
-from harness.cli import main as cli_main
-from harness.environment import harness_repo
-from harness.measure import NvmlSampler
+from harness.cli.app import main as cli_main
 from harness.ops.quant import (
     LinearBytes,
     ModelParts,
@@ -42,8 +41,9 @@ from harness.ops.quant import (
     parts_from_spec,
     theoretical_footprint,
 )
-from harness.presets import build_spec
-from harness.results import load_results
+from harness.report.environment import harness_repo
+from harness.report.results import load_results
+from harness.synth.presets import build_spec
 from harness.tolerances import tolerance
 
 # bitsandbytes' CPU 4-bit kernel packs weights in blocks of 32 output rows: the tiny default's
@@ -321,8 +321,8 @@ def test_the_tiny_bench_measures_every_mode(tmp_path, monkeypatch, capsys):
     192-wide MLP and fits every CPU kernel, so no mode is skipped."""
     import argparse
 
-    from harness.commands.quant import _checkpoint
-    from harness.presets import preset
+    from harness.cli.commands.quant import _checkpoint
+    from harness.synth.presets import preset
 
     monkeypatch.setenv("LLAVA_HARNESS_CACHE", str(tmp_path))
     folder, name = _checkpoint(argparse.Namespace(checkpoint=None, format=None, preset="tiny"))
@@ -466,7 +466,7 @@ def test_gpu_tiny_every_mode(tiny_quant, llava_record):
 def test_gpu_llava_7b_every_mode(llava_cache, llava_record):
     """Real-size llava-v1.5-7b, every mode, each in its own process; the NF4-DQ goal (peak
     allocated at load <= 1.10x theory) is part of each record's outcome."""
-    from harness.cache import cached_build
+    from harness.synth.cache import cached_build
 
     folder = cached_build(build_spec("llava-v1.5-7b", with_vision_tower=True), llava_cache)
     bench = QuantBench(checkpoint=folder, name="llava-v1.5-7b", modes=ALL_MODES,

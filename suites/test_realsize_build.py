@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from harness.checkpoint.reader import open_folder
-from harness.plan import make_plan
-from harness.presets import build_spec
-from harness.verify import layout_problems, matches_generated
+from harness.synth.plan import make_plan
+from harness.synth.presets import build_spec
+from harness.synth.verify import layout_problems, matches_generated
 
 REFERENCE = json.loads((Path(__file__).parents[1] / "fixtures/reference/llava-v1.5-7b.json")
                        .read_text())

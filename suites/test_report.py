@@ -17,12 +17,13 @@ import textwrap
 
 import pytest
 
-from harness.cli import main
-from harness.environment import Environment
-from harness.report import render_comparison, render_report, write_comparison, write_report
+from harness.cli.app import main
+from harness.report.compare import render_comparison, write_comparison
+from harness.report.single import render_report, write_report
 from harness.report.compare import CompareError
+from harness.report.environment import Environment
+from harness.report.results import Metric, Record, Results, load_results, write_results
 from harness.report.single import WIDE_METRICS, csv_text
-from harness.results import Metric, Record, Results, load_results, write_results
 
 CPU = Environment(hostname="ci", cpu_model="Test CPU", cpu_count=2, python="3.11.7",
                   libraries={"torch": "2.13.0"}, git_commit="a" * 40, git_dirty=False)

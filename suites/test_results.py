@@ -15,8 +15,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from harness.environment import Environment, collect, isa_level, numeric_fingerprint, nvml_gpus
-from harness.results import (
+from harness.report.environment import (
+    Environment,
+    collect,
+    isa_level,
+    numeric_fingerprint,
+    nvml_gpus,
+)
+from harness.report.results import (
     DIRECTIONS,
     OUTCOMES,
     Metric,
@@ -199,7 +205,7 @@ def test_isa_level_is_the_highest_the_cpu_reports(flags, level):
 
 
 def test_fingerprint_does_not_import_torch():
-    code = ("import sys; from harness.environment import collect; collect(); "
+    code = ("import sys; from harness.report.environment import collect; collect(); "
             "print('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True)

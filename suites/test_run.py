@@ -10,11 +10,11 @@ import json
 
 import pytest
 
-from harness.cli import main
-from harness.presets import build_spec
-from harness.results import load_results
-from harness.run import SUITES, RunError, parse_suite_names, suite_files, suites_dir_default
-from harness.synth import build
+from harness.cli.app import main
+from harness.cli.run import SUITES, RunError, parse_suite_names, suite_files, suites_dir_default
+from harness.report.results import load_results
+from harness.synth.builder import build
+from harness.synth.presets import build_spec
 
 INDEX = "pytorch_model.bin.index.json"
 
@@ -43,7 +43,7 @@ def test_suite_names():
 
 
 def test_every_default_suite_name_is_known():
-    from harness.run import CHECKPOINT_SUITES, DEFAULT_SUITES
+    from harness.cli.run import CHECKPOINT_SUITES, DEFAULT_SUITES
 
     assert set(DEFAULT_SUITES) | set(CHECKPOINT_SUITES) <= set(SUITES)
     assert (suites_dir_default() / SUITES["checkpoint"]).is_file()

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from harness.layout import projector_tensors
-from harness.plan import make_plan
-from harness.presets import PRESET_NAMES, build_spec, preset
-from harness.specs import CheckpointSpec, SpecError, parse_size
+from harness.synth.layout import projector_tensors
+from harness.synth.plan import make_plan
+from harness.synth.presets import PRESET_NAMES, build_spec, preset
+from harness.synth.specs import CheckpointSpec, SpecError, parse_size
 
 REFERENCE = json.loads((Path(__file__).parents[1] / "fixtures/reference/llava-v1.5-7b.json")
                        .read_text())

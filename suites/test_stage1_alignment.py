@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.backbone import load_language_model
+from harness.model.backbone import load_language_model
 from harness.model.probe import probe_logits
 from harness.model.splice import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from harness.ops.counts import module_params, param_count, projector_params

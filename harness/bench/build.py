@@ -17,14 +17,14 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from ..cache import cache_root, ensure_space
 from ..checkpoint.atomic import check_target
-from ..measure import run_measured
-from ..plan import make_plan
-from ..specs import BuildSpec
+from ..synth.cache import cache_root, ensure_space
+from ..synth.plan import make_plan
+from ..synth.specs import BuildSpec
+from .measure import run_measured
 
-_CHILD = ("import json, sys; from harness.specs import spec_from_dict; "
-          "from harness.synth import build; "
+_CHILD = ("import json, sys; from harness.synth.specs import spec_from_dict; "
+          "from harness.synth.builder import build; "
           "build(spec_from_dict(json.loads(sys.argv[1])), sys.argv[2], force=True)")
 
 

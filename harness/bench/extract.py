@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import HarnessError
-from ..measure import Measured, run_measured
+from .measure import Measured, run_measured
 
 SUITE = "bench-extract"
 GOALS = {"work_s": 0.2, "wall_ratio": 0.4, "rss_ratio": 0.1}
@@ -134,7 +134,7 @@ def goal_lines(f: dict) -> list[str]:
 
 
 def records(case: str, f: dict) -> list:
-    from ..results import make_record
+    from ..report.results import make_record
 
     metrics = {}
     for side, name in (("cli", "extract"), ("naive", "naive")):
@@ -167,7 +167,7 @@ def bench_extract(folder: Path, fmt: str, case: str, patterns: tuple[str, ...], 
                                   "peak anon MiB"], tablefmt="github"))
     print("\n" + "\n".join(goal_lines(figures)))
     if out:
-        from ..results import save_records
+        from ..report.results import save_records
 
         save_records(records(case, figures), out)
         print(f"figures written to {out}")

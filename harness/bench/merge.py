@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import HarnessError
-from ..measure import Measured, run_measured
+from .measure import Measured, run_measured
 
 SUITE = "bench-merge"
 # Headroom over the estimated peak before the naive child is started on a shared machine.
@@ -205,7 +205,7 @@ def measure(bench: MergeBench) -> dict:
 
 
 def records(bench: MergeBench, f: dict) -> list:
-    from ..results import make_record
+    from ..report.results import make_record
 
     mib = 2**20
     metrics = {"merge_wall_s": (f["wall_s"], "s"), "merge_work_s": (f["work_s"], "s"),
@@ -251,7 +251,7 @@ def bench_merge(bench: MergeBench, out: Path | None) -> int:
     print("spot check: " + ("; ".join(f["problems"]) or "merged tensors bit-identical to "
                                                         "W + s * B @ A"))
     if out:
-        from ..results import save_records
+        from ..report.results import save_records
 
         save_records(records(bench, f), out)
         print(f"figures written to {out}")

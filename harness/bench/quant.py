@@ -5,7 +5,7 @@ inflating another's. The parent builds the model's skeleton on the meta device (
 for the theoretical footprint, runs the reference mode first (fp32 on CPU, fp16 on CUDA) so
 its probe logits are on disk for the others' drift, then one child per mode. Each child writes
 its figures as JSON; the parent adds the child's wall time and peak RSS, checks them against
-theory and the goal, prints a table and writes records (harness.results schema).
+theory and the goal, prints a table and writes records (harness.report.results schema).
 
 This module is the parent's side (the bench's settings, the orchestration, the checks against
 theory, the table and records); what runs in each child is harness/bench/quant_child.py.
@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import HarnessError
-from ..measure import run_measured
 from ..ops.quant import mode as quant_mode
+from .measure import run_measured
 
 SUITE = "bench-quant"
 # The issue's goal: NF4 with double quant peaks at load within 10% of the theoretical footprint.
@@ -191,7 +191,7 @@ def with_theory(result: ModeResult, bench: QuantBench, parts) -> tuple[dict, lis
 
 
 def mode_record(bench: QuantBench, result: ModeResult, parts, skip: str | None):
-    from ..results import make_record
+    from ..report.results import make_record
 
     if skip is not None:
         return make_record(SUITE, bench.case(result.mode), {}, outcome="skipped", reason=skip)
@@ -285,8 +285,8 @@ def settings(bench: QuantBench) -> dict[str, str]:
 
 def bench_quant(bench: QuantBench, out: Path | None = None) -> int:
     """Run, print the table, write the results file; exit 1 when a mode failed or errored."""
-    from ..environment import current
-    from ..results import Results, new_run_id, now, write_results
+    from ..report.environment import current
+    from ..report.results import Results, new_run_id, now, write_results
 
     records = run(bench)
     print(f"{bench.name} on {bench.device} ({current().label()}): prompt {bench.prompt_tokens} "

@@ -22,8 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..measure import NvmlSampler, reset_peak_rss, status_bytes
 from ..ops.quant import mode as quant_mode
+from .measure import NvmlSampler, reset_peak_rss, status_bytes
 from .quant import MIB
 
 

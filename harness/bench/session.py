@@ -63,7 +63,7 @@ class Session:
 def check_machine(session: Session) -> dict:
     import torch
 
-    from ..environment import collect
+    from ..report.environment import collect
 
     if not session.dry_run and not torch.cuda.is_available():
         raise SessionError("torch sees no CUDA device (use --dry-run to rehearse on CPU)")
@@ -76,8 +76,8 @@ def check_machine(session: Session) -> dict:
 
 
 def build_checkpoint(session: Session) -> Path:
-    from ..cache import cache_root, cached_build
-    from ..presets import build_spec
+    from ..synth.cache import cache_root, cached_build
+    from ..synth.presets import build_spec
 
     spec = build_spec(session.preset, checkpoint={"format": "safetensors"},
                       with_vision_tower=True)
@@ -132,7 +132,7 @@ def baseline_name(environment: dict | None, dry_run: bool) -> str:
 
 
 def write_baseline(session: Session, records: Path, environment: dict | None) -> Path:
-    from ..gate import write_baseline as write
+    from ..report.gate import write_baseline as write
 
     target = session.out / f"{baseline_name(environment, session.dry_run)}.json"
     return write(records, target, force=True)

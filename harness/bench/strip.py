@@ -1,7 +1,7 @@
 """Strip benchmark: the streaming `strip` CLI against a naive load/filter/save of the same
 folder, and against a raw copy of the output's bytes, in the same run.
 
-Every step is a child process (harness/measure.py: wall time, peak RSS, peak anonymous memory),
+Every step is a child process (harness/bench/measure.py: wall time, peak RSS, peak anonymous memory),
 every step ends with its files fsynced, and every step starts cold: the input's pages are
 dropped from the page cache first (`posix_fadvise(DONTNEED)` on those files only, which needs
 no root and leaves other users' caches alone). All three read the same input files, so they
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import HarnessError
-from ..measure import Measured, run_measured
+from .measure import Measured, run_measured
 
 SUITE = "bench-strip"
 ANON_GOAL_MB = 300
@@ -240,7 +240,7 @@ def goals(f: dict, keep: bool) -> list[tuple[str, float, float]]:
 
 
 def record(case: str, f: dict, keep: bool):
-    from ..results import make_record
+    from ..report.results import make_record
 
     metrics = {"bytes": (f["bytes"], "B")}
     for name, step in f["steps"].items():
@@ -294,7 +294,7 @@ def bench_strip(folders: list[tuple[Path, str]], keeps: tuple[bool, ...], repeat
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     if out:
-        from ..results import save_records
+        from ..report.results import save_records
 
         save_records(records, out)
         print(f"\nfigures written to {out}")
@@ -302,6 +302,6 @@ def bench_strip(folders: list[tuple[Path, str]], keeps: tuple[bool, ...], repeat
 
 
 def _error_record(case: str, reason: str):
-    from ..results import make_record
+    from ..report.results import make_record
 
     return make_record(SUITE, case, outcome="error", reason=reason)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from ..plan import INDEX_NAMES, SINGLE_NAMES
+from .formats import INDEX_NAMES, SINGLE_NAMES
 from .paths import inside, plain_name
 from .problems import CheckpointError, shown
 from .safetensors_format import scan_safetensors

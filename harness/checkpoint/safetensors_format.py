@@ -15,8 +15,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from ..layout import DTYPE_BYTES
 from .files import Output
+from .formats import DTYPE_BYTES
 from .problems import CheckpointError, shown
 from .tensors import SAFETENSORS_CODES, SAFETENSORS_NAMES, Piece, Source
 

@@ -9,8 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..plan import INDEX_NAMES, shard_name
 from .files import link_or_copy, mode_of
+from .formats import INDEX_NAMES, shard_name
 from .reader import ScannedFolder
 from .safetensors_format import safetensors_order, write_safetensors
 from .tensors import Source

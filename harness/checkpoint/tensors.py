@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..layout import DTYPE_BYTES, Shaped
+from .formats import DTYPE_BYTES, Shaped
 from .problems import CheckpointError
 
 SAFETENSORS_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",

@@ -30,8 +30,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..layout import DTYPE_BYTES, shape_numel
 from .files import Output
+from .formats import DTYPE_BYTES, shape_numel
 from .problems import CheckpointError, shown
 from .tensors import (
     STORAGE_CLASSES,

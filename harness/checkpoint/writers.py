@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 import torch._utils
 
-from ..layout import TensorInfo
 from .files import fsync_path
+from .formats import Entry
 
-Chunks = Callable[[TensorInfo], Iterable[bytes | memoryview]]
+Chunks = Callable[[Entry], Iterable[bytes | memoryview]]
 Progress = Callable[[int], None]
 
 _STORAGE_TYPES = {"float16": torch.HalfStorage, "bfloat16": torch.BFloat16Storage,
@@ -36,7 +36,7 @@ _STORAGE_TYPES = {"float16": torch.HalfStorage, "bfloat16": torch.BFloat16Storag
 class _Storage:
     """Stands for a tensor's storage while pickling; becomes torch's persistent id."""
 
-    def __init__(self, key: str, info: TensorInfo):
+    def __init__(self, key: str, info: Entry):
         self.key, self.info = key, info
 
 
@@ -68,7 +68,7 @@ class _Pickler(pickle.Pickler):
         return None
 
 
-def _state_pickle(tensors: Sequence[TensorInfo]) -> bytes:
+def _state_pickle(tensors: Sequence[Entry]) -> bytes:
     # A plain dict, as transformers' shard_checkpoint hands to torch.save; protocol 2 as torch.
     state = {t.key: _Tensor(_Storage(str(i), t)) for i, t in enumerate(tensors)}
     buf = io.BytesIO()
@@ -76,7 +76,7 @@ def _state_pickle(tensors: Sequence[TensorInfo]) -> bytes:
     return buf.getvalue()
 
 
-def write_bin(path: Path, tensors: Sequence[TensorInfo], chunks: Chunks,
+def write_bin(path: Path, tensors: Sequence[Entry], chunks: Chunks,
               progress: Progress | None = None) -> None:
     """One `.bin` shard, written record by record in torch.save's record order."""
     largest = max((t.nbytes for t in tensors), default=0)
@@ -104,16 +104,16 @@ def write_bin(path: Path, tensors: Sequence[TensorInfo], chunks: Chunks,
     fsync_path(path)
 
 
-def safetensors_order(tensors: Sequence[TensorInfo]) -> list[TensorInfo]:
+def safetensors_order(tensors: Sequence[Entry]) -> list[Entry]:
     """safetensors' own layout order: wider dtypes first (keeps data aligned), then by name."""
     return sorted(tensors, key=lambda t: (-t.nbytes // max(t.numel, 1), t.key))
 
 
-def write_safetensors(path: Path, tensors: Sequence[TensorInfo], chunks: Chunks,
+def write_safetensors(path: Path, tensors: Sequence[Entry], chunks: Chunks,
                       progress: Progress | None = None) -> None:
     from .safetensors_format import write_safetensors as write
 
-    def emit(out, info: TensorInfo) -> None:
+    def emit(out, info: Entry) -> None:
         for chunk in chunks(info):
             out.write(chunk)
         if progress:

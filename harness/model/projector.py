@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..specs import check_projector_type, mlp_depth
+from ..synth.specs import check_projector_type, mlp_depth
 
 
 class IdentityProjector(nn.Module):
@@ -47,7 +47,7 @@ def projector_type_from_shapes(shapes: dict[str, tuple]) -> str:
     """The projector type that a set of projector tensors implies, from their names (relative
     to `mm_projector.`) and shapes: no tensors -> identity; `weight`/`bias` -> linear;
     `0.*`, `2.*`, ... `2(N-1).*` -> mlpNx_gelu. Anything else is a SpecError naming the keys."""
-    from ..specs import SpecError
+    from ..synth.specs import SpecError
 
     names = set(shapes)
     if not names:

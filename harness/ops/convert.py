@@ -1,6 +1,6 @@
 """Layout conversion: original LLaVA <-> llava-hf (transformers' LlavaForConditionalGeneration).
 
-Keys go through the declarative maps in harness/keys.py (layout -> canonical -> layout), shards
+Keys go through the declarative maps in harness/ops/keys.py (layout -> canonical -> layout), shards
 are rewritten streaming by the checkpoint layer (harness/checkpoint/shards.py), so no shard is held in memory.
 
 What differs beyond names, and how it is bridged:
@@ -28,16 +28,16 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import keys
 from ..checkpoint.atomic import atomic_dir
-from ..errors import HarnessError
-from ..layout import DTYPE_BYTES
 from ..checkpoint.files import copy_files
+from ..checkpoint.formats import DTYPE_BYTES
 from ..checkpoint.paths import check_output, inside
 from ..checkpoint.reader import ScannedFolder, scan_folder
 from ..checkpoint.safetensors_format import safetensors_order, write_safetensors
 from ..checkpoint.shards import plan_shards, write_shards
 from ..checkpoint.tensors import Piece, Source, piece_chunks
+from ..errors import HarnessError
+from . import keys
 from .strip import arch_of, is_llava_config_field
 
 IMAGE_TOKEN, PAD_TOKEN = "<image>", "<pad>"

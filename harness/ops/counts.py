@@ -18,9 +18,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..checkpoint.formats import shape_numel
 from ..checkpoint.reader import CheckpointError, open_folder
-from ..layout import IMAGE_NEWLINE, VISION_PREFIX, model_tensors, shape_numel
-from ..specs import SpecError, check_projector_type, mlp_depth
+from ..synth.layout import IMAGE_NEWLINE, VISION_PREFIX, model_tensors
+from ..synth.specs import SpecError, check_projector_type, mlp_depth
 
 PROJECTOR_MARK = "mm_projector."
 # Persistent buffers some checkpoints carry: counted as tensors, not as parameters.
@@ -237,8 +238,8 @@ def count_checkpoint(path: Path) -> Counts:
 
 def count_preset(name: str) -> Counts:
     """Counts for a named preset: the config it writes and the tensors it plans."""
-    from ..configs import llava_config
-    from ..presets import preset
+    from ..synth.configs import llava_config
+    from ..synth.presets import preset
 
     spec = preset(name)
     shapes = {t.key: t.shape for t in model_tensors(spec.model, spec.checkpoint.legacy_buffers)}

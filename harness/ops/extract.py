@@ -21,12 +21,12 @@ from pathlib import Path
 
 from ..checkpoint.atomic import atomic_file, check_target
 from ..checkpoint.files import mode_of
+from ..checkpoint.formats import DTYPE_BYTES
 from ..checkpoint.paths import check_output
 from ..checkpoint.reader import CheckpointError, open_folder, scan_file
 from ..checkpoint.safetensors_format import write_safetensors
 from ..checkpoint.tensors import Source
 from ..checkpoint.torch_zip import write_bin
-from ..layout import DTYPE_BYTES
 
 DEFAULT_KEYS = ("mm_projector",)
 DEFAULT_NAME = "mm_projector.bin"

@@ -39,8 +39,8 @@ from ..checkpoint.paths import check_output, inside
 from ..checkpoint.reader import as_tensor, open_folder, read_file
 from ..checkpoint.writers import WRITERS
 from ..errors import HarnessError
-from ..layout import TensorInfo
-from ..plan import index_json
+from ..synth.layout import TensorInfo
+from ..synth.plan import index_json
 from .adapter import AdapterConfig, AdapterModule, AdapterWeights, classify
 from .detect import NON_LORA_TRAINABLES
 

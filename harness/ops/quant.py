@@ -266,9 +266,9 @@ def parts_from_folder(folder: Path, vision_tower: Path | None = None) -> ModelPa
 
 def parts_from_spec(spec) -> ModelParts:
     """Parts of the model a ModelSpec describes (a preset's, say), from its config alone."""
-    from .. import configs
-    from ..layout import clip_vision_config
     from ..model.config import llava_config
+    from ..synth import configs
+    from ..synth.layout import clip_vision_config
 
     data = configs.llava_config(spec, spec.vision.tower_name)
     arch, config = llava_config(Path(spec.name), data)

@@ -1,7 +1,7 @@
 """Llama-2 backbone stripping: a LLaVA checkpoint (original or llava-hf layout) -> a plain
 Llama/Mistral folder that `LlamaForCausalLM` / `MistralForCausalLM.from_pretrained` loads.
 
-Which tensors go is decided by one declarative key map (harness/keys.py): the projector, vision
+Which tensors go is decided by one declarative key map (harness/ops/keys.py): the projector, vision
 tower, resampler and image_newline always, the legacy `rotary_emb.inv_freq` buffers unless
 asked to keep them. The shards are rewritten by the checkpoint layer's streaming machinery
 (harness/checkpoint/shards.py): never a shard in memory, never torch, a shard with nothing to
@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import keys
 from ..checkpoint.atomic import atomic_dir
 from ..checkpoint.files import copy_files
 from ..checkpoint.paths import check_output
@@ -25,6 +24,7 @@ from ..checkpoint.reader import CheckpointError, scan_folder
 from ..checkpoint.shards import plan_shards, write_shards
 from ..checkpoint.tensors import Source
 from ..errors import HarnessError
+from . import keys
 
 __all__ = ["LM_AUX_FILES", "StripError", "StripResult", "parameter_count", "scan_folder",
            "strict_problems", "strip"]
@@ -189,7 +189,7 @@ def _expected_cache(folder: Path) -> Path | None:
     import hashlib
     from importlib import metadata
 
-    from ..cache import cache_root
+    from ..synth.cache import cache_root
 
     try:
         versions = [metadata.version(d) for d in ("transformers", "torch")]

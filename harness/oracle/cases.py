@@ -1,7 +1,7 @@
 """What the oracle computes: the tiny checkpoints, the inputs and the test images.
 
 Plain data shared by the live oracle, the stored fixtures and the suite. Each checkpoint is
-the exact call `harness.presets.build_spec(preset, model=..., checkpoint=...)`.
+the exact call `harness.synth.presets.build_spec(preset, model=..., checkpoint=...)`.
 """
 
 from __future__ import annotations

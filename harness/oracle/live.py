@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from ..checkpoint.atomic import atomic_dir
-from ..environment import numeric_fingerprint
+from ..report.environment import numeric_fingerprint
 from . import cases
 from .venv import OracleEnv, OracleEnvError, clean_env, oracle_root, require_env
 
@@ -59,13 +59,13 @@ def folder_hashes(folder: Path) -> dict[str, str]:
 
 
 def spec_of(entry: dict):
-    from ..presets import build_spec
+    from ..synth.presets import build_spec
 
     return build_spec(entry["preset"], model=entry["model"], checkpoint=entry["checkpoint"])
 
 
 def build_checkpoints(root: Path) -> dict[str, Path]:
-    from ..synth import build
+    from ..synth.builder import build
 
     folders = {}
     for entry in cases.checkpoints():

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..data import fixtures_dir
-from ..environment import numeric_fingerprint
 from ..errors import HarnessError
+from ..report.environment import numeric_fingerprint
 from ..tolerances import tolerance
 
 STORED_ROOT = fixtures_dir() / "reference" / "original-llava"

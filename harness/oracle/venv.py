@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from ..cache import cache_root
 from ..errors import HarnessError
+from ..synth.cache import cache_root
 
 LLAVA = "llava-torch==1.2.2.post1"
 # LLaVA's own pins (its pyproject) where they still install offline, then the plain

@@ -1,12 +1,7 @@
-"""Reports a reader can act on: one run as markdown and CSV, several runs side by side.
+"""What a run leaves behind, and what a reader acts on.
 
-`render_report(results)` -> report.md text; `write_report(results, folder)` writes
-results.json, report.md and results.csv; `render_comparison(runs)` and `comparison_chart(...)`
-put runs from different machines side by side with ratios against the first.
+results.py: the one record schema (JSON, lossless round trip); environment.py: the fingerprint
+every record carries; single.py: one run as report.md and results.csv; compare.py: several runs
+side by side; gate.py: a run checked against a baseline; collector.py: the plugin's recorder.
+Nothing is imported here, so `harness.report.environment` stays light for the command line.
 """
-
-from .compare import comparison_chart, render_comparison, write_comparison
-from .single import render_report, write_csv, write_report
-
-__all__ = ["comparison_chart", "render_comparison", "render_report", "write_comparison",
-           "write_csv", "write_report"]

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..environment import Environment
-from ..results import Metric, Record, Results, as_metric, new_run_id, now
+from .environment import Environment
+from .results import Metric, Record, Results, as_metric, new_run_id, now
 
 # Later phases can only make a case worse: a teardown error after a pass is an error.
 _SEVERITY = {"passed": 0, "skipped": 1, "failed": 2, "error": 3}

@@ -16,7 +16,7 @@ from tabulate import tabulate
 
 from ..checkpoint.atomic import atomic_file
 from ..errors import HarnessError
-from ..results import Results
+from .results import Results
 from .single import cell, fmt_value, metric_header
 
 MISSING = "—"

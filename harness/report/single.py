@@ -16,7 +16,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from ..checkpoint.atomic import atomic_file
-from ..results import OUTCOMES, Record, Results, write_results
+from .results import OUTCOMES, Record, Results, write_results
 
 ARROWS = {"lower": "↓", "higher": "↑", "none": ""}
 CSV_FIELDS = ("run_id", "suite", "case", "outcome", "reason", "metric", "value", "unit",

@@ -39,7 +39,7 @@ V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assis
 V1_ROLES = ("USER", "ASSISTANT")
 V1_SEP, V1_SEP2 = " ", "</s>"
 
-# Caption words the tiny tokenizer (trained on harness/assets.py's corpus) splits into 1-3
+# Caption words the tiny tokenizer (trained on harness/synth/assets.py's corpus) splits into 1-3
 # pieces, so captions stay short. One entry per class in each tuple.
 COLOURS = ("red", "white", "dark", "green", "blue", "black", "red", "white")
 THINGS = ("cat", "dog", "car", "bus", "kite", "ball", "clock", "tree")

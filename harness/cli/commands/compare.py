@@ -12,8 +12,8 @@ from pathlib import Path
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from ..report import write_comparison
-    from ..results import load_results
+    from ...report.compare import write_comparison
+    from ...report.results import load_results
 
     runs = [load_results(path) for path in args.results]
     out = args.out or Path("reports") / ("compare-" + datetime.now(UTC)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ..checkpoint.atomic import atomic_dir
+from ..checkpoint.writers import WRITERS
 from . import configs
-from .checkpoint.atomic import atomic_dir
-from .checkpoint.writers import WRITERS
 from .fill import tensor_chunks
 from .plan import CheckpointPlan, index_json, make_plan
 from .specs import BuildSpec

@@ -40,7 +40,7 @@ def _count(module) -> int:
 
 def describe(loaded, device: str, peak_bytes: int) -> dict:
     """The facts the CLI prints about a load."""
-    from ..model.projector import projector_type_of_config
+    from ...model.projector import projector_type_of_config
 
     model = loaded.model
     inner = model.get_model() if hasattr(model, "get_model") else None
@@ -71,8 +71,8 @@ def cmd_load(args: argparse.Namespace) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from ..measure import self_peak_rss_bytes
-    from ..ops.load import load
+    from ...bench.measure import self_peak_rss_bytes
+    from ...ops.load import load
 
     hf_logging.disable_progress_bar()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

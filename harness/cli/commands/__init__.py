@@ -25,7 +25,7 @@ def write_json(path, data) -> None:
     import json
     import sys
 
-    from ..checkpoint.atomic import atomic_file
+    from ...checkpoint.atomic import atomic_file
 
     text = json.dumps(data, indent=2) + "\n"
     if str(path) == "-":

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint.writers import write_safetensors
+from ..checkpoint.writers import write_safetensors
 from .fill import tensor_chunks
 from .layout import clip_tensors, clip_vision_config
 from .specs import VisionSpec

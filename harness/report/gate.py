@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from .errors import HarnessError
+from ..errors import HarnessError
 from .results import Metric, Record, Results
 
 _RELATIVE = re.compile(r"^(?P<sign>[+\-±~]?)(?P<num>\d+(?:\.\d+)?)%$")
@@ -235,7 +235,7 @@ def baselines_dir() -> Path:
     """`fixtures/baselines/` of the checkout the package lives in (committed with the code it
     describes); an installed harness has no checkout to commit to, and writes nowhere in
     site-packages."""
-    from .data import fixtures_dir
+    from ..data import fixtures_dir
     from .environment import harness_repo
 
     if harness_repo() is None:
@@ -256,7 +256,7 @@ def write_baseline(results_path: Path, target: Path, force: bool = False) -> Pat
     """Copy a results file to `target` as a baseline, refusing what cannot be reproduced: a run
     made from uncommitted changes, or a target inside a git work tree with uncommitted
     changes (the baseline must be committed alone, beside the code it describes)."""
-    from .checkpoint.atomic import check_target
+    from ..checkpoint.atomic import check_target
     from .results import load_results, write_results
 
     results = load_results(results_path)

@@ -37,14 +37,14 @@ def register(sub, bench) -> None:
 
 
 def cmd_setup(args: argparse.Namespace) -> int:
-    from ..oracle.venv import setup
+    from ...oracle.venv import setup
 
     setup(force=args.force, log=lambda line: print(line, file=sys.stderr))
     return 0
 
 
 def cmd_compute(args: argparse.Namespace) -> int:
-    from ..oracle import live
+    from ...oracle import live
 
     folder = live.compute(args.output, force=args.force) if args.output else live.cached()
     manifest = json.loads((folder / live.MANIFEST).read_text())
@@ -57,7 +57,7 @@ def cmd_compute(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     import tempfile
 
-    from ..oracle import live, replay, source
+    from ...oracle import live, replay, source
 
     _quiet_third_party()
     with tempfile.TemporaryDirectory(prefix="llava-oracle-check-") as tmp:
@@ -91,9 +91,9 @@ def _quiet_third_party() -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from ..environment import numeric_fingerprint
-    from ..oracle import source
-    from ..oracle.venv import default_env
+    from ...oracle import source
+    from ...oracle.venv import default_env
+    from ...report.environment import numeric_fingerprint
 
     env = default_env()
     print(f"environment: {env.folder} ({'ready' if env.is_ready() else 'not set up'})")

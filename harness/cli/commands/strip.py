@@ -14,8 +14,8 @@ from pathlib import Path
 
 
 def register(sub, bench) -> None:
-    from ..presets import PRESET_NAMES
-    from ..specs import FORMATS
+    from ...synth.presets import PRESET_NAMES
+    from ...synth.specs import FORMATS
 
     p = sub.add_parser("strip", help="write the plain Llama/Mistral language model of a LLaVA "
                                      "checkpoint (original or llava-hf layout)")
@@ -30,7 +30,7 @@ def register(sub, bench) -> None:
                    help="skip the strict check against the target class (meta device)")
     p.set_defaults(func=cmd_strip)
 
-    from ..cli import _positive_int
+    from ..app import _positive_int
 
     b = bench.add_parser("strip", help="streaming strip against a naive load/filter/save and "
                                        "a raw copy of the output's bytes")
@@ -54,7 +54,7 @@ def register(sub, bench) -> None:
 
 
 def cmd_strip(args: argparse.Namespace) -> int:
-    from ..ops.strip import strip
+    from ...ops.strip import strip
 
     r = strip(args.checkpoint, args.output, keep_legacy_buffers=args.keep_legacy_buffers,
               to_format=args.to_format, force=args.force, verify=args.verify)
@@ -71,11 +71,11 @@ def cmd_strip(args: argparse.Namespace) -> int:
 
 def _bench_folders(args: argparse.Namespace) -> list[tuple[Path, str]]:
     if args.checkpoints:
-        from ..checkpoint.reader import open_folder
+        from ...checkpoint.reader import open_folder
 
         return [(open_folder(p).path, p.name) for p in args.checkpoints]
-    from ..cache import cache_path, cache_root, cached_build, is_valid
-    from ..presets import build_spec
+    from ...synth.cache import cache_path, cache_root, cached_build, is_valid
+    from ...synth.presets import build_spec
 
     out = []
     for fmt in args.formats or ("bin", "safetensors"):
@@ -88,7 +88,7 @@ def _bench_folders(args: argparse.Namespace) -> list[tuple[Path, str]]:
 
 
 def cmd_bench_strip(args: argparse.Namespace) -> int:
-    from ..bench.strip import bench_strip
+    from ...bench.strip import bench_strip
 
     keeps = {"drop": (False,), "keep": (True,), "both": (False, True)}[args.legacy]
     return bench_strip(_bench_folders(args), keeps, args.repeat, args.work, args.naive,

@@ -20,7 +20,7 @@ def _name(text: str) -> str:
 
 
 def cmd_baseline(args: argparse.Namespace) -> int:
-    from ..gate import baselines_dir, write_baseline
+    from ...report.gate import baselines_dir, write_baseline
 
     target = args.out or baselines_dir() / f"{args.name}.json"
     path = write_baseline(args.results, target, force=args.force)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .checkpoint.reader import open_folder
-from .layout import IMAGE_NEWLINE, PROJECTOR_PREFIX, VISION_PREFIX
+from ..checkpoint.reader import open_folder
+from ..synth.layout import IMAGE_NEWLINE, PROJECTOR_PREFIX, VISION_PREFIX
 
 # LLaVA-only config fields; everything else is a plain language model's config.
 _LLAVA_ONLY_PREFIXES = ("mm_", "image_", "tune_mm_", "unfreeze_mm_", "freeze_mm_", "tokenizer_")

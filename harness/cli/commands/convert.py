@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def register(sub, bench) -> None:
-    from ..specs import FORMATS
+    from ...synth.specs import FORMATS
 
     p = sub.add_parser("convert", help="convert between the original LLaVA layout and "
                                        "llava-hf (LlavaForConditionalGeneration)")
@@ -23,7 +23,7 @@ def register(sub, bench) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from ..ops.convert import convert
+    from ...ops.convert import convert
 
     r = convert(args.checkpoint, args.output, args.to, vision_tower=args.vision_tower,
                 to_format=args.to_format, force=args.force)

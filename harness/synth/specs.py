@@ -12,7 +12,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 
-from .errors import HarnessError
+from ..errors import HarnessError
 
 DTYPES = ("float16", "bfloat16", "float32")
 ARCHS = ("llama", "mistral")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint.reader import CheckpointError, CheckpointFolder, consistency_problems, open_folder
+from ..checkpoint.reader import CheckpointError, CheckpointFolder, consistency_problems, open_folder
 from .fill import tensor_bytes
 from .layout import TensorInfo
 from .plan import make_plan

@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 def register(sub, bench) -> None:
-    from ..presets import PRESET_NAMES
+    from ...synth.presets import PRESET_NAMES
 
     p = sub.add_parser("count", help="projector and model parameter counts of a checkpoint or "
                                      "preset")
@@ -38,7 +38,7 @@ def _table(counts) -> str:
 
 
 def cmd_count(args: argparse.Namespace) -> int:
-    from ..ops.counts import count_checkpoint, count_preset
+    from ...ops.counts import count_checkpoint, count_preset
 
     counts = count_preset(args.preset) if args.preset else count_checkpoint(args.checkpoint)
     print(json.dumps(counts.to_dict(), indent=2) if args.json else _table(counts))

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from ..errors import HarnessError
 from .environment import Environment, EnvironmentSchemaError, current
-from .errors import HarnessError
 
 SCHEMA = "llava-harness/results"
 SCHEMA_VERSION = 1
@@ -348,7 +348,7 @@ def make_results(records: Iterable[Record], run_id: str | None = None,
 
 def write_results(results: Results, path: Path | str) -> Path:
     """Write atomically, replacing an existing file: a reader never sees half a file."""
-    from .checkpoint.atomic import atomic_file
+    from ..checkpoint.atomic import atomic_file
 
     path = Path(path)
     with atomic_file(path, force=True) as tmp:

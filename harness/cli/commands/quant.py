@@ -13,7 +13,7 @@ DEFAULT_MODES = "fp16,bf16,int8,nf4,nf4-dq,fp4"
 
 
 def _modes(text: str) -> tuple[str, ...]:
-    from ..ops.quant import QuantError, parse_modes
+    from ...ops.quant import QuantError, parse_modes
 
     try:
         return parse_modes(text)
@@ -22,9 +22,9 @@ def _modes(text: str) -> tuple[str, ...]:
 
 
 def register(sub, bench) -> None:
-    from ..cli import _positive_int
-    from ..presets import PRESET_NAMES
-    from ..specs import FORMATS
+    from ...synth.presets import PRESET_NAMES
+    from ...synth.specs import FORMATS
+    from ..app import _positive_int
 
     b = bench.add_parser("quant", help="quantized load per mode: load time, peak memory, "
                                        "footprint vs theory, prefill/decode speed, drift")
@@ -66,7 +66,7 @@ def register(sub, bench) -> None:
 def _device(requested: str | None) -> str:
     import torch
 
-    from ..bench.quant import QuantBenchError
+    from ...bench.quant import QuantBenchError
 
     if requested == "cuda" and not torch.cuda.is_available():
         raise QuantBenchError("--device cuda: no CUDA device is available here")
@@ -76,7 +76,7 @@ def _device(requested: str | None) -> str:
 def _checkpoint(args: argparse.Namespace) -> tuple[Path, str]:
     """The folder and the name records carry: the user's folder, or the cached preset (built
     with its vision tower: the benchmark loads and runs the whole model)."""
-    from ..bench.quant import QuantBenchError
+    from ...bench.quant import QuantBenchError
 
     if args.checkpoint is not None:
         if args.format is not None:
@@ -84,8 +84,8 @@ def _checkpoint(args: argparse.Namespace) -> tuple[Path, str]:
         if not args.checkpoint.is_dir():
             raise QuantBenchError(f"--checkpoint {args.checkpoint}: not a folder")
         return args.checkpoint, args.checkpoint.resolve().name
-    from ..cache import cache_path, cache_root, cached_build, is_valid
-    from ..presets import build_spec
+    from ...synth.cache import cache_path, cache_root, cached_build, is_valid
+    from ...synth.presets import build_spec
 
     preset = args.preset
     if preset == "tiny":
@@ -103,7 +103,7 @@ def _checkpoint(args: argparse.Namespace) -> tuple[Path, str]:
 
 
 def cmd_bench_quant(args: argparse.Namespace) -> int:
-    from ..bench.quant import QuantBench, bench_quant
+    from ...bench.quant import QuantBench, bench_quant
     folder, name = _checkpoint(args)
     bench = QuantBench(checkpoint=folder, name=name, modes=args.modes,
                        device=_device(args.device), prompt_tokens=args.prompt_tokens,
@@ -113,7 +113,7 @@ def cmd_bench_quant(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_session(args: argparse.Namespace) -> int:
-    from ..bench.session import run_session
+    from ...bench.session import run_session
     from ..run import suites_dir_default
 
     return run_session(args.output, args.suites_dir or suites_dir_default(), args.dry_run)

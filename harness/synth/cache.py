@@ -15,7 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .errors import HarnessError
+from ..errors import HarnessError
 from .plan import make_plan
 from .specs import BuildSpec
 
@@ -77,7 +77,7 @@ def ensure_space(spec: BuildSpec, root: Path) -> None:
 
 def cached_build(spec: BuildSpec, root: Path | None = None) -> Path:
     """The cached folder for `spec`, building it first when missing or failing the check."""
-    from .synth import build  # imports torch; keep `import harness.cache` light for the CLI
+    from .builder import build  # imports torch; keep `import harness.synth.cache` light for the CLI
 
     folder = cache_path(spec, root)
     if is_valid(folder):

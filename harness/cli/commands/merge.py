@@ -10,8 +10,8 @@ DTYPE_NAMES = ("float16", "bfloat16", "float32")
 
 
 def register(sub, bench) -> None:
-    from ..presets import PRESET_NAMES
-    from ..specs import FORMATS
+    from ...synth.presets import PRESET_NAMES
+    from ...synth.specs import FORMATS
 
     p = sub.add_parser("merge-lora", help="merge a LLaVA LoRA (adapter + non_lora_trainables) "
                                           "into its base: a full LLaVA checkpoint, streamed")
@@ -31,7 +31,7 @@ def register(sub, bench) -> None:
                    help="also write a JSON summary; - for stdout")
     p.set_defaults(func=cmd_merge)
 
-    from ..cli import _positive_int
+    from ..app import _positive_int
 
     b = bench.add_parser("merge", help="streamed LoRA merge into a real-size checkpoint: wall "
                                        "time and peak memory (optionally vs loading it all)")
@@ -57,7 +57,7 @@ def register(sub, bench) -> None:
 
 
 def _device(text: str) -> str:
-    from ..errors import HarnessError
+    from ...errors import HarnessError
 
     if text == "cpu" or text.startswith("cuda"):
         if text != "cpu":
@@ -70,8 +70,8 @@ def _device(text: str) -> str:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from ..checkpoint.paths import check_side_file
-    from ..ops.merge import merge_lora
+    from ...checkpoint.paths import check_side_file
+    from ...ops.merge import merge_lora
     from . import write_json
 
     check_side_file(args.json, [args.adapter, args.base], args.out)
@@ -90,14 +90,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_merge(args: argparse.Namespace) -> int:
-    from ..bench.merge import MergeBench, bench_merge
+    from ...bench.merge import MergeBench, bench_merge
 
     device = _device(args.device)
     if args.base is not None:
         base, case = args.base, args.base.name
     else:
-        from ..cache import cached_build
-        from ..presets import build_spec
+        from ...synth.cache import cached_build
+        from ...synth.presets import build_spec
 
         spec = build_spec(args.preset,
                           checkpoint={"format": args.format} if args.format else None)

@@ -28,7 +28,7 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
-from .errors import HarnessError
+from ..errors import HarnessError
 
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "safetensors", "accelerate",
              "llava-harness")

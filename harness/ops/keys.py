@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from .errors import HarnessError
+from ..errors import HarnessError
 
 # One decoder layer of a Llama/Mistral language model, in state-dict order.
 LAYER_TENSORS = (

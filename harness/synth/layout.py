@@ -10,35 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+from ..checkpoint.formats import Shaped
 from .specs import ModelSpec, VisionSpec, mlp_depth
 
 PROJECTOR_PREFIX = "model.mm_projector."
 VISION_PREFIX = "model.vision_tower.vision_tower."
 IMAGE_NEWLINE = "model.image_newline"
-
-# Bytes per element of every dtype a checkpoint may hold (the reader meets more than we write).
-DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "int64": 8, "int32": 4,
-               "int16": 2, "int8": 1, "uint8": 1, "bool": 1, "float8_e4m3fn": 1,
-               "float8_e5m2": 1}
-
-
-def shape_numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-class Shaped:
-    """`numel` and `nbytes` of anything with a `shape` and a `dtype` name."""
-
-    @property
-    def numel(self) -> int:
-        return shape_numel(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * DTYPE_BYTES[self.dtype]
 
 
 @dataclass(frozen=True)

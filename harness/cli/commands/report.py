@@ -7,9 +7,9 @@ from pathlib import Path
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from ..report import render_report, write_report
-    from ..report.single import csv_text
-    from ..results import load_results
+    from ...report.single import render_report, write_report
+    from ...report.results import load_results
+    from ...report.single import csv_text
 
     results = load_results(args.results)
     if args.out is not None:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
-    from ..gate import evaluate
-    from ..results import load_results
+    from ...report.gate import evaluate
+    from ...report.results import load_results
 
     results = load_results(args.results)
     baseline = load_results(args.baseline) if args.baseline is not None else None
@@ -29,7 +29,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
 
 def register(sub, bench) -> None:
-    from ..gate import check_arg
+    from ...report.gate import check_arg
 
     p = sub.add_parser("gate", help="check a run's metrics against a baseline; exit 1 on a "
                                     "regression")

@@ -12,9 +12,9 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import HarnessError
-from .presets import PRESET_NAMES, build_spec
-from .specs import DTYPES, FORMATS, PLACEMENTS, SpecError, check_projector_type, parse_size
+from ..errors import HarnessError
+from ..synth.presets import PRESET_NAMES, build_spec
+from ..synth.specs import DTYPES, FORMATS, PLACEMENTS, SpecError, check_projector_type, parse_size
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 3
@@ -84,7 +84,7 @@ def spec_from_args(args: argparse.Namespace):
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from .plan import make_plan
+    from ..synth.plan import make_plan
 
     spec = spec_from_args(args)
     if args.plan:
@@ -92,7 +92,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         return 0
     if args.out is None:
         raise SpecError("--out is required unless --plan is given")
-    from .synth import build
+    from ..synth.builder import build
 
     plan = build(spec, args.out, force=args.force)
     print(f"built {spec.model.name} ({plan.format}, {len(plan.shards)} shard(s), "
@@ -103,8 +103,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     """Exit 2 when the folder cannot be read at all, 1 when it reads but differs from the
     spec, 0 when it matches."""
-    from .checkpoint.reader import open_folder
-    from .verify import data_problems, layout_problems
+    from ..checkpoint.reader import open_folder
+    from ..synth.verify import data_problems, layout_problems
 
     spec = spec_from_args(args)
     folder = open_folder(args.folder)
@@ -130,7 +130,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_id(text: str) -> str:
-    from .results import ResultsError, check_run_id
+    from ..report.results import ResultsError, check_run_id
 
     try:
         return check_run_id(text)
@@ -148,7 +148,7 @@ def _suite_names(text: str) -> tuple[str, ...]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench.build import bench_build
+    from ..bench.build import bench_build
 
     return bench_build(spec_from_args(args), out=args.out, json_path=args.json,
                        force=args.force)
@@ -203,7 +203,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="also run real-size tests")
     p.add_argument("-k", dest="select", metavar="EXPR", help="pytest -k selection")
     p.add_argument("--run-id", type=_run_id, help="run id (default: UTC time + random suffix)")
-    from .gate import check_arg
+    from ..report.gate import check_arg
 
     p.add_argument("--baseline", type=Path, metavar="FILE", help="results file to gate against")
     p.add_argument("--fail", type=check_arg, action="append", default=[], metavar="EXPR",
@@ -266,7 +266,7 @@ def _stopped(signum: int) -> int:
 
 
 def _error(text: str) -> int:
-    from .checkpoint.problems import shown
+    from ..checkpoint.problems import shown
 
     # Names and keys come from untrusted files: escaped, the message stays one line.
     print(f"llava-harness: error: {shown(text)}", file=sys.stderr)
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if os.environ.get("LLAVA_HARNESS_DEBUG"):
             raise
-        from .checkpoint.problems import shown
+        from ..checkpoint.problems import shown
 
         print(f"llava-harness: internal error: {type(exc).__name__}: {shown(exc)} (a bug, or "
               "input nothing checks yet; LLAVA_HARNESS_DEBUG=1 shows the traceback)",
@@ -308,7 +308,3 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

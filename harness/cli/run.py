@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import HarnessError
+from ..errors import HarnessError
 
 # Suite name -> file in suites/. `run --suites a,b` picks by these names; records name their
 # suite the same way.
@@ -61,7 +61,7 @@ class RunError(HarnessError):
 
 
 def suites_dir_default() -> Path:
-    from .data import suites_dir
+    from ..data import suites_dir
 
     return suites_dir()
 
@@ -150,7 +150,7 @@ def _check_inputs(opts: RunOptions) -> Path:
     if report_dir.exists() and not report_dir.is_dir():
         raise RunError(f"--report-dir {report_dir}: exists and is not a folder")
     if opts.checkpoint is not None:
-        from .checkpoint.reader import open_folder
+        from ..checkpoint.reader import open_folder
 
         open_folder(Path(opts.checkpoint))  # not a checkpoint at all: one line, exit 2
     if any(c.needs_baseline for c in opts.checks) and opts.baseline is None:
@@ -162,8 +162,8 @@ def _check_inputs(opts: RunOptions) -> Path:
 def summarize(results) -> list[str]:
     from tabulate import tabulate
 
-    from .report.single import outcome_counts
-    from .results import OUTCOMES
+    from ..report.results import OUTCOMES
+    from ..report.single import outcome_counts
 
     rows = []
     for suite in results.suites:
@@ -177,7 +177,7 @@ def summarize(results) -> list[str]:
 
 
 def run_suites(opts: RunOptions) -> int:
-    from .results import ResultsError, load_results, new_run_id
+    from ..report.results import ResultsError, load_results, new_run_id
 
     suites_dir = _check_inputs(opts)
     names = opts.suites or (CHECKPOINT_SUITES if opts.checkpoint is not None
@@ -212,7 +212,7 @@ def run_suites(opts: RunOptions) -> int:
 def _gate(opts: RunOptions, results, baseline) -> bool:
     if not opts.checks:
         return False
-    from .gate import evaluate
+    from ..report.gate import evaluate
 
     gate = evaluate(opts.checks, results, baseline, outcomes=False)
     for warning in gate.warnings:

@@ -11,20 +11,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from ..checkpoint.formats import INDEX_NAMES, shard_name
 from .layout import TensorInfo, model_tensors
 from .specs import BuildSpec, SpecError
-
-INDEX_NAMES = {"bin": "pytorch_model.bin.index.json", "safetensors": "model.safetensors.index.json"}
-SINGLE_NAMES = {"bin": "pytorch_model.bin", "safetensors": "model.safetensors"}
-
-
-def shard_name(fmt: str, i: int, n: int) -> str:
-    """transformers' names: pytorch_model-00001-of-00002.bin, model-00001-of-00004.safetensors."""
-    if n == 1:
-        return SINGLE_NAMES[fmt]
-    stem = "pytorch_model" if fmt == "bin" else "model"
-    ext = "bin" if fmt == "bin" else "safetensors"
-    return f"{stem}-{i + 1:05d}-of-{n:05d}.{ext}"
 
 
 @dataclass(frozen=True)

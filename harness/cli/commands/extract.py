@@ -20,8 +20,8 @@ def _keys(text: str) -> tuple[str, ...]:
 
 
 def register(sub, bench) -> None:
-    from ..presets import PRESET_NAMES
-    from ..specs import FORMATS
+    from ...synth.presets import PRESET_NAMES
+    from ...synth.specs import FORMATS
 
     p = sub.add_parser("extract", help="copy the projector's tensors out of a checkpoint, "
                                        "reading only the shards that hold them")
@@ -48,7 +48,7 @@ def register(sub, bench) -> None:
     b.add_argument("--checkpoint", type=Path, metavar="DIR",
                    help="benchmark this folder instead of a preset")
     b.add_argument("--keys", type=_keys, default=("mm_projector",))
-    from ..cli import _positive_int
+    from ..app import _positive_int
 
     b.add_argument("--repeat", type=_positive_int, default=3,
                    help="measured rounds after the warm-up (default 3)")
@@ -58,8 +58,8 @@ def register(sub, bench) -> None:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from ..checkpoint.paths import check_side_file
-    from ..ops.extract import extract, output_path
+    from ...checkpoint.paths import check_side_file
+    from ...ops.extract import extract, output_path
     from . import write_json
 
     source = args.checkpoint or args.model_path
@@ -76,16 +76,16 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_extract(args: argparse.Namespace) -> int:
-    from ..bench.extract import bench_extract
+    from ...bench.extract import bench_extract
 
     if args.checkpoint is not None:
-        from ..checkpoint.reader import open_folder
+        from ...checkpoint.reader import open_folder
 
         folder = open_folder(args.checkpoint)
         return bench_extract(folder.path, folder.format, folder.path.name, args.keys,
                              args.repeat, args.out)
-    from ..cache import cache_path, cache_root, cached_build, is_valid
-    from ..presets import build_spec
+    from ...synth.cache import cache_path, cache_root, cached_build, is_valid
+    from ...synth.presets import build_spec
 
     spec = build_spec(args.preset, checkpoint={"format": args.format} if args.format else None)
     if not is_valid(cache_path(spec, cache_root())):

@@ -1,0 +1,53 @@
+"""Facts of the two checkpoint formats every module shares: dtype sizes and transformers' file names."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+# Bytes per element of every dtype a checkpoint may hold (the reader meets more than we write).
+DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "int64": 8, "int32": 4,
+               "int16": 2, "int8": 1, "uint8": 1, "bool": 1, "float8_e4m3fn": 1,
+               "float8_e5m2": 1}
+
+
+def shape_numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+class Entry(Protocol):
+    """What the writers need of a tensor they write: the builder's TensorInfo, for one."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def nbytes(self) -> int: ...
+
+
+class Shaped:
+    """`numel` and `nbytes` of anything with a `shape` and a `dtype` name."""
+
+    @property
+    def numel(self) -> int:
+        return shape_numel(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_BYTES[self.dtype]
+
+
+INDEX_NAMES = {"bin": "pytorch_model.bin.index.json", "safetensors": "model.safetensors.index.json"}
+SINGLE_NAMES = {"bin": "pytorch_model.bin", "safetensors": "model.safetensors"}
+
+
+def shard_name(fmt: str, i: int, n: int) -> str:
+    """transformers' names: pytorch_model-00001-of-00002.bin, model-00001-of-00004.safetensors."""
+    if n == 1:
+        return SINGLE_NAMES[fmt]
+    stem = "pytorch_model" if fmt == "bin" else "model"
+    ext = "bin" if fmt == "bin" else "safetensors"
+    return f"{stem}-{i + 1:05d}-of-{n:05d}.{ext}"

@@ -1,0 +1,1 @@
+"""The `llava-harness` command line: `main` parses and dispatches, one module per command."""

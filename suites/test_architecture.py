@@ -1,0 +1,122 @@
+"""The top of `harness/` reads as the architecture: a handful of folders, one concern each, and
+every import points downward. A newcomer can trust the map in the README because this holds."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "harness"
+if not (PACKAGE / "plugin.py").is_file():  # installed: the suites sit inside the package
+    PACKAGE = Path(__file__).resolve().parent.parent
+
+# Lowest first. A unit may import itself and anything on an earlier line, never a later one.
+LAYERS = [
+    {"errors", "data", "tolerances"},  # shared leaves: the error base, shipped data, tolerances
+    {"checkpoint"},  # file formats and untrusted-input checks
+    {"synth"},  # the builder
+    {"model"},  # LLaVA's model classes
+    {"ops"},  # the operations under test
+    {"train"},  # stage-1 and LoRA training loops
+    {"report"},  # results, environment, gate, reports
+    {"oracle"},  # LLaVA's own code as the reference
+    {"bench"},  # whole-process benchmarks
+    {"cli"},  # the command line and its commands
+    {"plugin"},  # the pytest plugin
+]
+RANK = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
+SHIPPED_DATA = {"suites", "fixtures"}  # mapped under harness/ in the wheel only
+
+
+def _unit(path: Path) -> str:
+    return path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+
+
+def _imports(path: Path):
+    """(line, module parts, imported names) of each harness import, lazy imports included."""
+    package = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)[:-1]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package[: len(package) - node.level + 1] + (node.module or "").split(".")
+            elif (node.module or "").split(".")[0] == "harness":
+                parts = node.module.split(".")
+            else:
+                continue
+            yield node.lineno, [p for p in parts if p], [a.name for a in node.names]
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "harness":
+                    yield node.lineno, alias.name.split("."), []
+
+
+def _imported_units(path: Path):
+    """(line, unit) for each harness unit the module imports."""
+    for line, parts, names in _imports(path):
+        for unit in parts[1:2] or names:
+            yield line, unit
+
+
+def _modules():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.relative_to(PACKAGE).parts[0] not in SHIPPED_DATA | {"__init__.py"}:
+            yield path
+
+
+def test_the_top_level_is_a_handful_of_concerns():
+    entries = {p.name.removesuffix(".py") for p in PACKAGE.iterdir()
+               if p.name != "__pycache__" and (p.suffix == ".py" or p.is_dir())}
+    assert entries - SHIPPED_DATA - {"__init__"} == set(RANK)
+
+
+def test_every_import_points_downward():
+    wrong = []
+    for path in _modules():
+        me = _unit(path)
+        for line, target in _imported_units(path):
+            if target != me and target in RANK and RANK[target] > RANK[me]:
+                wrong.append(f"{path.relative_to(PACKAGE)}:{line} ({me}) imports {target}")
+    assert not wrong, "upward imports:\n" + "\n".join(wrong)
+
+
+def test_the_check_catches_an_upward_import(tmp_path):
+    bad = tmp_path / "harness" / "checkpoint" / "bad.py"
+    bad.parent.mkdir(parents=True)
+    bad.write_text("def f():\n    from ..synth.builder import build\n    return build\n")
+    global PACKAGE
+    saved, PACKAGE = PACKAGE, tmp_path / "harness"
+    try:
+        assert [(line, unit) for line, unit in _imported_units(bad)] == [(2, "synth")]
+    finally:
+        PACKAGE = saved
+
+
+def test_only_the_plugin_imports_pytest():
+    # The library runs under the CLI and inside other tools too; pytest is the plugin's business.
+    offenders = []
+    for path in _modules():
+        if _unit(path) == "plugin":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n.split(".")[0] in ("pytest", "_pytest") for n in names):
+                offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    assert not offenders, offenders
+
+
+def _resolves(parts: list[str]) -> bool:
+    here = PACKAGE.parent.joinpath(*parts)
+    return here.with_suffix(".py").is_file() or (here / "__init__.py").is_file()
+
+
+def test_every_harness_import_names_a_module_that_exists():
+    # Lazy imports inside functions escape `import harness...` smoke tests; a layout move that
+    # misses one shows up only when that code path runs. This reads them all.
+    missing = []
+    for path in _modules():
+        for line, parts, names in _imports(path):
+            parts = [PACKAGE.name, *parts[1:]]
+            if not _resolves(parts) and not all(_resolves([*parts, n]) for n in names):
+                missing.append(f"{path.relative_to(PACKAGE)}:{line} {'.'.join(parts)}")
+    assert not missing, "imports of modules that do not exist:\n" + "\n".join(missing)
