@@ -14,7 +14,9 @@ run's metrics at session end (a failed check fails the session).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,8 +31,12 @@ MARKERS = {
     "slow": "takes minutes on 2 CPU cores; runs only with --llava-slow",
 }
 
+# What `--llava-checkpoint DIR` runs when the arguments do not name the harness's suites.
+FOLDER_SUITE = "test_checkpoint_folder.py"
+
 _COLLECTOR = pytest.StashKey["Collector"]()
 _ORACLES = pytest.StashKey[dict]()  # oracle name -> what it is, for the report
+_METRICS = pytest.StashKey[dict]()  # on a test item: metric name -> Metric it recorded
 _GATE_LINES = pytest.StashKey[list]()
 _REPORT_PATH = pytest.StashKey[Path]()
 
@@ -113,16 +119,67 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # Offline always: nothing may reach a hub at run time.
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
     from .cli.run import SUITES
     from .report.collector import Collector
 
-    config.stash[_COLLECTOR] = Collector(SUITES)
-    config.stash[_ORACLES] = {}
+    config.stash[_ORACLES] = {}  # what this process's tests used; merged in the collector
+    if not _is_worker(config):
+        config.stash[_COLLECTOR] = Collector(SUITES)
+        config.pluginmanager.register(_Gatherer(config.stash[_COLLECTOR]), "llava-gatherer")
+    _add_folder_validation(config)
+
+
+def _add_folder_validation(config: pytest.Config) -> None:
+    """`pytest --llava-checkpoint DIR` anywhere (a model repository with tests of its own, or
+    none) runs the harness's checkpoint-folder suite on DIR, unless the arguments already
+    name it or a folder holding it."""
+    if config.getoption("--llava-checkpoint") is None:
+        return
+    from .data import suites_dir
+
+    suite = (suites_dir() / FOLDER_SUITE).resolve()
+    for arg in config.args:
+        path = Path(arg.split("::", 1)[0])
+        path = (config.invocation_params.dir / path).resolve()
+        if path == suite or path in suite.parents:
+            return
+    config.args.append(str(suite))
+
+
+@contextlib.contextmanager
+def hub_offline():
+    """Offline for as long as the block runs, then the process as it was: the environment
+    variables, and huggingface_hub's flag (read once at its import, consulted on every
+    request), whether or not huggingface_hub was imported inside the block."""
+    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    saved = {name: os.environ.get(name) for name in names}
+    constants = sys.modules.get("huggingface_hub.constants")
+    flag = getattr(constants, "HF_HUB_OFFLINE", None)
+    os.environ.update(dict.fromkeys(names, "1"))
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        constants = sys.modules.get("huggingface_hub.constants")
+        if constants is not None:
+            constants.HF_HUB_OFFLINE = flag if flag is not None else any(
+                (saved[n] or "").upper() in ("1", "ON", "YES", "TRUE") for n in names)
+
+
+@pytest.fixture
+def llava_offline():
+    """Nothing reaches a hub during the test that asks for this (every test of the harness's
+    own suites does); before and after it, the process is as it was."""
+    with hub_offline():
+        yield
 
 
 def _cuda_available() -> bool:
@@ -159,7 +216,8 @@ class CheckpointFactory:
         spec = build_spec(preset, model=model, checkpoint=checkpoint)
         if spec not in self._built:
             folder = self.root / f"ckpt{len(self._built)}-{spec.model.name}"
-            build(spec, folder)
+            with hub_offline():
+                build(spec, folder)
             self._built[spec] = folder
         return self._built[spec]
 
@@ -193,7 +251,8 @@ def realsize_checkpoint_factory(llava_cache: Path):
 
     def factory(preset: str = "llava-v1.5-7b", *, model: dict | None = None,
                 checkpoint: dict | None = None) -> Path:
-        return cached_build(build_spec(preset, model=model, checkpoint=checkpoint), llava_cache)
+        with hub_offline():
+            return cached_build(build_spec(preset, model=model, checkpoint=checkpoint), llava_cache)
 
     return factory
 
@@ -241,13 +300,18 @@ class MetricRecorder:
 
     Units are strings ("s", "MiB", "tokens/s", "params", "ratio"); the direction (lower /
     higher / none is better) defaults from the unit (time and memory lower, "/s" higher).
+    The metrics travel with the test's reports, so a run spread over pytest-xdist workers
+    gathers them in the controller just as a serial run does.
     """
 
-    def __init__(self, collector, nodeid: str):
-        self._collector, self._nodeid = collector, nodeid
+    def __init__(self, metrics: dict):
+        self._metrics = metrics
 
     def __call__(self, name: str, value, unit: str, direction: str | None = None) -> None:
-        self._collector.add_metric(self._nodeid, name, value, unit, direction)
+        from .report.results import as_metric
+
+        spec = (value, unit) if direction is None else (value, unit, direction)
+        self._metrics[name] = as_metric(name, spec)
 
     def update(self, metrics: dict) -> None:
         """`{"name": (value, unit) or (value, unit, direction)}` all at once."""
@@ -257,7 +321,7 @@ class MetricRecorder:
 
 @pytest.fixture
 def llava_record(request: pytest.FixtureRequest) -> MetricRecorder:
-    return MetricRecorder(request.config.stash[_COLLECTOR], request.node.nodeid)
+    return MetricRecorder(request.node.stash.setdefault(_METRICS, {}))
 
 
 @pytest.fixture(scope="session")
@@ -284,7 +348,8 @@ def llava_checkpoint(pytestconfig: pytest.Config, llava_checkpoint_spec,
     from .synth.cache import cache_root, cached_build
 
     root = pytestconfig.getoption("--llava-cache") or cache_root()
-    return cached_build(llava_checkpoint_spec, root)
+    with hub_offline():
+        return cached_build(llava_checkpoint_spec, root)
 
 
 def _reason(report: pytest.TestReport) -> str | None:
@@ -302,29 +367,54 @@ def _reason(report: pytest.TestReport) -> str | None:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call):
+    """In the process that ran the test (a worker, under xdist): what the harness gathers goes
+    onto the report as plain data, which xdist carries to the controller with the report."""
     report = yield
-    collector = item.config.stash[_COLLECTOR]
-    nodeid = item.nodeid
     if report.when == "setup":
-        module = getattr(item, "module", None)
-        collector.describe(nodeid, getattr(module, "__doc__", None))
+        report.llava_doc = getattr(getattr(item, "module", None), "__doc__", None)
     if report.when == "call":
         bench = getattr(item, "funcargs", {}).get("benchmark")
         stats = getattr(getattr(bench, "stats", None), "stats", None)
         if stats:  # pytest-benchmark ran: fold its statistics into this case
             from .report.collector import benchmark_metrics
 
-            collector.add_metrics(nodeid, benchmark_metrics(stats))
-    if report.passed and not hasattr(report, "wasxfail"):
-        collector.outcome(nodeid, "passed")
-    elif report.skipped:
-        collector.outcome(nodeid, "skipped", _reason(report))
-    elif report.failed:
-        outcome = "failed" if report.when == "call" else "error"
-        collector.outcome(nodeid, outcome, _reason(report))
-    else:  # an unexpected pass of an xfail
-        collector.outcome(nodeid, "passed")
+            item.stash.setdefault(_METRICS, {}).update(benchmark_metrics(stats))
+    metrics = item.stash.get(_METRICS, {})
+    if metrics:
+        report.llava_metrics = {n: [m.value, m.unit, m.direction] for n, m in metrics.items()}
+    oracles = item.config.stash.get(_ORACLES, {})
+    if oracles:
+        report.llava_oracles = dict(oracles)
     return report
+
+
+class _Gatherer:
+    """Turns reports into result records: in a serial run, and in the controller of an xdist
+    run (its workers only test; the controller gathers, writes and gates once)."""
+
+    def __init__(self, collector):
+        self.collector = collector
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        collector, nodeid = self.collector, report.nodeid
+        if getattr(report, "llava_doc", None):
+            collector.describe(nodeid, report.llava_doc)
+        for name, (value, unit, direction) in getattr(report, "llava_metrics", {}).items():
+            collector.add_metric(nodeid, name, value, unit, direction)
+        collector.oracles.update(getattr(report, "llava_oracles", {}))
+        if report.passed and not hasattr(report, "wasxfail"):
+            collector.outcome(nodeid, "passed")
+        elif report.skipped:
+            collector.outcome(nodeid, "skipped", _reason(report))
+        elif report.failed:
+            outcome = "failed" if report.when == "call" else "error"
+            collector.outcome(nodeid, outcome, _reason(report))
+        else:  # an unexpected pass of an xfail
+            collector.outcome(nodeid, "passed")
+
+
+def _is_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")  # pytest-xdist sets it on its workers only
 
 
 def _relative(arg: str, root: Path) -> str:
@@ -339,16 +429,21 @@ def _settings(config: pytest.Config) -> dict[str, str]:
            "realsize": str(config.getoption("llava_realsize")).lower(),
            "pytest_args": " ".join(_relative(arg, config.rootpath)
                                    for arg in config.invocation_params.args)}
+    workers = getattr(config.option, "numprocesses", None)  # pytest-xdist's -n
+    if workers:
+        out["workers"] = f"{workers} (pytest-xdist; pytest-benchmark timings are off)"
     baseline = config.getoption("--llava-baseline")
     if baseline is not None:
         out["baseline_run"] = baseline.run_id
-    for name, what in sorted(config.stash.get(_ORACLES, {}).items()):
+    for name, what in sorted(config.stash[_COLLECTOR].oracles.items()):
         out[f"oracle {name}"] = what
     return out
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
     config = session.config
+    if _is_worker(config):
+        return  # the controller writes and gates, once, from every worker's reports
     report_dir = config.getoption("--llava-report-dir")
     checks = config.getoption("--llava-fail")
     if report_dir is None and not checks:
@@ -380,7 +475,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
         if not any(line.startswith("FAIL") for line in lines):
             terminalreporter.write_line(f"all {len(config.getoption('--llava-fail'))} "
                                         "check(s) passed")
-    for name, what in sorted(config.stash.get(_ORACLES, {}).items()):
+    collector = config.stash.get(_COLLECTOR, None)
+    for name, what in sorted(collector.oracles.items() if collector else ()):
         terminalreporter.write_line(f"llava-harness oracle {name}: {what}")
     path = config.stash.get(_REPORT_PATH, None)
     if path is not None:

@@ -3,6 +3,7 @@ them as the repository does. The fixtures and options live in the plugin (harnes
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 # ci: few, deterministic examples so the default run stays well inside its time budget.
@@ -14,3 +15,9 @@ settings.register_profile("dev", max_examples=100, deadline=None,
                           suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                  HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(autouse=True)
+def _offline(llava_offline):
+    """Every test here runs offline: nothing may be downloaded. The plugin's fixture, so each
+    test leaves the process as it found it and a foreign repository's tests are unaffected."""

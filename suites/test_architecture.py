@@ -14,6 +14,7 @@ if not (PACKAGE / "plugin.py").is_file():  # installed: the suites sit inside th
 LAYERS = [
     {"errors", "data", "tolerances"},  # shared leaves: the error base, shipped data, tolerances
     {"checkpoint"},  # file formats and untrusted-input checks
+    {"console"},  # what the terminal shows: human lines, machine output, third-party warnings
     {"synth"},  # the builder
     {"model"},  # LLaVA's model classes
     {"ops"},  # the operations under test

@@ -1,9 +1,5 @@
 """Tests for harness.synth.assets: locally built tokenizer and CLIP vision tower folders."""
 
-import os
-
-os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: nothing may be downloaded
-
 import hashlib
 import json
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -270,3 +272,41 @@ def test_built_folder_matches_its_plan(tmp_path_factory, shards, placement, fmt,
     assert ckpt.total_size == (None if shards == 1 else
                                sum(m.nbytes for m in ckpt.tensors.values()))
     assert verify(spec, folder) == []
+
+
+LOCKED_BUILD = '''
+import sys, time
+import harness.synth.builder as builder
+from harness.synth.cache import cached_build
+from harness.synth.presets import build_spec
+
+root, log, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
+real = builder.build
+
+def counted(*args, **kwargs):
+    with open(log, "a") as fh:
+        fh.write("built\\n")
+    time.sleep(1.0)  # widen the window a second process would race into
+    return real(*args, **kwargs)
+
+builder.build = counted
+time.sleep(max(0.0, start - time.time()))
+spec = build_spec("tiny", checkpoint={"shards": 1})
+print(cached_build(spec, root))
+'''
+
+
+def test_a_cache_entry_is_built_once_by_concurrent_processes(tmp_path):
+    """pytest-xdist workers (or two CI jobs) asking for the same real-size entry at once: one
+    builds under the entry's lock, the other waits and reuses it."""
+    import time
+
+    log = tmp_path / "builds.log"
+    start = time.time() + 3.0  # both children past their imports, then they go together
+    procs = [subprocess.Popen([sys.executable, "-c", LOCKED_BUILD, str(tmp_path / "cache"),
+                               str(log), str(start)], stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    folders = {proc.communicate(timeout=120)[0].strip() for proc in procs}
+    assert [p.returncode for p in procs] == [0, 0]
+    assert len(folders) == 1 and Path(folders.pop()).is_dir()
+    assert log.read_text().count("built") == 1

@@ -131,7 +131,7 @@ def test_cli_plan_prints_the_published_index(capsys):
     (["build", "--preset", "tiny", "--shards", "2", "--placement", "middle", "--plan"],
      ["middle", "3 shards"]),
     (["build", "--preset", "tiny", "--projector", "identity", "--plan"], ["identity"]),
-    (["build", "--preset", "tiny"], ["--out"]),
+    (["build", "--preset", "tiny"], ["--output"]),
 ])
 def test_cli_bad_spec_is_one_line_and_exit_2(capsys, argv, words):
     assert main(argv) == 2
@@ -144,7 +144,7 @@ def test_cli_bad_spec_is_one_line_and_exit_2(capsys, argv, words):
 def test_cli_refuses_existing_output_without_touching_it(tmp_path, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "x").write_text("mine")
-    assert main(["build", "--preset", "tiny", "--out", str(tmp_path / "out")]) == 2
+    assert main(["build", "--preset", "tiny", "-o", str(tmp_path / "out")]) == 2
     assert "--force" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["x"]
 
@@ -222,7 +222,7 @@ def test_console_script_build_and_verify(tmp_path):
     assert script, "the llava-harness console script is not installed"
     cmd = [script]
     subprocess.run(cmd + ["build", "--preset", "tiny", "--format", "safetensors", "--shards",
-                          "3", "--placement", "split", "--out", str(out)], check=True)
+                          "3", "--placement", "split", "-o", str(out)], check=True)
     done = subprocess.run(cmd + ["verify", str(out), "--preset", "tiny", "--format",
                                  "safetensors", "--shards", "3", "--placement", "split"],
                           capture_output=True, text=True)

@@ -368,13 +368,14 @@ def test_llava_flags_folder_output_keys_and_summary(built, tmp_path, capsys):
     folder = built(Layout("safetensors", 2, "split"))
     target = tmp_path / "stage1"
     target.mkdir()
-    code, out, _ = cli(capsys, "extract", "--model-path", folder, "--output", target,
-                       "--keys", "mm_projector,lm_head", "--json", tmp_path / "s.json")
-    assert code == 0 and "-> " + str(target / "mm_projector.bin") in out
+    code, out, err = cli(capsys, "extract", "--model-path", folder, "--output", target,
+                         "--keys", "mm_projector,lm_head", "--json")
+    # --json: stdout is the JSON object alone; the usual line goes to stderr.
+    assert code == 0 and "-> " + str(target / "mm_projector.bin") in err
     expected = source_projector(folder, ("mm_projector", "lm_head"))
     assert "lm_head.weight" in expected
     assert bit_differences(expected, load_output(target / "mm_projector.bin")) == []
-    summary = json.loads((tmp_path / "s.json").read_text())
+    summary = json.loads(out)
     assert summary["files_total"] == 2 and set(summary["keys"]) == set(expected)
     assert summary["nbytes"] == sum(t.numel() * t.element_size() for t in expected.values())
 
@@ -546,7 +547,7 @@ def test_bench_extract_records_both_sides(built, tmp_path, capsys):
 
     folder = built(Layout("bin", 2))
     out = tmp_path / "bench.json"
-    assert main(["bench", "extract", "--checkpoint", str(folder), "--repeat", "1", "--out",
+    assert main(["bench", "extract", "--checkpoint", str(folder), "--repeat", "1", "-o",
                  str(out)]) == 0
     (record,) = load_results(out).records
     assert record.suite == "bench-extract" and "outputs differ" not in (record.reason or "")

@@ -245,12 +245,38 @@ def test_cli_baseline_refuses_a_dirty_tree_in_one_line(repo, tmp_path, capsys):
     results = tmp_path / "results.json"
     write_results(one(1.0), results)
     target = repo / "fixtures" / "baselines" / "cpu.json"
-    assert main(["baseline", str(results), "--out", str(target)]) == 0
+    assert main(["baseline", str(results), "-o", str(target)]) == 0
     assert capsys.readouterr().out == f"baseline: {target}\n"
     # The new baseline is uncommitted: the tree is dirty now, so a second one is refused.
-    assert main(["baseline", str(results), "--out", str(target.with_name("b.json"))]) == 2
+    assert main(["baseline", str(results), "-o", str(target.with_name("b.json"))]) == 2
     err = capsys.readouterr().err
     assert "uncommitted changes" in err and err.count("\n") == 1
+
+
+def test_cli_baseline_defaults_to_beside_the_run_and_dash_is_stdout(tmp_path, capsys):
+    run = tmp_path / "reports" / "r1"
+    run.mkdir(parents=True)
+    write_results(one(1.0), run / "results.json")
+    assert main(["baseline", str(run / "results.json")]) == 0
+    assert capsys.readouterr().out == f"baseline: {run / 'baseline.json'}\n"
+    assert load_results(run / "baseline.json") == one(1.0)
+    assert main(["baseline", str(run / "results.json"), "-o", "-"]) == 0
+    out = capsys.readouterr().out
+    assert Results.from_json(out, "stdout") == one(1.0)  # stdout holds the JSON alone
+
+
+def test_a_baseline_git_ignores_needs_no_clean_tree(repo, tmp_path):
+    """reports/ is ignored: a baseline written there is never committed, so a dirty tree
+    (the usual state while working) does not stop it; a tracked target still needs one."""
+    (repo / ".gitignore").write_text("reports/\n")
+    (repo / "README").write_text("changed")
+    results = tmp_path / "results.json"
+    write_results(one(1.0), results)
+    target = repo / "reports" / "run" / "baseline.json"
+    write_baseline(results, target)
+    assert load_results(target) == one(1.0)
+    with pytest.raises(GateError, match="uncommitted changes"):
+        write_baseline(results, repo / "fixtures" / "baselines" / "cpu.json")
 
 
 def test_baseline_refuses_a_dirty_tree(repo, tmp_path):

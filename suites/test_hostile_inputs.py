@@ -25,7 +25,7 @@ Classes crafted on tiny checkpoints (`.bin` and safetensors where it applies):
   5. symbolic links leaving the folder (a shard; tokenizer.json, generation_config.json and
      config.json, which outputs would copy) are refused naming the link; links inside the
      folder are followed;
-  6. outputs overlapping inputs (even with --force), special files as outputs, `--json -`;
+  6. outputs overlapping inputs (even with --force), special files as outputs, `--json`;
   7. control characters in keys and shard names stay escaped on one line;
   8. SIGTERM mid-build / mid-strip leaves nothing or a complete output; stale `.partial`
      folders of dead processes are swept with a warning, live ones kept.
@@ -838,8 +838,6 @@ OVERLAPS = {
     "strip-o-ckpt-dotdot": (STRIP, lambda ck, ad: {"OUT": ck.folder / ".."}),
     "convert-o-inside-ckpt": (["convert", "CKPT", "-o", "OUT", "--to", "hf"],
                               lambda ck, ad: {"OUT": ck.folder / "hf"}),
-    "extract-json-names-config": (EXTRACT + ["--json", "SIDE"],
-                                  lambda ck, ad: {"SIDE": ck.folder / "config.json"}),
     "extract-o-inside-ckpt": (EXTRACT, lambda ck, ad: {"OUT": ck.folder / "mm.bin"}),
     "extract-o-a-shard": (EXTRACT, lambda ck, ad: {"OUT": ck.shard}),
     "merge-o-base": (MERGE, lambda ck, ad: {"OUT": ck.folder}),
@@ -887,7 +885,6 @@ def fifo(tmp_path):
 SPECIAL_OUTPUTS = {
     # how -> argv(ckpt, main output, the path standing for the special file)
     "extract-o-fifo": lambda ck, out, sp: ["extract", ck.folder, "-o", sp],
-    "extract-json-fifo": lambda ck, out, sp: ["extract", ck.folder, "-o", out, "--json", sp],
     "strip-o-fifo": lambda ck, out, sp: ["strip", ck.folder, "-o", sp],
 }
 
@@ -924,16 +921,21 @@ def test_dev_null_as_output_is_refused(make_ckpt, tmp_path, capsys):
     assert tree_state(ck.folder) == before
 
 
-def test_extract_json_dash_prints_the_summary_on_stdout(make_ckpt, tmp_path, capsys,
-                                                        monkeypatch):
+def test_extract_json_prints_the_summary_alone_on_stdout(make_ckpt, tmp_path, capsys,
+                                                          monkeypatch):
     ck = make_ckpt("bin")
     monkeypatch.chdir(tmp_path)
-    ran = run_cli(capsys, ["extract", ck.folder, "-o", tmp_path / "p.bin", "--json", "-"])
+    ran = run_cli(capsys, ["extract", ck.folder, "-o", tmp_path / "p.bin", "--json"])
     assert ran.code == EXIT_OK, ran.err
     summary = json.loads(ran.out)
+    assert "extracted 4 tensors" in ran.err
     assert sorted(summary["keys"]) == sorted(PROJ_KEYS)
     assert summary["files_read"] == [ck.shard.name]
-    assert not (tmp_path / "-").exists() and (tmp_path / "p.bin").is_file()
+    assert (tmp_path / "p.bin").is_file()
+    # '-' names stdout only where the output is one text file; a checkpoint file is not.
+    ran = run_cli(capsys, ["extract", ck.folder, "-o", "-"])
+    assert ran.code == EXIT_BAD_INPUT and "'-' (stdout)" in ran.err
+    assert not (tmp_path / "-").exists()
 
 
 # --- 8. interrupts and stale temporaries --------------------------------------------------------
@@ -966,7 +968,7 @@ def test_sigterm_mid_write_leaves_nothing_or_a_complete_output(pristine, tmp_pat
                                                                what):
     if what == "build":
         target = tmp_path / "built"
-        argv = ["build", "--preset", "tiny", "--out", target]
+        argv = ["build", "--preset", "tiny", "-o", target]
     else:
         target = tmp_path / "plain"
         argv = ["strip", pristine["bin"], "-o", target]
@@ -1000,7 +1002,7 @@ def test_sigterm_the_instant_the_temporary_exists_leaves_nothing(make_ckpt, tmp_
     from harness.cli.app import Terminated
 
     target = tmp_path / ("built" if command == "build" else "mm_projector.bin")
-    argv = (["build", "--preset", "tiny", "--out", target] if command == "build"
+    argv = (["build", "--preset", "tiny", "-o", target] if command == "build"
             else ["extract", make_ckpt("bin").folder, "-o", target])
     assert run_cli(capsys, argv).code == EXIT_OK  # control
     if target.is_dir():
@@ -1028,7 +1030,7 @@ def test_stale_partial_of_a_dead_process_is_swept_with_a_warning(tmp_path, capsy
     stale.mkdir()
     (stale / "pytorch_model-00001-of-00002.bin").write_bytes(b"half a shard")
     with pytest.warns(StalePartialWarning, match=str(DEAD_PID)):
-        ran = run_cli(capsys, ["build", "--preset", "tiny", "--out", target])
+        ran = run_cli(capsys, ["build", "--preset", "tiny", "-o", target])
     assert ran.code == EXIT_OK, ran.err
     assert not stale.exists()
     assert run_cli(capsys, ["verify", target, "--preset", "tiny"]).code == EXIT_OK
@@ -1045,7 +1047,7 @@ def test_partial_of_a_live_process_is_kept(tmp_path, capsys):
         (live / "pytorch_model-00001-of-00002.bin").write_bytes(b"being written")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ran = run_cli(capsys, ["build", "--preset", "tiny", "--out", target])
+            ran = run_cli(capsys, ["build", "--preset", "tiny", "-o", target])
         assert ran.code == EXIT_OK, ran.err
         assert not [w for w in caught if issubclass(w.category, StalePartialWarning)]
         assert (live / "pytorch_model-00001-of-00002.bin").read_bytes() == b"being written"
@@ -1070,7 +1072,7 @@ def test_a_signal_that_surfaces_as_another_error_is_reported_as_the_signal(tmp_p
             raise ImportError("initialization failed") from None
 
     monkeypatch.setattr(synth, "write_tensors", interrupted_import)
-    ran = run_cli(capsys, ["build", "--preset", "tiny", "--out", tmp_path / "built"])
+    ran = run_cli(capsys, ["build", "--preset", "tiny", "-o", tmp_path / "built"])
     assert ran.code == EXIT_SIGTERM and "SIGTERM" in ran.err, ran.err
     assert "internal error" not in ran.err
     assert not list(tmp_path.iterdir())

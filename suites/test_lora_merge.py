@@ -592,10 +592,10 @@ def test_merge_lora_cli(bases, tmp_path, capsys):
     trained_adapter(bases["safetensors"], case, tmp_path / "lora")
     code, out, err = _cli(capsys, "merge-lora", "--adapter", tmp_path / "lora", "--base",
                           bases["safetensors"], "-o", tmp_path / "merged", "--dtype", "bfloat16",
-                          "--json", tmp_path / "merge.json")
+                          "--json")
     assert code == 0, err
-    assert "merged 14 layer(s)" in out
-    summary = json.loads((tmp_path / "merge.json").read_text())
+    assert "merged 14 layer(s)" in err  # --json: the usual lines on stderr, JSON on stdout
+    summary = json.loads(out)
     assert summary["merged_layers"] == 14 and summary["dtype"] == "bfloat16"
     folder = open_folder(tmp_path / "merged")
     assert folder.files == open_folder(bases["safetensors"]).files  # the base's split
@@ -644,7 +644,7 @@ def test_bench_merge_runs_on_a_tiny_base(bases, tmp_path, capsys):
     from harness.report.results import load_results
 
     code, out, err = _cli(capsys, "bench", "merge", "--base", bases["safetensors"], "--rank", 4,
-                          "--alpha", 8, "--work", tmp_path / "work", "--naive", "--out",
+                          "--alpha", 8, "--work", tmp_path / "work", "--naive", "-o",
                           tmp_path / "merge.json")
     assert code == 0, err
     assert "bit-identical" in out

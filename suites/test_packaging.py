@@ -3,6 +3,9 @@ the package, and nothing outside it; the command line and the plugin behave the 
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -112,3 +115,67 @@ def test_a_bare_source_tree_finds_its_data_beside_the_package():
                           text=True, timeout=60)  # -S: no site-packages, no editable mapping
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [str(root / "fixtures"), str(root / "suites")]
+
+
+FOREIGN_SUITE = '''
+import os
+import sys
+
+def test_untouched_before():
+    assert "HF_HUB_OFFLINE" not in os.environ and "TRANSFORMERS_OFFLINE" not in os.environ
+
+def test_offline_inside(llava_offline):
+    import huggingface_hub.constants as constants
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and constants.HF_HUB_OFFLINE is True
+
+def test_untouched_after():
+    import huggingface_hub.constants as constants
+    assert "HF_HUB_OFFLINE" not in os.environ and constants.HF_HUB_OFFLINE is False
+'''
+
+
+def _foreign_pytest(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    """pytest in a repository of someone else's: its own folder, no harness settings, and an
+    environment without the offline variables the harness's own runs carry."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "PYTEST_ADDOPTS")}
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
+                          capture_output=True, text=True, cwd=folder, env=env, timeout=300)
+
+
+def test_the_plugin_leaves_the_process_as_it_found_it(tmp_path):
+    """Installed, the plugin loads in every pytest session of the environment: it sets nothing
+    process-wide; only its own fixtures go offline, for their scope."""
+    (tmp_path / "test_foreign.py").write_text(FOREIGN_SUITE)
+    # -p no:randomly-style reordering is not installed; the file order is the run order.
+    done = _foreign_pytest(tmp_path, "-q", "test_foreign.py")
+    assert done.returncode == 0 and "3 passed" in done.stdout, done.stdout[-2000:]
+
+
+def test_llava_checkpoint_validates_a_folder_from_a_foreign_repository(tmp_path,
+                                                                        tiny_checkpoint):
+    """`pytest --llava-checkpoint DIR` in a repository with tests of its own (or none) runs
+    the harness's checkpoint-folder suite on DIR, beside the repository's tests."""
+    repo = tmp_path / "their-model"
+    repo.mkdir()
+    (repo / "test_theirs.py").write_text("def test_theirs():\n    pass\n")
+    done = _foreign_pytest(repo, "-q", "-rA", "--llava-checkpoint", str(tiny_checkpoint))
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "PASSED test_theirs.py::test_theirs" in done.stdout
+    validated = [line for line in done.stdout.splitlines()
+                 if line.startswith("PASSED") and "test_theirs" not in line]
+    assert "test_strip_gives_a_plain_language_model" in done.stdout
+    assert len(validated) >= 8, done.stdout[-3000:]
+    # Without the option, only their tests run: the plugin adds nothing on its own.
+    done = _foreign_pytest(repo, "-q")
+    assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout[-1500:]
+    # A broken folder fails the validation, naming the file.
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    index = broken / "pytorch_model.bin.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"]["model.mm_projector.0.weight"] = "pytorch_model-00009-of-00002.bin"
+    index.write_text(json.dumps(data))
+    done = _foreign_pytest(repo, "-q", "--llava-checkpoint", str(broken))
+    assert done.returncode == 1 and "pytorch_model-00009-of-00002.bin" in done.stdout, \
+        done.stdout[-3000:]

@@ -299,7 +299,7 @@ def test_bench_end_to_end_in_subprocesses(tiny_quant, tmp_path, capsys):
     out = tmp_path / "quant.json"
     code = cli_main(["bench", "quant", "--checkpoint", str(tiny_quant), "--device", "cpu",
                      "--modes", "int8", "--prompt-tokens", "8", "--new-tokens", "3",
-                     "--repeat", "2", "--out", str(out)])
+                     "--repeat", "2", "-o", str(out)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "| case" in captured.out and f"{tiny_quant.resolve().name}-int8" in captured.out

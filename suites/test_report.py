@@ -165,10 +165,10 @@ def test_cli_report_and_compare(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("# llava-harness report: run run-a")
     assert main(["report", str(tmp_path / "a.json"), "--format", "csv"]) == 0
     assert capsys.readouterr().out.startswith("run_id,suite,case")
-    assert main(["report", str(tmp_path / "a.json"), "--out", str(tmp_path / "r")]) == 0
+    assert main(["report", str(tmp_path / "a.json"), "-o", str(tmp_path / "r")]) == 0
     assert (tmp_path / "r" / "report.md").is_file()
     assert main(["compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
-                 "--out", str(tmp_path / "c")]) == 0
+                 "-o", str(tmp_path / "c")]) == 0
     out = capsys.readouterr().out
     assert "0.5x, better" in out and f"chart: {tmp_path / 'c' / 'compare.png'}" in out
 
@@ -249,3 +249,31 @@ def test_plugin_writes_nothing_by_default(tmp_path):
     # (.benchmarks is pytest-benchmark's own storage folder, __pycache__ Python's: not ours)
     assert {p.name for p in tmp_path.iterdir()} - {".benchmarks", "__pycache__"} == \
         {"test_plugin_demo.py"}
+
+
+def _gathered(results: Results) -> list:
+    """What a run's records say, without when they were made."""
+    return sorted((r.suite, r.case, r.outcome, r.reason, r.metrics) for r in results.records)
+
+
+def test_an_xdist_run_gathers_what_a_serial_run_does(tmp_path):
+    """Under pytest-xdist, workers run the tests and the controller gathers their reports:
+    the same records (outcomes, reasons, metrics), suite descriptions and gate verdict as a
+    serial run. pytest-benchmark disables itself under xdist (parallel timings are no
+    figures), so its test contributes an outcome and no statistics in both runs here."""
+    runs = {}
+    for name, extra in (("serial", []), ("xdist", ["-n", "2"])):
+        done = run_plugin(tmp_path, "--llava-report-dir", str(tmp_path / "reports"),
+                          "--llava-run-id", name, "--benchmark-disable",
+                          "--llava-fail", "wall_s:<=1", *extra)
+        assert done.returncode == 1, done.stdout + done.stderr  # test_fails fails
+        assert "all 1 check(s) passed" in done.stdout, done.stdout
+        runs[name] = load_results(tmp_path / "reports" / name / "results.json")
+    serial, xdist = runs["serial"], runs["xdist"]
+    assert len(serial.records) == 6 and _gathered(xdist) == _gathered(serial)
+    assert xdist.suite_descriptions == serial.suite_descriptions
+    # The check fails the same way in both.
+    for name, extra in (("serial", []), ("xdist", ["-n", "2"])):
+        done = run_plugin(tmp_path, "--benchmark-disable", "--llava-fail", "wall_s:<=0.1",
+                          *extra)
+        assert "FAIL plugin_demo::test_records wall_s" in done.stdout, done.stdout

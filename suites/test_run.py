@@ -76,7 +76,7 @@ def test_missing_suites_folder_says_what_to_do(tmp_path, capsys):
 
 
 def test_run_on_a_synthetic_folder_writes_a_report(bare_folder, tmp_path, capsys):
-    code = main(["run", "--checkpoint", str(bare_folder), "--report-dir", str(tmp_path),
+    code = main(["run", "--checkpoint", str(bare_folder), "-o", str(tmp_path),
                  "--run-id", "tiny", "--fail", "shards:==2"])
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
@@ -95,11 +95,32 @@ def test_run_on_a_synthetic_folder_writes_a_report(bare_folder, tmp_path, capsys
 def test_arguments_after_a_double_dash_go_to_pytest(bare_folder, tmp_path, capsys):
     """`run -- --junitxml FILE`: a CI system gets pytest's own JUnit XML beside the report."""
     xml = tmp_path / "junit.xml"
-    code = main(["run", "--checkpoint", str(bare_folder), "--report-dir", str(tmp_path),
+    code = main(["run", "--checkpoint", str(bare_folder), "-o", str(tmp_path),
                  "--run-id", "junit", "-k", "index", "--", "--junitxml", str(xml)])
     assert code == 0, capsys.readouterr().out[-3000:]
     text = xml.read_text()
     assert "<testsuite" in text and "test_index_matches_the_files" in text
+
+
+def test_workers_give_the_verdict_and_records_of_a_serial_run(bare_folder, tmp_path, capsys):
+    """`run --workers 2` (pytest-xdist underneath): the same records, outcomes and metrics,
+    the same gate verdict; `--json` prints that verdict alone on stdout."""
+    seen = {}
+    for run_id, extra in (("serial", []), ("two", ["--workers", "2"])):
+        code = main(["run", "--checkpoint", str(bare_folder), "-o", str(tmp_path), "--run-id",
+                     run_id, "--fail", "shards:==2", "--json", *extra])
+        out = capsys.readouterr().out
+        assert code == 0, out[-3000:]
+        verdict = json.loads(out)
+        assert verdict["exit"] == 0 and verdict["gate_failed"] is False
+        results = load_results(tmp_path / run_id / "results.json")
+        # Timings differ from run to run; their names and every other value may not.
+        seen[run_id] = (verdict["counts"], sorted(
+            (r.id, r.outcome, r.reason,
+             sorted((n, m.unit, None if m.unit == "s" else m.value) for n, m in r.metrics.items()))
+            for r in results.records))
+    assert seen["two"] == seen["serial"] and seen["serial"][0]["passed"] >= 8
+    assert "pytest-xdist" in load_results(tmp_path / "two" / "results.json").settings["workers"]
 
 
 def plant(folder):
@@ -116,7 +137,7 @@ def plant(folder):
 def test_run_on_a_broken_folder_names_each_fault(bare_folder, tmp_path, capsys):
     folder = copy_of(bare_folder, tmp_path)
     plant(folder)
-    code = main(["run", "--checkpoint", str(folder), "--report-dir", str(tmp_path / "r"),
+    code = main(["run", "--checkpoint", str(folder), "-o", str(tmp_path / "r"),
                  "--fail", "shards:>=3"])
     out = capsys.readouterr().out
     assert code == 1
@@ -148,7 +169,7 @@ def test_run_on_a_broken_folder_names_each_fault(bare_folder, tmp_path, capsys):
 def test_run_on_what_is_no_checkpoint_is_one_line(tmp_path, capsys, make, words):
     folder = tmp_path / "ckpt"
     make(folder)
-    assert main(["run", "--checkpoint", str(folder), "--report-dir", str(tmp_path / "r")]) == 2
+    assert main(["run", "--checkpoint", str(folder), "-o", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"llava-harness: error: {folder}") and words in err
     assert err.count("\n") == 1 and not (tmp_path / "r").exists()

@@ -23,6 +23,10 @@ from ..synth.plan import make_plan
 from ..synth.specs import BuildSpec
 from .measure import run_measured
 
+SUITE = "bench-build"
+SPEED_GOAL = 0.70  # build speed over raw write speed
+RSS_GOAL = 2**30
+
 _CHILD = ("import json, sys; from harness.synth.specs import spec_from_dict; "
           "from harness.synth.builder import build; "
           "build(spec_from_dict(json.loads(sys.argv[1])), sys.argv[2], force=True)")
@@ -45,19 +49,34 @@ def _row(name: str, nbytes: int, m) -> dict:
             "peak_rss_MiB": round(m.peak_rss_bytes / 2**20, 1)}
 
 
-def bench_build(spec: BuildSpec, out: Path | None = None, json_path: Path | None = None,
+def records(spec: BuildSpec, nbytes: int, raw, built, ratio: float) -> list:
+    from ..report.results import make_record
+
+    metrics = {"raw_write_s": (raw.wall_s, "s"), "build_wall_s": (built.wall_s, "s"),
+               "build_peak_rss": (built.peak_rss_bytes / 2**20, "MiB"),
+               "build_MB_per_s": (nbytes / built.wall_s / 1e6, "MB/s", "higher"),
+               "build_speed_ratio": (ratio, "ratio", "higher")}
+    missed = [what for what, bad in (("speed ratio >= 0.70", ratio < SPEED_GOAL),
+                                     ("peak RSS <= 1 GiB", built.peak_rss_bytes > RSS_GOAL))
+              if bad]
+    return [make_record(SUITE, f"{spec.model.name}-{spec.checkpoint.format}", metrics,
+                        outcome="failed" if missed else "passed",
+                        reason=f"missed: {', '.join(missed)}" if missed else None)]
+
+
+def bench_build(spec: BuildSpec, work: Path | None = None, output: Path | str | None = None,
                 force: bool = False) -> int:
     nbytes = make_plan(spec).total_size
-    root = Path(out).absolute().parent if out else cache_root()
-    target = Path(out) if out else root / f"bench-{spec.model.name}-{spec.checkpoint.format}"
-    # The child builds with force (a rerun replaces its own output); a user's folder at --out
+    root = Path(work).absolute().parent if work else cache_root()
+    target = Path(work) if work else root / f"bench-{spec.model.name}-{spec.checkpoint.format}"
+    # The child builds with force (a rerun replaces its own output); a user's folder at --work
     # is only replaced when they said so.
-    check_target(target, force or not out)
+    check_target(target, force or not work)
     ensure_space(spec, root)
     raw = _raw_write(root, nbytes)
     built = run_measured([sys.executable, "-c", _CHILD,
                           json.dumps(dataclasses.asdict(spec)), str(target)])
-    if not out:
+    if not work:
         shutil.rmtree(target, ignore_errors=True)
     if raw.returncode or built.returncode:
         print(f"llava-harness: benchmark step failed:\n{raw.stderr}{built.stderr}",
@@ -67,9 +86,12 @@ def bench_build(spec: BuildSpec, out: Path | None = None, json_path: Path | None
             _row(f"build {spec.model.name} {spec.checkpoint.format}", nbytes, built)]
     ratio = raw.wall_s / built.wall_s
     print(tabulate(rows, headers="keys", tablefmt="github"))
-    print(f"\nbuild speed / raw write speed: {ratio:.2f}x (goal >= 0.70x); "
-          f"peak RSS {built.peak_rss_bytes / 2**30:.2f} GiB (goal <= 1 GiB)")
-    if json_path:
-        Path(json_path).write_text(json.dumps({"spec": dataclasses.asdict(spec), "rows": rows,
-                                               "speed_ratio": ratio}, indent=2) + "\n")
+    print(f"\nbuild speed / raw write speed: {ratio:.2f}x (goal >= {SPEED_GOAL:.2f}x); "
+          f"peak RSS {built.peak_rss_bytes / 2**30:.2f} GiB (goal <= {RSS_GOAL / 2**30:.0f} GiB)")
+    if output:
+        from ..report.results import save_records
+
+        save_records(records(spec, nbytes, raw, built, ratio), output)
+        if output != "-":
+            print(f"figures written to {output}")
     return 0

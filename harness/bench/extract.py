@@ -64,8 +64,8 @@ class Run:
     work_s: float
 
 
-def _run(cmd: list[str], stats: Path) -> Run:
-    measured = run_measured(cmd)
+def _run(cmd: list[str], stats: Path, stdout: bool = False) -> Run:
+    measured = run_measured(cmd, stdout=stats if stdout else None)
     if measured.returncode:
         last = measured.stderr.strip().splitlines()[-1:] or ["no output"]
         raise BenchError(f"{' '.join(cmd[:5])} ...: exit {measured.returncode}: {last[0]}")
@@ -75,7 +75,7 @@ def _run(cmd: list[str], stats: Path) -> Run:
 def _cli(folder: Path, patterns: tuple[str, ...], work: Path, i: int) -> Run:
     out, stats = work / f"cli-{i}.bin", work / f"cli-{i}.json"
     return _run([sys.executable, "-m", "harness.cli", "extract", str(folder), "-o", str(out),
-                 "--keys", ",".join(patterns), "--json", str(stats), "--force"], stats)
+                 "--keys", ",".join(patterns), "--json", "--force"], stats, stdout=True)
 
 
 def _naive(folder: Path, fmt: str, patterns: tuple[str, ...], work: Path, i: int) -> Run:
@@ -170,5 +170,6 @@ def bench_extract(folder: Path, fmt: str, case: str, patterns: tuple[str, ...], 
         from ..report.results import save_records
 
         save_records(records(case, figures), out)
-        print(f"figures written to {out}")
+        if out != "-":
+            print(f"figures written to {out}")
     return 0

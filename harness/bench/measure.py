@@ -19,6 +19,7 @@ import os
 import resource
 import subprocess
 import threading
+from pathlib import Path
 import time
 from dataclasses import dataclass
 
@@ -61,11 +62,17 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def run_measured(cmd: list[str], env: dict | None = None, sample_s: float = 0.02) -> Measured:
-    """Run `cmd` and measure its wall time, peak RSS and peak anonymous memory."""
+def run_measured(cmd: list[str], env: dict | None = None, sample_s: float = 0.02,
+                 stdout: Path | None = None) -> Measured:
+    """Run `cmd` and measure its wall time, peak RSS and peak anonymous memory; its stdout
+    goes to the file `stdout` (a command's --json, say), else nowhere."""
+    with open(stdout, "wb") if stdout else open(os.devnull, "wb") as sink:
+        return _measured(cmd, env, sample_s, sink)
+
+
+def _measured(cmd: list[str], env: dict | None, sample_s: float, sink) -> Measured:
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.PIPE, text=True)
     peaks = {"VmHWM": 0, "RssAnon": 0}
     done = threading.Event()
 

@@ -89,8 +89,9 @@ def _check_disk(work: Path, need: int) -> None:
                          f"{need / 2**30:.1f} GiB")
 
 
-def _child(cmd: list[str], stats: Path) -> tuple[Measured, float]:
-    measured = run_measured(cmd)
+def _child(cmd: list[str], stats: Path, stdout: bool = False) -> tuple[Measured, float]:
+    """Run and measure; `stats` is the child's figures file (its stdout, with `stdout`)."""
+    measured = run_measured(cmd, stdout=stats if stdout else None)
     if measured.returncode:
         last = measured.stderr.strip().splitlines()[-1:] or ["no output"]
         raise BenchError(f"{' '.join(cmd[:4])} ...: exit {measured.returncode}: {last[0]}")
@@ -151,7 +152,7 @@ def _run(bench: MergeBench, work: Path) -> dict:
     measured, work_s = _child(
         [sys.executable, "-m", "harness.cli", "merge-lora", "--adapter", str(adapter),
          "--base", str(bench.base), "-o", str(work / "merged"), "--dtype", bench.dtype,
-         "--device", bench.device, "--json", str(stats)], stats)
+         "--device", bench.device, "--json"], stats, stdout=True)
     summary = json.loads(stats.read_text())
     figures |= {"wall_s": measured.wall_s, "work_s": work_s,
                 "peak_rss": measured.peak_rss_bytes, "peak_anon": measured.peak_anon_bytes or 0,
@@ -254,5 +255,6 @@ def bench_merge(bench: MergeBench, out: Path | None) -> int:
         from ..report.results import save_records
 
         save_records(records(bench, f), out)
-        print(f"figures written to {out}")
+        if out != "-":
+            print(f"figures written to {out}")
     return 1 if f["problems"] else 0

@@ -300,5 +300,6 @@ def bench_quant(bench: QuantBench, out: Path | None = None) -> int:
         results = Results(run_id=new_run_id(), environment=current(), records=tuple(records),
                           created=now(), settings=settings(bench))
         write_results(results, out)
-        print(f"records written to {out}")
+        if out != "-":
+            print(f"records written to {out}")
     return 1 if any(r.outcome in ("failed", "error") for r in records) else 0

@@ -257,7 +257,10 @@ def run_child(job: dict) -> dict:
 
 
 def child_main() -> None:
+    from ..console import quiet_third_party
+
     job = json.loads(Path(sys.argv[1]).read_text())
-    result = run_child(job)
+    with quiet_third_party():
+        result = run_child(job)
     Path(job["out"]).write_text(json.dumps(result))
 

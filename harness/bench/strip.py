@@ -297,7 +297,8 @@ def bench_strip(folders: list[tuple[Path, str]], keeps: tuple[bool, ...], repeat
         from ..report.results import save_records
 
         save_records(records, out)
-        print(f"\nfigures written to {out}")
+        if out != "-":
+            print(f"\nfigures written to {out}")
     return 1 if any(r.outcome == "error" for r in records) else 0
 
 

@@ -82,13 +82,6 @@ def check_output(output: Path, inputs: list[Path], what: str = "output") -> None
             raise CheckpointError(f"{shown(output)}: is a special file; refusing to replace it")
 
 
-def check_side_file(side: Path | None, inputs: list[Path], output: Path) -> None:
-    """A `--json FILE` may name neither an input nor the main output (nor lie inside one)."""
-    if side is None or str(side) == STDOUT:
-        return
-    check_output(side, [*inputs, output], what="--json file")
-
-
 # Files beside the weights that transformers reads on its own when a folder is loaded.
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer.json",
               "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",

@@ -4,8 +4,9 @@ The suites ship with the package as `harness.suites` (the repository's `suites/`
 an editable install maps onto the same name), so `run` works from any folder after a plain
 `pip install`; `--suites-dir` points elsewhere. Each suite name maps to one file; a name
 whose file does not exist (yet) is skipped with a message. pytest runs in a child process
-(its own imports, its own exit code), with the plugin writing `<report-dir>/<run-id>/`; its
-output is streamed and kept in `pytest.log` there.
+(its own imports, its own exit code), with the plugin writing `<output>/<run-id>/`; its
+output is streamed and kept in `pytest.log` there. `--workers N` spreads the tests over N
+pytest-xdist processes; the plugin gathers their results in the controller.
 """
 
 from __future__ import annotations
@@ -106,6 +107,8 @@ class RunOptions:
     checks: list = field(default_factory=list)
     run_id: str | None = None
     pytest_args: tuple[str, ...] = ()  # after `--` on the command line, for pytest as they are
+    workers: int | None = None  # pytest-xdist processes; None: serial
+    as_json: bool = False  # print the verdict as one JSON object (the CLI's --json)
 
 
 def pytest_command(files: list[Path], opts: RunOptions, run_id: str) -> list[str]:
@@ -121,6 +124,10 @@ def pytest_command(files: list[Path], opts: RunOptions, run_id: str) -> list[str
         cmd.append("--llava-realsize")
     if opts.select:
         cmd += ["-k", opts.select]
+    if opts.workers:
+        # loadfile: a module's tests share one worker, so its module-scoped fixtures (a
+        # checkpoint built once, a model loaded once) are not rebuilt on every worker.
+        cmd += ["-n", str(opts.workers), "--dist", "loadfile"]
     return cmd + list(opts.pytest_args)
 
 
@@ -134,7 +141,7 @@ def _stream(cmd: list[str], cwd: Path, log: Path) -> tuple[int, list[str]]:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1)
         for line in proc.stdout:
-            sys.stdout.write(line)
+            sys.stdout.write(line)  # stderr under --json (harness.console)
             out.write(line)
             tail = (tail + [line.rstrip("\n")])[-20:]
         return proc.wait(), tail
@@ -148,7 +155,12 @@ def _check_inputs(opts: RunOptions) -> Path:
                        "harness.suites)")
     report_dir = Path(opts.report_dir)
     if report_dir.exists() and not report_dir.is_dir():
-        raise RunError(f"--report-dir {report_dir}: exists and is not a folder")
+        raise RunError(f"-o {report_dir}: exists and is not a folder")
+    if opts.workers:
+        import importlib.util
+
+        if importlib.util.find_spec("xdist") is None:
+            raise RunError("--workers needs pytest-xdist (pip install pytest-xdist)")
     if opts.checkpoint is not None:
         from ..checkpoint.reader import open_folder
 
@@ -203,10 +215,25 @@ def run_suites(opts: RunOptions) -> int:
     print(f"\nreport: {run_folder / 'report.md'}")
     if code == _PYTEST_NO_TESTS:
         print("llava-harness run: no test was selected; that is a failure", file=sys.stderr)
-        return 1
-    if code in (_PYTEST_USAGE, _PYTEST_INTERNAL):
-        return 2
-    return 1 if code or gate_failed else 0
+        verdict = 1
+    elif code in (_PYTEST_USAGE, _PYTEST_INTERNAL):
+        verdict = 2
+    else:
+        verdict = 1 if code or gate_failed else 0
+    if opts.as_json:
+        _print_verdict(verdict, code, results, run_folder, gate_failed)
+    return verdict
+
+
+def _print_verdict(verdict: int, code: int, results, run_folder: Path, gate_failed: bool):
+    from ..console import print_json
+    from ..report.single import outcome_counts
+
+    print_json({"exit": verdict, "pytest_exit": code, "run_id": results.run_id,
+                "counts": dict(outcome_counts(results.records)), "gate_failed": gate_failed,
+                "report": str(run_folder / "report.md"),
+                "results": str(run_folder / "results.json"),
+                "failed": [r.id for r in results.records if r.outcome in ("failed", "error")]})
 
 
 def _gate(opts: RunOptions, results, baseline) -> bool:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..checkpoint.atomic import atomic_dir
 from ..report.environment import numeric_fingerprint
+from ..synth.cache import cache_lock
 from . import cases
 from .venv import OracleEnv, OracleEnvError, clean_env, oracle_root, require_env
 
@@ -173,6 +174,8 @@ def cached(folders: dict[str, Path] | None = None, env: OracleEnv | None = None)
         hashes = {cid: folder_hashes(folders[cid]) for cid in folders}
         folder = oracle_root() / f"live-{result_key(env, hashes, numeric_fingerprint())}"
         if not (folder / MANIFEST).is_file():
-            shutil.rmtree(folder, ignore_errors=True)
-            compute(folder, folders, env, hashes=hashes)
+            with cache_lock(folder):  # one process computes; the others wait and reuse it
+                if not (folder / MANIFEST).is_file():
+                    shutil.rmtree(folder, ignore_errors=True)
+                    compute(folder, folders, env, hashes=hashes)
     return folder

@@ -60,6 +60,7 @@ class Collector:
         self.cases: dict[str, CaseState] = {}
         self._suite_files: dict[str, str] = {}
         self.descriptions: dict[str, str] = {}
+        self.oracles: dict[str, str] = {}  # oracle name -> what it is, for the report
 
     def describe(self, nodeid: str, doc: str | None) -> None:
         """The suite's description: the first paragraph of its module docstring, one line."""

@@ -240,7 +240,7 @@ def baselines_dir() -> Path:
 
     if harness_repo() is None:
         raise GateError("baseline --name writes into a checkout's fixtures/baselines/, and this "
-                        "harness is installed, not a checkout: pass --out FILE")
+                        "harness is installed, not a checkout: pass -o FILE")
     return fixtures_dir() / "baselines"
 
 
@@ -252,24 +252,38 @@ def _git(folder: Path, *args: str) -> str | None:
         return None
 
 
-def write_baseline(results_path: Path, target: Path, force: bool = False) -> Path:
-    """Copy a results file to `target` as a baseline, refusing what cannot be reproduced: a run
-    made from uncommitted changes, or a target inside a git work tree with uncommitted
-    changes (the baseline must be committed alone, beside the code it describes)."""
+def write_baseline(results_path: Path, target: Path | str, force: bool = False) -> Path:
+    """Copy a results file to `target` (`-`: stdout) as a baseline, refusing what cannot be
+    reproduced: a run made from uncommitted changes, or a target that git would commit from
+    a work tree with uncommitted changes (the baseline goes in alone, beside its code)."""
     from ..checkpoint.atomic import check_target
     from .results import load_results, write_results
 
     results = load_results(results_path)
-    check_target(target, force)
     if results.environment.git_dirty:
         raise GateError(f"{results_path}: run {results.run_id} was made from a harness tree with "
                         f"uncommitted changes (commit {results.environment.git_commit}); a "
                         "baseline must come from a committed tree")
+    if str(target) == "-":
+        return write_results(results, "-")
+    target = Path(target)
+    check_target(target, force)
     parent = next((p for p in [target.parent, *target.parent.parents] if p.exists()), Path("."))
-    if _git(parent, "rev-parse", "--show-toplevel") is not None:
+    if _git(parent, "rev-parse", "--show-toplevel") is not None and not _ignored(target):
         status = _git(parent, "status", "--porcelain", "--untracked-files=normal")
         if status is None or status.strip():
             first = (status or "git status failed").strip().splitlines()[0]
             raise GateError(f"{parent}: the git tree has uncommitted changes ({first.strip()}"
                             "...); commit or discard them before writing a baseline")
     return write_results(results, target)
+
+
+def _ignored(target: Path) -> bool:
+    """A target git ignores (reports/, say) is never committed: the tree's state is moot."""
+    parent = next((p for p in [target.parent, *target.parent.parents] if p.exists()), Path("."))
+    try:
+        return subprocess.run(["git", "-C", str(parent), "check-ignore", "-q",
+                               str(target.absolute())], capture_output=True,
+                              timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False

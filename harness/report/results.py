@@ -347,13 +347,12 @@ def make_results(records: Iterable[Record], run_id: str | None = None,
 
 
 def write_results(results: Results, path: Path | str) -> Path:
-    """Write atomically, replacing an existing file: a reader never sees half a file."""
-    from ..checkpoint.atomic import atomic_file
+    """Write atomically, replacing an existing file (a reader never sees half a file); `-` is
+    the command's machine output (stdout)."""
+    from ..console import write_text
 
-    path = Path(path)
-    with atomic_file(path, force=True) as tmp:
-        tmp.write_text(results.to_json(), encoding="utf-8")
-    return path
+    write_text(path, results.to_json())
+    return Path(path)
 
 
 def save_records(records: Iterable[Record], path: Path | str, run_id: str | None = None,

@@ -75,6 +75,15 @@ def ensure_space(spec: BuildSpec, root: Path) -> None:
                          f"{free / 1e9:.1f} GB free (set {ENV_VAR} to a roomier folder)")
 
 
+def cache_lock(entry: Path):
+    """A lock beside a cache entry: of several processes wanting it (pytest-xdist workers,
+    two CI jobs on one runner), one builds and the others wait, then find it built."""
+    from filelock import FileLock
+
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(entry) + ".lock")
+
+
 def cached_build(spec: BuildSpec, root: Path | None = None) -> Path:
     """The cached folder for `spec`, building it first when missing or failing the check."""
     from .builder import build  # imports torch; keep `import harness.synth.cache` light for the CLI
@@ -82,12 +91,15 @@ def cached_build(spec: BuildSpec, root: Path | None = None) -> Path:
     folder = cache_path(spec, root)
     if is_valid(folder):
         return folder
-    ensure_space(spec, folder.parent)
-    _manifest_path(folder).unlink(missing_ok=True)
-    build(spec, folder, force=True)
-    _manifest_path(folder).write_text(json.dumps(
-        {"spec": dataclasses.asdict(spec), "fill": FILL_VERSION, "files": _file_sizes(folder)},
-        indent=2, sort_keys=True) + "\n")
+    with cache_lock(folder):
+        if is_valid(folder):  # built by another process while this one waited
+            return folder
+        ensure_space(spec, folder.parent)
+        _manifest_path(folder).unlink(missing_ok=True)
+        build(spec, folder, force=True)
+        _manifest_path(folder).write_text(json.dumps(
+            {"spec": dataclasses.asdict(spec), "fill": FILL_VERSION,
+             "files": _file_sizes(folder)}, indent=2, sort_keys=True) + "\n")
     return folder
 
 

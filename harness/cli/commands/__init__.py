@@ -18,18 +18,3 @@ def register_all(sub, bench) -> None:
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         module = importlib.import_module(f"{__name__}.{info.name}")
         module.register(sub, bench)
-
-
-def write_json(path, data) -> None:
-    """A command's `--json FILE` summary: atomically to FILE, or to stdout for `-`."""
-    import json
-    import sys
-
-    from ...checkpoint.atomic import atomic_file
-
-    text = json.dumps(data, indent=2) + "\n"
-    if str(path) == "-":
-        sys.stdout.write(text)
-        return
-    with atomic_file(path, force=True) as tmp:
-        tmp.write_text(text)

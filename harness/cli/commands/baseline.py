@@ -1,8 +1,9 @@
-"""`llava-harness baseline RESULTS.json --name NAME`: keep a run as a committed baseline.
+"""`llava-harness baseline RESULTS.json [-o FILE | --name NAME]`: keep a run as a baseline.
 
-Written to fixtures/baselines/NAME.json (or --out FILE). Refused when the run was made from
-uncommitted changes or the target's git tree has any: a baseline must be reproducible from
-the commit it is stored with.
+Written beside the run (`baseline.json` next to RESULTS.json) unless `-o FILE` (`-` for stdout)
+or, in a checkout, `--name NAME` (fixtures/baselines/NAME.json, to commit with the code).
+Refused when the run was made from uncommitted changes, or when the target would be committed
+from a git tree that has any: a baseline must be reproducible from the commit it describes.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
+
+from ..options import add_output
 
 
 def _name(text: str) -> str:
@@ -22,18 +25,23 @@ def _name(text: str) -> str:
 def cmd_baseline(args: argparse.Namespace) -> int:
     from ...report.gate import baselines_dir, write_baseline
 
-    target = args.out or baselines_dir() / f"{args.name}.json"
+    if args.name is not None:
+        target = baselines_dir() / f"{args.name}.json"
+    else:
+        target = args.output or args.results.parent / "baseline.json"
     path = write_baseline(args.results, target, force=args.force)
     print(f"baseline: {path}")
     return 0
 
 
 def register(sub, bench) -> None:
-    p = sub.add_parser("baseline", help="store a run's results as a baseline (clean git tree "
-                                        "only)")
+    p = sub.add_parser("baseline", help="store a run's results as a baseline (from committed "
+                                        "code only)")
     p.add_argument("results", type=Path, metavar="RESULTS.json")
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--name", type=_name, help="writes fixtures/baselines/NAME.json")
-    where.add_argument("--out", type=Path, metavar="FILE", help="write here instead")
+    where = p.add_mutually_exclusive_group()
+    add_output(where, "write here (default: baseline.json beside RESULTS.json)",
+               metavar="FILE", stdout=True)
+    where.add_argument("--name", type=_name,
+                       help="in a checkout: write fixtures/baselines/NAME.json, to commit")
     p.add_argument("--force", action="store_true", help="replace an existing baseline")
     p.set_defaults(func=cmd_baseline)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..options import add_json, add_output
+
 
 def register(sub, bench) -> None:
     from ...synth.specs import FORMATS
@@ -13,12 +15,13 @@ def register(sub, bench) -> None:
     p = sub.add_parser("convert", help="convert between the original LLaVA layout and "
                                        "llava-hf (LlavaForConditionalGeneration)")
     p.add_argument("checkpoint", type=Path, help="checkpoint folder")
-    p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
+    add_output(p, "output folder (written atomically)", metavar="DIR", required=True)
     p.add_argument("--to", required=True, choices=("hf", "original"), help="target layout")
     p.add_argument("--vision-tower", type=Path, metavar="DIR",
                    help="to hf: the CLIP tower folder (default: config.json's mm_vision_tower)")
     p.add_argument("--to-format", choices=FORMATS, help="default: the checkpoint's own")
     p.add_argument("--force", action="store_true", help="replace an existing output")
+    add_json(p, "a summary (tensors, format, vocabulary rows, dropped buffers)")
     p.set_defaults(func=cmd_convert)
 
 
@@ -30,4 +33,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     target = "llava-hf" if r.to == "hf" else "original LLaVA"
     print(f"converted to the {target} layout: {r.tensors} tensors ({r.format}), token rows "
           f"{r.vocab[0]} -> {r.vocab[1]}, dropped {len(r.dropped)} legacy buffer(s) -> {r.out}")
+    if args.json:
+        from ...console import print_json
+
+        print_json({"output": str(r.out), "to": r.to, "tensors": r.tensors, "format": r.format,
+                    "vocab": list(r.vocab), "dropped": list(r.dropped)})
     return 0

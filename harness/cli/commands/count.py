@@ -5,9 +5,11 @@ tensors, total and stage-1 trainable parameters. Exit 1 when the three counts di
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+from ...console import print_json
+from ..options import add_json
 
 
 def register(sub, bench) -> None:
@@ -18,7 +20,7 @@ def register(sub, bench) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("checkpoint", nargs="?", type=Path, help="checkpoint folder")
     source.add_argument("--preset", choices=PRESET_NAMES)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json(p, "the counts")
     p.set_defaults(func=cmd_count)
 
 
@@ -41,7 +43,9 @@ def cmd_count(args: argparse.Namespace) -> int:
     from ...ops.counts import count_checkpoint, count_preset
 
     counts = count_preset(args.preset) if args.preset else count_checkpoint(args.checkpoint)
-    print(json.dumps(counts.to_dict(), indent=2) if args.json else _table(counts))
+    print(_table(counts))
+    if args.json:
+        print_json(counts.to_dict())
     if not counts.agree:
         print(f"llava-harness: projector counts disagree: formula {counts.formula:,}, module "
               f"{counts.module:,}, tensors {counts.tensors:,}", file=sys.stderr)

@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..options import add_json, add_output, add_results_output, positive_int, results_target
+
 
 def _keys(text: str) -> tuple[str, ...]:
     keys = tuple(k.strip() for k in text.split(","))
@@ -29,16 +31,13 @@ def register(sub, bench) -> None:
     source.add_argument("checkpoint", nargs="?", type=Path, help="checkpoint folder")
     source.add_argument("--model-path", type=Path, dest="model_path",
                         help="the checkpoint folder (LLaVA's extract_mm_projector.py flag)")
-    p.add_argument("-o", "--output", type=Path, required=True,
-                   help="output file: .bin (torch) or .safetensors; a folder gets "
-                        "mm_projector.bin inside it")
+    add_output(p, "output file: .bin (torch) or .safetensors; a folder gets "
+                  "mm_projector.bin inside it", metavar="PATH", required=True)
     p.add_argument("--keys", type=_keys, default=("mm_projector",),
                    help="comma-separated substrings a tensor name must contain "
                         "(default: mm_projector)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
-    p.add_argument("--json", type=Path, metavar="FILE",
-                   help="also write a JSON summary (keys, files read, bytes, work seconds); "
-                        "- for stdout")
+    add_json(p, "a summary (keys, files read, bytes, work seconds)")
     p.set_defaults(func=cmd_extract)
 
     b = bench.add_parser("extract", help="extraction CLI against a naive whole-shard load")
@@ -48,27 +47,20 @@ def register(sub, bench) -> None:
     b.add_argument("--checkpoint", type=Path, metavar="DIR",
                    help="benchmark this folder instead of a preset")
     b.add_argument("--keys", type=_keys, default=("mm_projector",))
-    from ..app import _positive_int
-
-    b.add_argument("--repeat", type=_positive_int, default=3,
+    b.add_argument("--repeat", type=positive_int, default=3,
                    help="measured rounds after the warm-up (default 3)")
-    b.add_argument("--out", type=Path, metavar="FILE", help="write the figures here (results "
-                                                             "JSON)")
+    add_results_output(b, "figures")
     b.set_defaults(func=cmd_bench_extract)
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from ...checkpoint.paths import check_side_file
-    from ...ops.extract import extract, output_path
-    from . import write_json
+    from ...console import print_json
+    from ...ops.extract import extract
 
     source = args.checkpoint or args.model_path
-    check_side_file(args.json, [source], output_path(args.output))
     result = extract(source, args.output, args.keys, args.force)
     if args.json:
-        write_json(args.json, result.summary())
-        if str(args.json) == "-":
-            return 0
+        print_json(result.summary())
     print(f"extracted {len(result.keys)} tensors ({result.numel:,} elements, "
           f"{result.nbytes:,} bytes) from {len(result.files_read)} of {result.files_total} "
           f"file(s) -> {result.output}")
@@ -83,7 +75,7 @@ def cmd_bench_extract(args: argparse.Namespace) -> int:
 
         folder = open_folder(args.checkpoint)
         return bench_extract(folder.path, folder.format, folder.path.name, args.keys,
-                             args.repeat, args.out)
+                             args.repeat, results_target(args))
     from ...synth.cache import cache_path, cache_root, cached_build, is_valid
     from ...synth.presets import build_spec
 
@@ -94,4 +86,4 @@ def cmd_bench_extract(args: argparse.Namespace) -> int:
     folder = cached_build(spec, cache_root())
     return bench_extract(folder, spec.checkpoint.format,
                          f"{spec.model.name}-{spec.checkpoint.format}", args.keys, args.repeat,
-                         args.out)
+                         results_target(args))

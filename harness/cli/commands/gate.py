@@ -10,6 +10,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from ...console import print_json
+from ..options import add_json
+
 
 def cmd_gate(args: argparse.Namespace) -> int:
     from ...report.gate import evaluate
@@ -24,8 +27,11 @@ def cmd_gate(args: argparse.Namespace) -> int:
         print(line)
     if outcome.ok:
         print(f"gate passed: {len(args.fail)} check(s) over {outcome.checked} value(s)")
-        return 0
-    return 1
+    if args.json:
+        print_json({"ok": outcome.ok, "checks": [c.text for c in args.fail],
+                    "checked": outcome.checked, "failures": outcome.lines(),
+                    "warnings": outcome.warnings, "unchecked": outcome.unchecked})
+    return 0 if outcome.ok else 1
 
 
 def register(sub, bench) -> None:
@@ -41,4 +47,5 @@ def register(sub, bench) -> None:
                                         "(worse), <=0.5, <0.5, >=10, >10, ==0; repeatable")
     p.add_argument("--ignore-outcomes", action="store_true",
                    help="do not fail on failed or errored cases, only on the checks")
+    add_json(p, "the verdict, each failed check and the warnings")
     p.set_defaults(func=cmd_gate)

@@ -5,9 +5,11 @@ print what was detected and loaded."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+from ...console import print_json
+from ..options import add_json
 
 DTYPE_NAMES = ("float16", "bfloat16", "float32")
 
@@ -30,7 +32,7 @@ def register(sub, bench) -> None:
                         "original does, from its name")
     p.add_argument("--vision-tower", type=Path, help="local CLIP folder overriding the "
                                                      "config's mm_vision_tower")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json(p, "what was detected and loaded")
     p.set_defaults(func=cmd_load)
 
 
@@ -68,13 +70,17 @@ def describe(loaded, device: str, peak_bytes: int) -> dict:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
+    import warnings
+
     import torch
-    from transformers.utils import logging as hf_logging
+
+    from ...ops.load import LoadWarning
+
+    warnings.filterwarnings("ignore", category=LoadWarning)  # printed below, as notes
 
     from ...bench.measure import self_peak_rss_bytes
     from ...ops.load import load
 
-    hf_logging.disable_progress_bar()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load(args.path, args.base, args.name or args.path.resolve().name,
                   load_8bit=args.load_8bit, load_4bit=args.load_4bit, device=device,
@@ -83,8 +89,7 @@ def cmd_load(args: argparse.Namespace) -> int:
             else self_peak_rss_bytes())
     facts = describe(loaded, device, peak)
     if args.json:
-        print(json.dumps(facts, indent=2))
-        return 0
+        print_json(facts)
     for key, value in facts.items():
         if key == "notes":
             for note in value:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..options import add_json, add_output, add_results_output, positive_int, results_target
+
 DTYPE_NAMES = ("float16", "bfloat16", "float32")
 
 
@@ -20,18 +22,15 @@ def register(sub, bench) -> None:
                         "non_lora_trainables.bin, config.json)")
     p.add_argument("--base", "--model-base", dest="base", type=Path, required=True,
                    help="the base checkpoint folder the LoRA was trained on")
-    p.add_argument("-o", "--out", "--save-model-path", dest="out", type=Path, required=True,
-                   help="output folder (written atomically)")
+    add_output(p, "output folder (written atomically)", metavar="DIR", required=True,
+               aliases=("--save-model-path",))
     p.add_argument("--dtype", choices=DTYPE_NAMES,
                    help="dtype of the merged weights (default: the base's)")
     p.add_argument("--device", default="cpu",
                    help="where the updates are computed: cpu (default) or cuda")
     p.add_argument("--force", action="store_true", help="replace an existing output")
-    p.add_argument("--json", type=Path, metavar="FILE",
-                   help="also write a JSON summary; - for stdout")
+    add_json(p, "a summary (layers merged, tensors, bytes, seconds)")
     p.set_defaults(func=cmd_merge)
-
-    from ..app import _positive_int
 
     b = bench.add_parser("merge", help="streamed LoRA merge into a real-size checkpoint: wall "
                                        "time and peak memory (optionally vs loading it all)")
@@ -39,8 +38,8 @@ def register(sub, bench) -> None:
                    help="cached synthetic base to merge into (built into the cache if missing)")
     b.add_argument("--format", choices=FORMATS, help="default: the preset's")
     b.add_argument("--base", type=Path, metavar="DIR", help="merge into this folder instead")
-    b.add_argument("--rank", type=_positive_int, default=128, help="LoRA rank (default 128)")
-    b.add_argument("--alpha", type=_positive_int, default=256, help="LoRA alpha (default 256)")
+    b.add_argument("--rank", type=positive_int, default=128, help="LoRA rank (default 128)")
+    b.add_argument("--alpha", type=positive_int, default=256, help="LoRA alpha (default 256)")
     b.add_argument("--targets", choices=("attention", "all-linear"), default="all-linear")
     b.add_argument("--dtype", choices=DTYPE_NAMES, default="bfloat16",
                    help="merge dtype (default bfloat16)")
@@ -51,8 +50,7 @@ def register(sub, bench) -> None:
     b.add_argument("--naive", action="store_true",
                    help="also time LLaVA's way (load the whole model, merge_and_unload, "
                         "save_pretrained) when there is memory for it")
-    b.add_argument("--out", type=Path, metavar="FILE", help="write the figures here (results "
-                                                             "JSON)")
+    add_results_output(b, "figures")
     b.set_defaults(func=cmd_bench_merge)
 
 
@@ -70,17 +68,13 @@ def _device(text: str) -> str:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from ...checkpoint.paths import check_side_file
+    from ...console import print_json
     from ...ops.merge import merge_lora
-    from . import write_json
 
-    check_side_file(args.json, [args.adapter, args.base], args.out)
-    result = merge_lora(args.adapter, args.base, args.out, dtype=args.dtype, force=args.force,
-                        device=_device(args.device))
+    result = merge_lora(args.adapter, args.base, args.output, dtype=args.dtype,
+                        force=args.force, device=_device(args.device))
     if args.json:
-        write_json(args.json, result.summary())
-        if str(args.json) == "-":
-            return 0
+        print_json(result.summary())
     for note in result.dropped:
         print(f"note: dropped vision-tower adapter {note}")
     print(f"merged {result.merged} layer(s), {result.biases} bias(es), {result.trainables} "
@@ -106,4 +100,4 @@ def cmd_bench_merge(args: argparse.Namespace) -> int:
     bench = MergeBench(base=base, case=case, rank=args.rank, alpha=args.alpha,
                        targets=args.targets, dtype=args.dtype, device=device, work=args.work,
                        naive=args.naive)
-    return bench_merge(bench, args.out)
+    return bench_merge(bench, results_target(args))

@@ -14,6 +14,9 @@ import json
 import sys
 from pathlib import Path
 
+from ...console import print_json
+from ..options import add_json, add_output
+
 
 def register(sub, bench) -> None:
     p = sub.add_parser("oracle", help="the original-LLaVA oracle: set up, compute, check")
@@ -23,16 +26,17 @@ def register(sub, bench) -> None:
     s.add_argument("--force", action="store_true", help="recreate it even if it is ready")
     s.set_defaults(func=cmd_setup)
     c = act.add_parser("compute", help="compute the oracle on this machine with LLaVA's code")
-    c.add_argument("-o", "--output", type=Path, metavar="DIR",
-                   help="write it here (default: the cache, reused while nothing changed)")
+    add_output(c, "write it here (default: the cache, reused while nothing changed)",
+               metavar="DIR")
     c.add_argument("--force", action="store_true", help="replace an existing --output")
     c.set_defaults(func=cmd_compute)
     k = act.add_parser("check", help="compare the harness's model with the oracle, case by case")
     k.add_argument("--oracle", choices=("live", "stored"), default="live",
                    help="live (default; needs setup) or the stored copy")
-    k.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json(k, "the verdict of every case")
     k.set_defaults(func=cmd_check)
     t = act.add_parser("status", help="where the environment and oracles are, and this machine")
+    add_json(t, "the environment, this machine and the stored copies")
     t.set_defaults(func=cmd_status)
 
 
@@ -59,35 +63,21 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     from ...oracle import live, replay, source
 
-    _quiet_third_party()
     with tempfile.TemporaryDirectory(prefix="llava-oracle-check-") as tmp:
         folders = live.build_checkpoints(Path(tmp) / "ckpt")
         oracle = source.live(folders) if args.oracle == "live" else source.stored()
         verdicts = {case["id"]: replay.case_problems(oracle, case, folders, Path(tmp))
                     for case in oracle.cases}
     bad = sum(1 for problems in verdicts.values() if problems)
+    print(oracle.describe())
+    for case_id, problems in verdicts.items():
+        print(f"  {'ok  ' if not problems else 'FAIL'} {case_id}")
+        for line in problems:
+            print(f"       {line}")
+    print(f"{len(verdicts) - bad}/{len(verdicts)} cases match")
     if args.json:
-        print(json.dumps({"oracle": oracle.describe(), "exact": oracle.exact,
-                          "cases": verdicts}, indent=2))
-    else:
-        print(oracle.describe())
-        for case_id, problems in verdicts.items():
-            print(f"  {'ok  ' if not problems else 'FAIL'} {case_id}")
-            for line in problems:
-                print(f"       {line}")
-        print(f"{len(verdicts) - bad}/{len(verdicts)} cases match")
+        print_json({"oracle": oracle.describe(), "exact": oracle.exact, "cases": verdicts})
     return 1 if bad else 0
-
-
-def _quiet_third_party() -> None:
-    """transformers' progress bars and deprecation notices would bury the verdicts."""
-    import warnings
-
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -98,7 +88,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     env = default_env()
     print(f"environment: {env.folder} ({'ready' if env.is_ready() else 'not set up'})")
     print(f"this machine: {json.dumps(numeric_fingerprint(), sort_keys=True)}")
-    for copy in source.stored_copies():
+    copies = source.stored_copies()
+    for copy in copies:
         same = copy.exact and " (this machine: bit for bit)" or ""
         print(f"stored: {copy.folder.name}: {source.describe_machine(copy.manifest)}{same}")
+    if args.json:
+        print_json({"environment": str(env.folder), "ready": env.is_ready(),
+                    "machine": numeric_fingerprint(),
+                    "stored": {c.folder.name: {"machine": source.describe_machine(c.manifest),
+                                               "exact": c.exact} for c in copies}})
     return 0

@@ -1,6 +1,6 @@
 """`llava-harness bench quant (--checkpoint DIR | --preset NAME) --modes fp16,bf16,int8,nf4,
 nf4-dq,fp4 --device cuda|cpu [--prompt-tokens N] [--new-tokens M] [--batch B] [--repeat K]
-[--out FILE]`: memory and speed of a quantized load per mode, each mode in a fresh process;
+[-o FILE]`: memory and speed of a quantized load per mode, each mode in a fresh process;
 and `llava-harness bench session -o DIR [--dry-run]`: the whole GPU-machine run in one go."""
 
 from __future__ import annotations
@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+from ..options import add_output, add_results_output, positive_int, results_target
 
 DEFAULT_MODES = "fp16,bf16,int8,nf4,nf4-dq,fp4"
 
@@ -24,8 +26,6 @@ def _modes(text: str) -> tuple[str, ...]:
 def register(sub, bench) -> None:
     from ...synth.presets import PRESET_NAMES
     from ...synth.specs import FORMATS
-    from ..app import _positive_int
-
     b = bench.add_parser("quant", help="quantized load per mode: load time, peak memory, "
                                        "footprint vs theory, prefill/decode speed, drift")
     source = b.add_mutually_exclusive_group(required=True)
@@ -37,25 +37,24 @@ def register(sub, bench) -> None:
                    help=f"comma-separated, of fp32,{DEFAULT_MODES} (default: {DEFAULT_MODES})")
     b.add_argument("--device", choices=("cuda", "cpu"),
                    help="default: cuda when available, else cpu")
-    b.add_argument("--prompt-tokens", type=_positive_int, default=64, metavar="N",
+    b.add_argument("--prompt-tokens", type=positive_int, default=64, metavar="N",
                    help="text tokens per prompt, besides one image (default 64)")
-    b.add_argument("--new-tokens", type=_positive_int, default=64, metavar="M",
+    b.add_argument("--new-tokens", type=positive_int, default=64, metavar="M",
                    help="tokens generated per prompt, at least 2 (default 64)")
-    b.add_argument("--batch", type=_positive_int, default=1, metavar="B")
-    b.add_argument("--repeat", type=_positive_int, default=5, metavar="K",
+    b.add_argument("--batch", type=positive_int, default=1, metavar="B")
+    b.add_argument("--repeat", type=positive_int, default=5, metavar="K",
                    help="timed rounds after one warm-up (default 5)")
     b.add_argument("--compute-dtype", choices=("float16", "bfloat16"), default="float16",
                    help="dtype of the unquantized parts and 4-bit compute in quantized modes")
     b.add_argument("--vision-tower", type=Path, metavar="DIR",
                    help="local CLIP folder overriding the config's mm_vision_tower")
-    b.add_argument("--out", type=Path, metavar="FILE", help="write the records here (results "
-                                                             "JSON)")
+    add_results_output(b, "records")
     b.set_defaults(func=cmd_bench_quant)
 
     s = bench.add_parser("session", help="what a lent GPU machine runs in one go: build the "
                                          "7B, the GPU suites, bench quant, a baseline")
-    s.add_argument("-o", "--output", type=Path, required=True, metavar="DIR",
-                   help="session.json, the report, the records and the baseline go here")
+    add_output(s, "session.json, the report, the records and the baseline go here",
+               metavar="DIR", required=True)
     s.add_argument("--dry-run", action="store_true",
                    help="every step on CPU with tiny-quant (GPU tests skip): rehearse here")
     s.add_argument("--suites-dir", type=Path, metavar="DIR",
@@ -109,7 +108,7 @@ def cmd_bench_quant(args: argparse.Namespace) -> int:
                        device=_device(args.device), prompt_tokens=args.prompt_tokens,
                        new_tokens=args.new_tokens, batch=args.batch, repeat=args.repeat,
                        compute_dtype=args.compute_dtype, vision_tower=args.vision_tower)
-    return bench_quant(bench, args.out)
+    return bench_quant(bench, results_target(args))
 
 
 def cmd_bench_session(args: argparse.Namespace) -> int:

@@ -12,6 +12,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..options import (add_json, add_output, add_results_output, positive_int,
+                       results_target)
+
 
 def register(sub, bench) -> None:
     from ...synth.presets import PRESET_NAMES
@@ -20,7 +23,7 @@ def register(sub, bench) -> None:
     p = sub.add_parser("strip", help="write the plain Llama/Mistral language model of a LLaVA "
                                      "checkpoint (original or llava-hf layout)")
     p.add_argument("checkpoint", type=Path, help="LLaVA checkpoint folder")
-    p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
+    add_output(p, "output folder (written atomically)", metavar="DIR", required=True)
     p.add_argument("--keep-legacy-buffers", action="store_true",
                    help="keep the per-layer rotary_emb.inv_freq buffers (then shards holding "
                         "only language-model tensors are hard-linked, not rewritten)")
@@ -28,9 +31,8 @@ def register(sub, bench) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the strict check against the target class (meta device)")
+    add_json(p, "a summary (layout, kept and dropped tensors, shards)")
     p.set_defaults(func=cmd_strip)
-
-    from ..app import _positive_int
 
     b = bench.add_parser("strip", help="streaming strip against a naive load/filter/save and "
                                        "a raw copy of the output's bytes")
@@ -44,12 +46,11 @@ def register(sub, bench) -> None:
                    help="run without and/or with --keep-legacy-buffers (default both)")
     b.add_argument("--work", type=Path, metavar="DIR",
                    help="where outputs are written and deleted (default: beside the input)")
-    b.add_argument("--repeat", type=_positive_int, default=1,
+    b.add_argument("--repeat", type=positive_int, default=1,
                    help="measured rounds; medians are reported (default 1)")
     b.add_argument("--no-naive", dest="naive", action="store_false",
                    help="skip the naive load/filter/save (it needs ~10 GB of memory at 7B)")
-    b.add_argument("--out", type=Path, metavar="FILE", help="write the figures here (results "
-                                                             "JSON)")
+    add_results_output(b, "figures")
     b.set_defaults(func=cmd_bench_strip)
 
 
@@ -66,6 +67,13 @@ def cmd_strip(args: argparse.Namespace) -> int:
     print(f"stripped {r.layout} {r.arch} checkpoint: kept {r.kept} tensors "
           f"({r.total_size:,} bytes, {r.format}), dropped {len(r.dropped)}; shards: {shards}; "
           f"{check} -> {r.out}")
+    if args.json:
+        from ...console import print_json
+
+        print_json({"output": str(r.out), "layout": r.layout, "architecture": r.arch,
+                    "format": r.format, "kept": r.kept, "dropped": list(r.dropped),
+                    "total_size": r.total_size, "shards": dict(r.shards),
+                    "verified": r.verified})
     return 0
 
 
@@ -92,4 +100,4 @@ def cmd_bench_strip(args: argparse.Namespace) -> int:
 
     keeps = {"drop": (False,), "keep": (True,), "both": (False, True)}[args.legacy]
     return bench_strip(_bench_folders(args), keeps, args.repeat, args.work, args.naive,
-                       args.out)
+                       results_target(args))

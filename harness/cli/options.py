@@ -1,0 +1,121 @@
+"""The options every command spells the same way, and their parse-time checks.
+
+- `-o/--output PATH`: what the command writes. Where that is a file, `-` means stdout.
+- `--json`: print the command's result as one JSON object on stdout; the usual lines go to
+  stderr (harness.console), so `... --json | jq` always parses.
+- Bad values are refused while parsing, naming the value (exit 2, one line).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..synth.presets import PRESET_NAMES, build_spec
+from ..synth.specs import DTYPES, FORMATS, PLACEMENTS, SpecError, check_projector_type, parse_size
+
+STDOUT = "-"
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
+    return value
+
+
+def _projector(text: str) -> str:
+    try:
+        check_projector_type(text)
+    except SpecError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except SpecError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _file_or_stdout(text: str) -> Path | str:
+    return STDOUT if text == STDOUT else Path(text).expanduser()
+
+
+def _not_stdout(text: str) -> Path:
+    if text == STDOUT:
+        raise argparse.ArgumentTypeError("'-' (stdout) is only for outputs that are one text "
+                                         "file; this one is a checkpoint file or folder")
+    return Path(text).expanduser()
+
+
+def add_output(p: argparse.ArgumentParser, help: str, *, metavar: str, stdout: bool = False,
+               required: bool = False, aliases: tuple[str, ...] = ()) -> None:
+    """`-o/--output`; `stdout=True` where the output is one text file (then `-` is stdout)."""
+    p.add_argument("-o", "--output", *aliases, dest="output", metavar=metavar,
+                   required=required, type=_file_or_stdout if stdout else _not_stdout,
+                   help=help + ("; - for stdout" if stdout else ""))
+
+
+def add_json(p: argparse.ArgumentParser, what: str = "the result") -> None:
+    p.add_argument("--json", action="store_true",
+                   help=f"print {what} as one JSON object on stdout (other lines go to stderr)")
+
+
+def add_results_output(p: argparse.ArgumentParser, what: str) -> None:
+    """A benchmark's figures: `-o FILE` (results JSON; `-` for stdout) or `--json` (stdout)."""
+    where = p.add_mutually_exclusive_group()
+    add_output(where, f"write the {what} here (results JSON)", metavar="FILE", stdout=True)
+    add_json(where, f"the {what} (results JSON)")
+
+
+def results_target(args: argparse.Namespace) -> Path | str | None:
+    return STDOUT if args.json else args.output
+
+
+def wants_machine_output(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "json", False)) or getattr(args, "output", None) == STDOUT
+
+
+def add_spec_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny", choices=PRESET_NAMES)
+    p.add_argument("--format", choices=FORMATS)
+    shards = p.add_mutually_exclusive_group()
+    shards.add_argument("--shards", type=positive_int, help="number of shards")
+    shards.add_argument("--max-shard-size", type=_size, help="e.g. 5GB, 10GB, 2GiB")
+    p.add_argument("--projector", type=_projector, help="linear | mlpNx_gelu | identity")
+    p.add_argument("--placement", choices=PLACEMENTS)
+    p.add_argument("--dtype", choices=DTYPES)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-legacy-buffers", action="store_true",
+                   help="leave out the per-layer rotary_emb.inv_freq buffers")
+    p.add_argument("--with-vision-tower", action="store_true",
+                   help="also build a local CLIP tower (always on for tiny)")
+
+
+def spec_from_args(args: argparse.Namespace):
+    model, ck = {}, {}
+    if args.projector:
+        model["projector_type"] = args.projector
+    if args.dtype:
+        model["dtype"] = args.dtype
+    for name in ("format", "placement", "seed", "shards", "max_shard_size"):
+        if getattr(args, name) is not None:
+            ck[name] = getattr(args, name)
+    if args.no_legacy_buffers:
+        ck["legacy_buffers"] = False
+    return build_spec(args.preset, model=model, checkpoint=ck,
+                      with_vision_tower=True if args.with_vision_tower else None)
+
+
+def run_id(text: str) -> str:
+    from ..report.results import ResultsError, check_run_id
+
+    try:
+        return check_run_id(text)
+    except ResultsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
