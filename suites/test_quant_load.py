@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -377,43 +378,41 @@ def test_parse_modes_and_bench_validation(tiny_quant):
 # --- NVML, through a stand-in for the driver library ----------------------------------------
 
 class FakeNvml:
-    """The few NVML calls the sampler makes, answering like a one-GPU driver."""
+    """The few pynvml calls the sampler makes, answering like a one-GPU driver."""
 
-    def __init__(self, used: list[int], processes: dict[int, int]):
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, used: list[int], processes: dict[int, int | None]):
         self.used, self.processes = used, processes
 
-    def nvmlDeviceGetCount_v2(self, count):
-        count._obj.value = 1
+    def nvmlDeviceGetCount(self):
+        return 1
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return "handle-0"
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        if uuid != "GPU-abc":
+            raise self.NVMLError("not found")
+        return "handle-0"
+
+    def nvmlDeviceGetIndex(self, handle):
         return 0
 
-    def nvmlDeviceGetHandleByIndex_v2(self, index, handle):
-        handle._obj.value = 1
-        return 0
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return SimpleNamespace(used=self.used[0], total=2**34, free=2**34 - self.used[0])
 
-    def nvmlDeviceGetHandleByUUID(self, uuid, handle):
-        handle._obj.value = 1
-        return 0 if uuid == b"GPU-abc" else 999
-
-    def nvmlDeviceGetIndex(self, handle, index):
-        index._obj.value = 0
-        return 0
-
-    def nvmlDeviceGetMemoryInfo(self, handle, memory):
-        memory._obj.used = self.used[0]
-        return 0
-
-    def nvmlDeviceGetComputeRunningProcesses_v3(self, handle, count, infos):
-        for i, (pid, used) in enumerate(self.processes.items()):
-            infos[i].pid, infos[i].usedGpuMemory = pid, used
-        count._obj.value = len(self.processes)
-        return 0
+    def nvmlDeviceGetComputeRunningProcesses(self, handle):
+        return [SimpleNamespace(pid=pid, usedGpuMemory=used)
+                for pid, used in self.processes.items()]
 
 
 def test_nvml_sampler_process_and_device_sources():
     import os
 
     fake = FakeNvml([1000], {os.getpid(): 5000, 1: 70})
-    sampler = NvmlSampler(lib=fake)
+    sampler = NvmlSampler(nvml=fake)
     sampler.start("abc")
     fake.processes[os.getpid()] = 9000
     assert sampler.peak() == (9000, "process")
@@ -421,13 +420,19 @@ def test_nvml_sampler_process_and_device_sources():
     # In a container the driver lists host PIDs: fall back to the device, minus the baseline
     # taken before this process's CUDA context.
     fake = FakeNvml([1000], {12345: 5000})
-    sampler = NvmlSampler(lib=fake)
+    sampler = NvmlSampler(nvml=fake)
     fake.used[0] = 4000
     sampler.start("GPU-zzz")  # unknown UUID: with one GPU, index 0
     assert sampler.peak() == (3000, "device")
     sampler.reset()
     fake.used[0] = 2500
     assert sampler.peak() == (3000, "device")  # peak since reset, not the current value
+    sampler.stop()
+    # The driver cannot tell this process's memory (None): the device's figure is used.
+    fake = FakeNvml([1000], {os.getpid(): None})
+    sampler = NvmlSampler(nvml=fake)
+    sampler.start("GPU-abc")
+    assert sampler.source == "device"
     sampler.stop()
 
 

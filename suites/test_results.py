@@ -10,6 +10,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -20,7 +21,6 @@ from harness.report.environment import (
     collect,
     isa_level,
     numeric_fingerprint,
-    nvml_gpus,
 )
 from harness.report.results import (
     DIRECTIONS,
@@ -172,9 +172,14 @@ def test_environment_fingerprint_names_hardware_libraries_and_commit():
     assert {"torch", "transformers", "peft", "bitsandbytes", "safetensors"} <= set(env.libraries)
     assert env.libraries["torch"]
     # An editable install in a git checkout knows its commit; the dirty flag is a bool then.
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / ".git").exists() and (checkout / "harness" / "plugin.py").is_file():
+        assert env.git_commit is not None, "a checkout's harness must know its commit"
     if env.git_commit is not None:
         assert len(env.git_commit) == 40 and isinstance(env.git_dirty, bool)
-    if not nvml_gpus()[0]:
+    from harness.report.nvml import gpus
+
+    if not gpus()[0]:
         assert env.gpu_count == 0 and env.gpu_name is None
     assert Environment.from_dict(env.to_dict()) == env
 

@@ -14,7 +14,6 @@ Inside the child, a phase's own RSS peak is VmHWM after resetting it just before
 
 from __future__ import annotations
 
-import ctypes
 import os
 import resource
 import subprocess
@@ -97,26 +96,6 @@ def self_peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-class _ProcessInfo(ctypes.Structure):
-    # nvmlProcessInfo_t as nvmlDeviceGetComputeRunningProcesses_v3 (and _v2) fill it.
-    _fields_ = [("pid", ctypes.c_uint), ("usedGpuMemory", ctypes.c_ulonglong),
-                ("gpuInstanceId", ctypes.c_uint), ("computeInstanceId", ctypes.c_uint)]
-
-
-class _Memory(ctypes.Structure):
-    _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong),
-                ("used", ctypes.c_ulonglong)]
-
-
-def _nvml_library():
-    """NVML's C library, initialised; None without an NVIDIA driver."""
-    try:
-        lib = ctypes.CDLL("libnvidia-ml.so.1")
-    except OSError:
-        return None
-    return lib if lib.nvmlInit_v2() == 0 else None
-
-
 class NvmlSampler:
     """Peak device memory from NVML (the driver's view: CUDA context and allocator slack
     included), sampled every few milliseconds on a thread.
@@ -124,65 +103,74 @@ class NvmlSampler:
     Source "process": this process's entry in the driver's list of compute processes. In a
     container the driver lists host PIDs, so the entry is not found; then source "device": the
     device's used memory minus what it used before this process started CUDA (exact on a GPU
-    nobody else uses). Without NVML, peak() is (None, "none"). `lib` is for tests.
+    nobody else uses). Without NVML, peak() is (None, "none"). `nvml` (pynvml's API) is for
+    tests.
     """
 
-    def __init__(self, lib=None, interval_s: float = 0.005):
-        self.lib = lib if lib is not None else _nvml_library()
+    def __init__(self, nvml=None, interval_s: float = 0.005):
+        from ..report.nvml import driver
+
+        self.nvml = nvml if nvml is not None else driver()
         self.interval_s = interval_s
         self.source, self.handle = "none", None
         self._peak = self._baseline = 0
         self._stopped = threading.Event()
         # Every device's used memory now, before this process has a CUDA context.
-        self._before = self._all_devices_used() if self.lib is not None else {}
+        self._before = self._all_devices_used() if self.nvml is not None else {}
 
     def _all_devices_used(self) -> dict[int, int | None]:
-        count = ctypes.c_uint(0)
-        if self.lib.nvmlDeviceGetCount_v2(ctypes.byref(count)) != 0:
+        try:
+            handles = {i: self.nvml.nvmlDeviceGetHandleByIndex(i)
+                       for i in range(self.nvml.nvmlDeviceGetCount())}
+        except self.nvml.NVMLError:
             return {}
-        out = {}
-        for index in range(count.value):
-            handle = ctypes.c_void_p()
-            if self.lib.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(handle)) == 0:
-                out[index] = self._device_used(handle)
-        return out
+        return {i: self._device_used(handle) for i, handle in handles.items()}
 
     def _device_used(self, handle) -> int | None:
-        memory = _Memory()
-        if self.lib.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(memory)) != 0:
+        try:
+            return self.nvml.nvmlDeviceGetMemoryInfo(handle).used
+        except self.nvml.NVMLError:
             return None
-        return memory.used
 
     def _process_used(self, handle) -> int | None:
-        infos, count = (_ProcessInfo * 256)(), ctypes.c_uint(256)
-        query = getattr(self.lib, "nvmlDeviceGetComputeRunningProcesses_v3", None) or \
-            getattr(self.lib, "nvmlDeviceGetComputeRunningProcesses_v2", None)
-        if query is None or query(handle, ctypes.byref(count), infos) != 0:
+        try:
+            processes = self.nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+        except self.nvml.NVMLError:
             return None
         pid = os.getpid()
-        used = [infos[i].usedGpuMemory for i in range(count.value) if infos[i].pid == pid]
-        # NVML_VALUE_NOT_AVAILABLE is the all-ones unsigned long long.
-        return used[0] if used and used[0] < 2**63 else None
+        # usedGpuMemory is None where the driver cannot tell (NVML_VALUE_NOT_AVAILABLE).
+        used = [p.usedGpuMemory for p in processes if p.pid == pid]
+        return used[0] if used and used[0] is not None else None
+
+    def _handle(self, uuid: str):
+        text = uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
+        try:
+            return self.nvml.nvmlDeviceGetHandleByUUID(text)
+        except self.nvml.NVMLError:
+            pass
+        if len(self._before) == 1:  # one GPU: no doubt which one it is
+            try:
+                return self.nvml.nvmlDeviceGetHandleByIndex(0)
+            except self.nvml.NVMLError:
+                return None
+        return None
 
     def start(self, uuid: str) -> None:
         """Begin sampling the device with this UUID (torch's `get_device_properties().uuid`),
         after this process's CUDA context exists."""
-        if self.lib is None:
+        if self.nvml is None:
             return
-        handle = ctypes.c_void_p()
-        text = uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
-        found = self.lib.nvmlDeviceGetHandleByUUID(text.encode(), ctypes.byref(handle)) == 0
-        if not found and len(self._before) == 1:  # one GPU: no doubt which one it is
-            found = self.lib.nvmlDeviceGetHandleByIndex_v2(0, ctypes.byref(handle)) == 0
-        if not found:
+        handle = self._handle(uuid)
+        if handle is None:
             return
-        index = ctypes.c_uint(0)
-        if self.lib.nvmlDeviceGetIndex(handle, ctypes.byref(index)) != 0:
+        try:
+            index = self.nvml.nvmlDeviceGetIndex(handle)
+        except self.nvml.NVMLError:
             return
         self.handle = handle
         self.source = "process" if self._process_used(handle) is not None else "device"
         if self.source == "device":
-            self._baseline = self._before.get(index.value) or 0
+            self._baseline = self._before.get(index) or 0
         threading.Thread(target=self._loop, daemon=True).start()
 
     def read(self) -> int | None:

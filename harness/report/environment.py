@@ -6,14 +6,13 @@ CUDA), CPU model and count, memory, OS, Python, the libraries under test, and th
 own git commit with a dirty flag. It also names what explains numeric differences between
 machines: CPU vendor, family and ISA level, and where torch is loaded its dispatch level, BLAS
 and oneDNN builds, threads, and on CUDA the compute capability, cuDNN and TF32. Library
-versions come from package metadata, GPU facts from NVML through ctypes (no extra package) and
+versions come from package metadata, GPU facts from NVML (nvidia-ml-py, report/nvml.py) and
 the CUDA version from torch's version file, so a fingerprint costs milliseconds and never
 imports torch (2.4 s) on its own account.
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import importlib.util
 import json
@@ -209,44 +208,6 @@ def _version(dist: str) -> str | None:
         return None
 
 
-class _NvmlMemory(ctypes.Structure):
-    _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong),
-                ("used", ctypes.c_ulonglong)]
-
-
-def nvml_gpus() -> tuple[list[tuple[str, int | None]], str | None]:
-    """([(name, memory MiB) per GPU], driver version) through NVML's C API, without torch;
-    ([], None) where there is no NVIDIA driver."""
-    try:
-        nvml = ctypes.CDLL("libnvidia-ml.so.1")
-    except OSError:
-        return [], None
-    if nvml.nvmlInit_v2() != 0:
-        return [], None
-    try:
-        nvml.nvmlDeviceGetHandleByIndex_v2.argtypes = [ctypes.c_uint,
-                                                       ctypes.POINTER(ctypes.c_void_p)]
-        nvml.nvmlDeviceGetName.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint]
-        nvml.nvmlDeviceGetMemoryInfo.argtypes = [ctypes.c_void_p, ctypes.POINTER(_NvmlMemory)]
-        buf = ctypes.create_string_buffer(96)
-        driver = buf.value.decode() if nvml.nvmlSystemGetDriverVersion(buf, 96) == 0 else None
-        count = ctypes.c_uint(0)
-        if nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) != 0:
-            return [], driver
-        gpus = []
-        for i in range(count.value):
-            handle, memory = ctypes.c_void_p(), _NvmlMemory()
-            if nvml.nvmlDeviceGetHandleByIndex_v2(i, ctypes.byref(handle)) != 0 \
-                    or nvml.nvmlDeviceGetName(handle, buf, 96) != 0:
-                continue
-            name = buf.value.decode()
-            ok = nvml.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(memory)) == 0
-            gpus.append((name, memory.total // 2**20 if ok else None))
-        return gpus, driver
-    finally:
-        nvml.nvmlShutdown()
-
-
 def _torch_cuda_version() -> str | None:
     """torch's CUDA version without importing torch (2.4 s) when nothing has yet: it is
     written into torch/version.py at build time."""
@@ -268,6 +229,8 @@ def _gpu_facts() -> dict:
     """GPU name, count, memory and driver from NVML; from torch when NVML is absent and torch
     is already imported (never imported just for this)."""
     facts: dict = {"cuda_version": _torch_cuda_version()}
+    from .nvml import gpus as nvml_gpus
+
     gpus, driver = nvml_gpus()
     if gpus:
         facts.update(gpu_name=gpus[0][0], gpu_count=len(gpus), gpu_memory_mib=gpus[0][1],
@@ -282,7 +245,9 @@ def _gpu_facts() -> dict:
 
 def harness_repo() -> Path | None:
     """The git work tree the harness package lives in (an editable install), else None."""
-    root = Path(__file__).resolve().parent.parent
+    import harness
+
+    root = Path(harness.__file__).resolve().parent.parent  # wherever this module moves
     return root if (root / ".git").exists() else None
 
 
