@@ -80,13 +80,14 @@ class _DropNoise:
 def quiet_third_party():
     """While a command runs: the libraries' deprecation notices (nothing a user of the harness
     can act on) are silenced, other warnings are one line each, transformers logs errors only
-    and shows no progress bars, and bitsandbytes' hub-kernel notice is dropped. Everything is
+    (and, with quiet_transformers, shows no progress bars), and bitsandbytes' hub-kernel notice
+    is dropped. Everything is
     as it was afterwards, so calling the CLI in-process (the suites do) leaves no trace."""
     import logging
     import os
     import warnings
 
-    names = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    names = {"TRANSFORMERS_VERBOSITY": "error"}  # read by transformers at its import
     saved_env = {name: os.environ.get(name) for name in names}
     saved_format = warnings.formatwarning
     bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
@@ -97,10 +98,9 @@ def quiet_third_party():
         warnings.formatwarning = _one_line
         for category in (FutureWarning, DeprecationWarning, PendingDeprecationWarning):
             warnings.filterwarnings("ignore", category=category)
-        os.environ.update(names)  # read by transformers and huggingface_hub at their import
+        os.environ.update(names)
         if hf is not None:
-            hf.set_verbosity_error()
-            hf.disable_progress_bar()
+            quiet_transformers()
         bnb.addFilter(_DropNoise)
         try:
             yield
@@ -113,6 +113,15 @@ def quiet_third_party():
                 else:
                     os.environ[name] = value
             _restore_transformers(hf_state)
+
+
+def quiet_transformers() -> None:
+    """transformers to errors only and no progress bars: what a command that loads models calls
+    once transformers is imported (quiet_third_party puts it back as it was afterwards)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def _restore_transformers(state) -> None:

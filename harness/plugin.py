@@ -370,6 +370,7 @@ def pytest_runtest_makereport(item: pytest.Item, call):
     """In the process that ran the test (a worker, under xdist): what the harness gathers goes
     onto the report as plain data, which xdist carries to the controller with the report."""
     report = yield
+    report.llava_nodeid = _record_nodeid(item)
     if report.when == "setup":
         report.llava_doc = getattr(getattr(item, "module", None), "__doc__", None)
     if report.when == "call":
@@ -388,6 +389,17 @@ def pytest_runtest_makereport(item: pytest.Item, call):
     return report
 
 
+def _record_nodeid(item: pytest.Item) -> str:
+    """The node id, or for a file outside the rootdir (the folder suite that
+    `--llava-checkpoint` adds in someone else's repository, which pytest ids as "::test_x")
+    the same with the file's name, so its records name their suite."""
+    try:
+        item.path.relative_to(item.config.rootpath)
+        return item.nodeid
+    except ValueError:
+        return f"{item.path.name}::{item.nodeid.partition('::')[2]}"
+
+
 class _Gatherer:
     """Turns reports into result records: in a serial run, and in the controller of an xdist
     run (its workers only test; the controller gathers, writes and gates once)."""
@@ -396,7 +408,8 @@ class _Gatherer:
         self.collector = collector
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        collector, nodeid = self.collector, report.nodeid
+        collector = self.collector
+        nodeid = getattr(report, "llava_nodeid", report.nodeid)
         if getattr(report, "llava_doc", None):
             collector.describe(nodeid, report.llava_doc)
         for name, (value, unit, direction) in getattr(report, "llava_metrics", {}).items():

@@ -257,10 +257,11 @@ def run_child(job: dict) -> dict:
 
 
 def child_main() -> None:
-    from ..console import quiet_third_party
+    from ..console import quiet_third_party, quiet_transformers
 
     job = json.loads(Path(sys.argv[1]).read_text())
     with quiet_third_party():
+        quiet_transformers()
         result = run_child(job)
     Path(job["out"]).write_text(json.dumps(result))
 

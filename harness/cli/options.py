@@ -90,7 +90,7 @@ def add_spec_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--projector", type=_projector, help="linear | mlpNx_gelu | identity")
     p.add_argument("--placement", choices=PLACEMENTS)
     p.add_argument("--dtype", choices=DTYPES)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="seed of the deterministic fill (default: the preset's)")
     p.add_argument("--no-legacy-buffers", action="store_true",
                    help="leave out the per-layer rotary_emb.inv_freq buffers")
     p.add_argument("--with-vision-tower", action="store_true",

@@ -11,6 +11,7 @@ pytest-xdist processes; the plugin gathers their results in the controller.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -202,8 +203,15 @@ def run_suites(opts: RunOptions) -> int:
     baseline = load_results(opts.baseline) if opts.baseline is not None else None
     run_id = opts.run_id or new_run_id()
     run_folder = Path(opts.report_dir) / run_id
-    code, tail = _stream(pytest_command(files, opts, run_id), suites_dir.parent,
-                         run_folder / "pytest.log")
+    # pytest runs in the user's folder (relative paths after `--` mean what they say there);
+    # pytest-benchmark's storage, which it creates at every start, goes into the run folder.
+    cmd = pytest_command(files, opts, run_id)
+    storage = run_folder / ".benchmarks"
+    if not any(a.startswith("--benchmark-storage") for a in opts.pytest_args):
+        cmd.append(f"--benchmark-storage=file://{storage.absolute()}")
+    code, tail = _stream(cmd, Path.cwd(), run_folder / "pytest.log")
+    with contextlib.suppress(OSError):
+        storage.rmdir()  # only when empty: nothing was saved there
     try:
         results = load_results(run_folder / "results.json")
     except ResultsError:

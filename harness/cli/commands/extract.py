@@ -46,7 +46,9 @@ def register(sub, bench) -> None:
     b.add_argument("--format", choices=FORMATS, help="default: the preset's")
     b.add_argument("--checkpoint", type=Path, metavar="DIR",
                    help="benchmark this folder instead of a preset")
-    b.add_argument("--keys", type=_keys, default=("mm_projector",))
+    b.add_argument("--keys", type=_keys, default=("mm_projector",),
+                   help="comma-separated substrings a tensor name must contain "
+                        "(default: mm_projector)")
     b.add_argument("--repeat", type=positive_int, default=3,
                    help="measured rounds after the warm-up (default 3)")
     add_results_output(b, "figures")

@@ -24,7 +24,8 @@ def register(sub, bench) -> None:
     quant = p.add_mutually_exclusive_group()
     quant.add_argument("--4bit", dest="load_4bit", action="store_true",
                        help="NF4, double quant, float16 compute")
-    quant.add_argument("--8bit", dest="load_8bit", action="store_true")
+    quant.add_argument("--8bit", dest="load_8bit", action="store_true",
+                       help="LLM.int8 (bitsandbytes), float16 for the rest")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="float16")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--detect", choices=("files", "name"), default="files",
@@ -74,7 +75,10 @@ def cmd_load(args: argparse.Namespace) -> int:
 
     import torch
 
+    from ...console import quiet_transformers
     from ...ops.load import LoadWarning
+
+    quiet_transformers()
 
     warnings.filterwarnings("ignore", category=LoadWarning)  # printed below, as notes
 

@@ -68,8 +68,10 @@ def _device(text: str) -> str:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from ...console import print_json
+    from ...console import print_json, quiet_transformers
     from ...ops.merge import merge_lora
+
+    quiet_transformers()
 
     result = merge_lora(args.adapter, args.base, args.output, dtype=args.dtype,
                         force=args.force, device=_device(args.device))

@@ -61,7 +61,10 @@ def cmd_compute(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     import tempfile
 
+    from ...console import quiet_transformers
     from ...oracle import live, replay, source
+
+    quiet_transformers()
 
     with tempfile.TemporaryDirectory(prefix="llava-oracle-check-") as tmp:
         folders = live.build_checkpoints(Path(tmp) / "ckpt")

@@ -41,7 +41,8 @@ def register(sub, bench) -> None:
                    help="text tokens per prompt, besides one image (default 64)")
     b.add_argument("--new-tokens", type=positive_int, default=64, metavar="M",
                    help="tokens generated per prompt, at least 2 (default 64)")
-    b.add_argument("--batch", type=positive_int, default=1, metavar="B")
+    b.add_argument("--batch", type=positive_int, default=1, metavar="B",
+                   help="prompts per forward (default 1)")
     b.add_argument("--repeat", type=positive_int, default=5, metavar="K",
                    help="timed rounds after one warm-up (default 5)")
     b.add_argument("--compute-dtype", choices=("float16", "bfloat16"), default="float16",
