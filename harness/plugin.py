@@ -318,6 +318,24 @@ class MetricRecorder:
         for name, spec in metrics.items():
             self(name, *spec)
 
+    def timed(self, name: str, work, rounds: int = 5, warmup: int = 1):
+        """Time `work()` over `rounds` rounds after `warmup` unrecorded ones; records the
+        sample under `name` (seconds) and returns the last round's result. A timing measured
+        once says nothing about its noise, so timings go through here (or pytest-benchmark's
+        `benchmark`)."""
+        import time
+
+        result = None
+        for _ in range(warmup):
+            result = work()
+        times = []
+        for _ in range(max(rounds, 1)):
+            start = time.perf_counter()
+            result = work()
+            times.append(time.perf_counter() - start)
+        self(name, times, "s")
+        return result
+
 
 @pytest.fixture
 def llava_record(request: pytest.FixtureRequest) -> MetricRecorder:
@@ -382,7 +400,9 @@ def pytest_runtest_makereport(item: pytest.Item, call):
             item.stash.setdefault(_METRICS, {}).update(benchmark_metrics(stats))
     metrics = item.stash.get(_METRICS, {})
     if metrics:
-        report.llava_metrics = {n: [m.value, m.unit, m.direction] for n, m in metrics.items()}
+        report.llava_metrics = {n: [m.value, m.unit, m.direction,
+                                    list(m.sample.values) if m.sample else None]
+                                for n, m in metrics.items()}
     oracles = item.config.stash.get(_ORACLES, {})
     if oracles:
         report.llava_oracles = dict(oracles)
@@ -412,8 +432,9 @@ class _Gatherer:
         nodeid = getattr(report, "llava_nodeid", report.nodeid)
         if getattr(report, "llava_doc", None):
             collector.describe(nodeid, report.llava_doc)
-        for name, (value, unit, direction) in getattr(report, "llava_metrics", {}).items():
-            collector.add_metric(nodeid, name, value, unit, direction)
+        for name, (value, unit, direction, sample) in getattr(report, "llava_metrics",
+                                                              {}).items():
+            collector.add_metric(nodeid, name, sample if sample else value, unit, direction)
         collector.oracles.update(getattr(report, "llava_oracles", {}))
         if report.passed and not hasattr(report, "wasxfail"):
             collector.outcome(nodeid, "passed")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -92,10 +91,16 @@ def snapshot(folder: Path) -> dict[str, tuple]:
             for p in files}
 
 
-def test_index_matches_the_files(ckpt, llava_record):
-    start = time.perf_counter()
-    problems = consistency_problems(ckpt)
-    llava_record("index_check_wall_s", time.perf_counter() - start, "s")
+@pytest.fixture(scope="module")
+def rounds(ckpt) -> int:
+    """Timed rounds of each operation: several on a small folder (its noise is measured),
+    one on a real-size folder (a 7B strip takes tens of seconds)."""
+    return 5 if sum(t.nbytes for t in ckpt.tensors.values()) <= HASH_AT_MOST_BYTES else 1
+
+
+def test_index_matches_the_files(ckpt, llava_record, rounds):
+    problems = llava_record.timed("index_check_wall_s", lambda: consistency_problems(ckpt),
+                                  rounds)
     assert not problems, f"{len(problems)} problem(s): " + "; ".join(problems[:5])
     llava_record("tensors", len(ckpt.tensors), "count")
     llava_record("shards", len(ckpt.files), "count")
@@ -190,13 +195,12 @@ def test_language_model_loads_and_runs(ckpt, llava_config, folder):
 
 
 def test_extraction_copies_the_projector_bit_for_bit(folder, ckpt, projector_shapes, tmp_path,
-                                                     llava_record):
+                                                     llava_record, rounds):
     if not projector_shapes:
         pytest.skip(f"{folder}: no {PROJECTOR_PREFIX}* tensors to extract")
     before = snapshot(folder)
-    start = time.perf_counter()
-    result = extract(folder, tmp_path / "mm_projector.bin")
-    llava_record("extract_wall_s", time.perf_counter() - start, "s")
+    result = llava_record.timed("extract_wall_s", lambda: extract(
+        folder, tmp_path / "mm_projector.bin", force=True), rounds, warmup=0)
     llava_record("extract_files_read", len(result.files_read), "files", "lower")
     got = torch.load(result.output, map_location="cpu", weights_only=True)
     keys = [PROJECTOR_PREFIX + k for k in projector_shapes]
@@ -207,28 +211,28 @@ def test_extraction_copies_the_projector_bit_for_bit(folder, ckpt, projector_sha
     assert snapshot(folder) == before, f"{folder}: extraction changed an input file"
 
 
-def test_strip_gives_a_plain_language_model(folder, ckpt, llava_config, tmp_path, llava_record):
+def test_strip_gives_a_plain_language_model(folder, ckpt, llava_config, tmp_path, llava_record,
+                                            rounds):
     need = sum(t.nbytes for t in ckpt.tensors.values())
     free = shutil.disk_usage(tmp_path).free
     if free < need * 1.1 + 2 * 2**30:  # and leave others some room on a shared disk
         pytest.skip(f"stripping needs ~{need / 2**30:.1f} GiB in {tmp_path}, "
                     f"{free / 2**30:.1f} GiB free")
     before = snapshot(folder)
-    start = time.perf_counter()
     out = tmp_path / "stripped"
     try:
-        _check_stripped(folder, out, llava_record, start)
+        _check_stripped(folder, out, llava_record, rounds)
     finally:
         shutil.rmtree(out, ignore_errors=True)  # a real-size copy must not outlive the test
     assert snapshot(folder) == before, f"{folder}: stripping changed an input file"
 
 
-def _check_stripped(folder: Path, out: Path, llava_record, start: float) -> None:
+def _check_stripped(folder: Path, out: Path, llava_record, rounds: int) -> None:
     try:
-        result = strip(folder, out, verify=False)
+        result = llava_record.timed("strip_wall_s", lambda: strip(folder, out, verify=False,
+                                                                  force=True), rounds, warmup=0)
     except HarnessError as exc:
         pytest.fail(str(exc), pytrace=False)
-    llava_record("strip_wall_s", time.perf_counter() - start, "s")
     problems = strict_problems(out)
     assert not problems, f"{len(problems)} problem(s): " + "; ".join(problems[:3])
     assert consistency_problems(open_folder(out)) == []

@@ -112,35 +112,75 @@ B = run_of(rec("extraction", "bin-last", extract_wall_s=(0.1, "s", "lower")),
            env=GPU, run_id="run-b")
 
 
-def test_compare_shows_ratios_against_the_first_run():
+def test_compare_labels_runs_and_judges_each_metric_against_the_first():
     text = squash(render_comparison([A, B], ["cpu.json", "gpu.json"]))
-    assert "| A | Test CPU (2 cores) | run-a | aaaaaaaaaa | 3 | cpu.json |" in text
-    assert "| B | NVIDIA H100 80GB HBM3 | run-b | aaaaaaaaaa | 3 | gpu.json |" in text
+    assert "- A: run-a (Test CPU (2 cores))" in text and "- B: run-b (NVIDIA H100 80GB HBM3)" in text
+    assert "| A | run-a | Test CPU (2 cores) | aaaaaaaaaa | 3 | cpu.json |" in text
     assert "- B differs from A in: gpu_name: NVIDIA H100 80GB HBM3 != None;" in text
-    assert "| case | metric | A | B | B/A |" in text
-    assert "| bin-last | extract_wall_s (s, ↓) | 0.2 | 0.1 | 0.5x, better |" in text
+    assert "| case | metric | A | B | B vs A |" in text
+    # Measured once: no noise known, so the verdict says so; half the time is better.
+    assert "| bin-last | extract_wall_s (s, ↓) | 0.2 | 0.1 | 0.5x, better, measured once |" \
+        in text
 
 
 def test_compare_handles_mismatched_case_sets():
     text = squash(render_comparison([A, B]))
-    assert "The runs' case sets differ: 2 cases are in every run." in text
+    assert "The case sets differ: 2 cases are in every run" in text
     assert "- A lacks 1: `quant::only-b`" in text
     assert "- B lacks 1: `extraction::only-a`" in text
-    # Missing values show as a dash and get no ratio; outcomes that differ are listed.
+    # Missing values show as a dash and get no verdict; outcomes that differ are listed.
     assert "| only-a | extract_wall_s (s, ↓) | 1 | — | — |" in text
     assert "| only-b | decode_tokens_per_s (tokens/s, ↑) | — | 30 | — |" in text
     assert "| quant::nf4 | skipped | passed |" in text
 
 
+def test_outcome_changes_come_first_and_cases_failed_everywhere_are_named():
+    failing = rec("extraction", "broken", "failed", "planted")
+    a = run_of(rec("extraction", "flips"), failing)
+    b = run_of(rec("extraction", "flips", "failed", "regressed"), failing, run_id="run-b")
+    text = squash(render_comparison([a, b]))
+    assert text.index("## Outcome changes") < text.index("## Runs") < text.index("## Metrics")
+    assert "1 case(s) have different outcomes" in text
+    assert "| extraction::flips | passed | failed |" in text
+    assert "**1 case(s) failed in every run**: `extraction::broken`." in text
+
+
+def test_a_timing_within_its_noise_is_the_same_and_a_2x_one_is_not():
+    def run(values, run_id):
+        record = Record("figures", "extract", "passed", None,
+                        {"bench_s": Metric.of(values, "s")}, "t")
+        return Results(run_id, CPU, (record,), "t")
+
+    base = run([1.0, 1.02, 0.98, 1.01, 0.99], "a")
+    text = squash(render_comparison([base, run([1.1, 1.12, 1.08, 1.11, 1.09], "b"),
+                                     run([2.0, 2.04, 1.96, 2.02, 1.98], "c")]))
+    row = next(line for line in text.splitlines() if line.startswith("| extract |"))
+    assert "1 ±0.01 (n=5)" in row and "same, within noise" in row
+    assert "2x, worse" in row and "measured once" not in row
+
+
 def test_compare_of_identical_case_sets_says_so():
     text = render_comparison([A, dataclasses.replace(A, run_id="again")])
-    assert "All 2 runs have the same 3 cases." in text and "1x" in text
+    assert "All 2 runs have the same 3 cases." in text and "| same" in text
 
 
 def test_compare_writes_markdown_and_a_png_chart(tmp_path):
     paths = write_comparison([A, B, A], tmp_path / "cmp")
     assert paths["chart"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "![key metrics, ratio to run A](compare.png)" in paths["markdown"].read_text()
+    assert "![figures per family, with error bars](compare.png)" in \
+        paths["markdown"].read_text()
+
+
+def test_the_chart_groups_figures_by_family():
+    from harness.report.chart import family
+
+    assert family("load_s", "s") == "load (s)"
+    assert family("prefill_s", "s") == "prefill (s)"
+    assert family("decode_tokens_per_s", "tokens/s") == "decode (tokens/s)"
+    assert family("peak_rss", "MiB") == "peak memory (MiB)"
+    assert family("footprint_over_theory", "ratio") == "footprint vs theory"
+    assert family("extract_wall_s", "s") == family("bench_s", "s") == "operation wall time (s)"
+    assert family("total_params", "params") is None
 
 
 def test_compare_without_a_common_metric_draws_no_chart(tmp_path):
@@ -238,9 +278,10 @@ def test_plugin_collects_outcomes_metrics_and_benchmarks(tmp_path):
            ("skipped", "needs a folder with a LoRA adapter")
     assert by_case["test_setup_error"].outcome == "error"
     assert by_case["test_setup_error"].reason == "setup: RuntimeError: setup broke"
-    bench = by_case["test_bench[two]"].metrics
-    assert bench["bench_rounds"].value >= 2 and bench["bench_mean_s"].unit == "s"
-    assert bench["bench_ops"].direction == "higher"
+    # pytest-benchmark's rounds, every one of them, as the metric's sample.
+    bench = by_case["test_bench[two]"].metrics["bench_s"]
+    assert bench.unit == "s" and bench.direction == "lower" and bench.sample.n >= 2
+    assert bench.value == bench.sample.median and bench.sample.min <= bench.sample.max
 
 
 def test_plugin_writes_nothing_by_default(tmp_path):

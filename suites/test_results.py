@@ -133,13 +133,19 @@ def saved(tmp_path):
     (lambda d: d["records"][0]["metrics"]["t"].update(value="1.0"),
      ["records[0].metrics['t'].value", "'1.0'"]),
     (lambda d: d["records"][0]["metrics"]["t"].pop("unit"),
-     ["records[0].metrics['t']", "value, unit and direction"]),
+     ["records[0].metrics['t']", "value, unit, direction"]),
+    (lambda d: d["records"][0]["metrics"]["t"].update(sample=[1.0, "x"]),
+     ["records[0].metrics['t'].sample", "'x'", "finite number"]),
+    (lambda d: d["records"][0]["metrics"]["t"].update(sample=[0.5] * 100_001),
+     ["records[0].metrics['t'].sample", "1 to 100,000"]),
+    (lambda d: d["records"][0]["metrics"]["t"].update(sample=[9.0, 9.0]),
+     ["records[0].metrics['t']", "value is its median"]),
     (lambda d: d["records"][0].update(outcome="ok"), ["records[0]", "outcome 'ok'"]),
     (lambda d: d["records"][0].update(colour="red"), ["records[0]", "unknown field 'colour'"]),
     (lambda d: d["environment"].update(gpu="x"), ["environment", "unknown field 'gpu'"]),
     (lambda d: d.update(records={}), ["records must be a list"]),
 ], ids=["other-version", "no-schema", "unknown-field", "empty-run-id", "value-as-text",
-        "no-unit", "bad-outcome", "unknown-record-field", "unknown-environment-field",
+        "no-unit", "sample-not-numbers", "sample-too-long", "value-not-the-median", "bad-outcome", "unknown-record-field", "unknown-environment-field",
         "records-not-a-list"])
 def test_malformed_files_name_the_file_and_field(saved, edit, words):
     data = json.loads(saved.read_text())
@@ -226,3 +232,20 @@ def test_environment_differences_name_the_fields():
     assert a.differences(b) == ["gpu_name: None != NVIDIA H100", "gpu_count: 0 != 1",
                                 "torch: 2.13.0 != 2.13.0+cu128"]
     assert a.differences(a) == []
+
+
+def test_a_repeated_measurement_round_trips_with_every_value():
+    from harness.report.results import Metric, make_results
+
+    record = make_record("figures", "extract", {"bench_s": ([0.3, 0.1, 0.2, 0.25, 0.15], "s")})
+    metric = record.metrics["bench_s"]
+    assert metric.value == 0.2 and metric.sample.n == 5 and metric.direction == "lower"
+    assert (metric.sample.q1, metric.sample.q3, metric.sample.min, metric.sample.max) == \
+        (0.15, 0.25, 0.1, 0.3)
+    assert metric.sample.mad == pytest.approx(0.05) and metric.spread == pytest.approx(0.1)
+    run = make_results([record], "r")
+    text = run.to_json()
+    again = Results.from_json(text)
+    assert again == run and again.to_json() == text
+    assert again.records[0].metrics["bench_s"].sample.values == (0.3, 0.1, 0.2, 0.25, 0.15)
+    assert Metric.of([1, 2, 3], "s") != Metric.of([1, 2, 3, 2], "s")  # the sample counts

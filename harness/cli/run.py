@@ -45,13 +45,16 @@ SUITES = {
     "report": "test_report.py",
     "gate": "test_gate.py",
     "run": "test_run.py",
+    "figures": "test_figures.py",
+    "architecture": "test_architecture.py",
 }
 # The default: what a user means by "check the tiny default end to end" and what CI can afford
 # before the full `pytest suites` (which runs everything anyway): the builder (build, layout,
 # LM strictly loaded and run, tokenizer, tower), the checkpoint-folder validation (index,
 # projector type and counts, extraction, strip), the harness's LLaVA model held bit-identical to
-# LLaVA's own code, and the extraction and counts suites.
-DEFAULT_SUITES = ("builder", "checkpoint", "original", "extraction", "counts")
+# LLaVA's own code, the extraction and counts suites, and the figures: each operation timed
+# over repeated rounds (what a baseline and a gate look at).
+DEFAULT_SUITES = ("builder", "checkpoint", "original", "extraction", "counts", "figures")
 # With --checkpoint, the suites that look at the user's folder.
 CHECKPOINT_SUITES = ("checkpoint",)
 # pytest's own "usage error" / "internal error" / "no tests" exit codes.
@@ -209,6 +212,9 @@ def run_suites(opts: RunOptions) -> int:
     storage = run_folder / ".benchmarks"
     if not any(a.startswith("--benchmark-storage") for a in opts.pytest_args):
         cmd.append(f"--benchmark-storage=file://{storage.absolute()}")
+    # pytest-benchmark's own JSON beside ours, so `pytest-benchmark compare` reads a run too.
+    if not any(a.startswith("--benchmark-json") for a in opts.pytest_args):
+        cmd.append(f"--benchmark-json={(run_folder / 'benchmark.json').absolute()}")
     code, tail = _stream(cmd, Path.cwd(), run_folder / "pytest.log")
     with contextlib.suppress(OSError):
         storage.rmdir()  # only when empty: nothing was saved there

@@ -106,11 +106,14 @@ class Environment:
         return cls(**{**data, "libraries": dict(libs)})
 
     def label(self) -> str:
-        """A short name for the hardware, for column headers: the GPU, else the CPU."""
+        """A short name for the hardware: the GPU, else the CPU with its ISA level and cores
+        (two "AMD EPYC" machines can differ in what moves a figure)."""
         if self.gpu_name:
             return self.gpu_name if self.gpu_count <= 1 else f"{self.gpu_count}x {self.gpu_name}"
         cpu = self.cpu_model or "unknown CPU"
-        return f"{cpu} ({self.cpu_count} cores)" if self.cpu_count else cpu
+        details = [d for d in (self.cpu_isa, f"{self.cpu_count} cores" if self.cpu_count
+                               else None) if d]
+        return f"{cpu} ({', '.join(details)})" if details else cpu
 
     def differences(self, other: Environment) -> list[str]:
         """One line per compared field that differs: 'gpu_name: A != B'."""

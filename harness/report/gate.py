@@ -3,12 +3,17 @@
 A check is `METRIC[@CASE]:LIMIT`; METRIC and CASE are shell-style globs (CASE matches
 `suite::case` or the bare case id). LIMIT is one of
 
-    +5%     fail when the value rose more than 5% above the baseline
+    +5%     fail when the value rose more than 5% above the baseline (beyond the noise)
     -10%    fail when it fell more than 10% below the baseline
     ±5%     (or ~5%) fail when it moved more than 5% either way
     5%      fail when it got more than 5% worse, in the metric's own direction (lower/higher
             is better); two-sided for a metric without a direction
     <=0.5   absolute (also <, >=, >, ==): needs no baseline
+
+Relative limits apply beyond the noise: the range widens by the larger measured spread (IQR)
+of the two runs' samples and, for timings, by the run-to-run shift stated in tolerances.toml
+(one run's rounds do not show the noise between runs). So two runs of the same code on the
+same machine pass a `±5%` gate and a 2x regression still fails it. A percentage above 1000% is refused (a limit that cannot fail is no limit).
 
 Checks are parsed when the arguments are (argparse and pytest `type=`), so a typo fails
 before any work, naming the bad text. Evaluation gives one failure line per (check, case,
@@ -28,7 +33,8 @@ from pathlib import Path
 from ..errors import HarnessError
 from .results import Metric, Record, Results
 
-_RELATIVE = re.compile(r"^(?P<sign>[+\-±~]?)(?P<num>\d+(?:\.\d+)?)%$")
+_RELATIVE = re.compile(r"^(?P<sign>[+\-±~]?)(?P<num>\d{1,4}(?:\.\d{1,6})?)%$")
+MAX_PERCENT = 1000
 _ABSOLUTE = re.compile(r"^(?P<op><=|>=|==|<|>)(?P<num>[+-]?(?:\d+(?:\.\d*)?|\.\d+)"
                        r"(?:[eE][+-]?\d+)?)$")
 _SIGNS = {"+": "rise", "-": "fall", "±": "both", "~": "both", "": "worse"}
@@ -57,13 +63,15 @@ class Check:
         return self.case is None or fnmatchcase(record.id, self.case) \
             or fnmatchcase(record.case, self.case)
 
-    def bounds(self, metric: Metric, baseline: float | None) -> tuple[float, float]:
-        """(lowest allowed, highest allowed) for this metric."""
+    def bounds(self, metric: Metric, baseline: float | None,
+               noise: float = 0.0) -> tuple[float, float]:
+        """(lowest allowed, highest allowed) for this metric; `noise` widens a relative
+        range by the measured spread."""
         if self.kind == "absolute":
             return {"<=": (-math.inf, self.amount), "<": (-math.inf, self.amount),
                     ">=": (self.amount, math.inf), ">": (self.amount, math.inf),
                     "==": (self.amount, self.amount)}[self.op]
-        slack = abs(baseline) * self.amount
+        slack = abs(baseline) * self.amount + noise
         op = self.op
         if op == "worse":
             op = {"lower": "rise", "higher": "fall"}.get(metric.direction, "both")
@@ -71,11 +79,11 @@ class Check:
         high = baseline + slack if op in ("rise", "both") else math.inf
         return low, high
 
-    def passes(self, metric: Metric, baseline: float | None) -> bool:
+    def passes(self, metric: Metric, baseline: float | None, noise: float = 0.0) -> bool:
         value = metric.value
         if isinstance(value, float) and math.isnan(value):
             return False
-        low, high = self.bounds(metric, baseline)
+        low, high = self.bounds(metric, baseline, noise)
         if self.kind == "absolute" and self.op in ("<", ">"):
             return value < high if self.op == "<" else value > low
         return low <= value <= high
@@ -95,6 +103,9 @@ def parse_check(text: str) -> Check:
         raise GateError(f"check {text!r}: no case pattern after '@'")
     if match := _RELATIVE.match(limit):
         amount = float(match["num"]) / 100
+        if amount * 100 > MAX_PERCENT:
+            raise GateError(f"check {text!r}: {match['num']}% is above {MAX_PERCENT}%; a limit "
+                            "that wide cannot catch a regression")
         return Check(text, metric, case, "relative", _SIGNS[match["sign"]], amount)
     if match := _ABSOLUTE.match(limit):
         amount = float(match["num"])
@@ -102,7 +113,8 @@ def parse_check(text: str) -> Check:
             raise GateError(f"check {text!r}: bound {match['num']!r} is not a finite number")
         return Check(text, metric, case, "absolute", match["op"], amount)
     raise GateError(f"check {text!r}: limit {limit!r} is neither relative (+5%, -10%, ±5%, "
-                    "5%) nor absolute (<=0.5, <0.5, >=10, >10, ==0)")
+                    f"5%; at most {MAX_PERCENT}%, 4 digits) nor absolute (<=0.5, <0.5, >=10, >10, "
+                    "==0)")
 
 
 def check_arg(text: str) -> Check:
@@ -119,16 +131,39 @@ def _number(value) -> str:
     return f"{value:.6g}"
 
 
-def _limit_text(check: Check, metric: Metric, baseline: float | None) -> str:
+def _limit_text(check: Check, metric: Metric, baseline: float | None,
+                noise: float = 0.0) -> str:
     if check.kind == "absolute":
         return f"{check.op} {_number(check.amount)}"
-    low, high = check.bounds(metric, baseline)
+    low, high = check.bounds(metric, baseline, noise)
     parts = []
     if low > -math.inf:
         parts.append(f">= {_number(low)}")
     if high < math.inf:
         parts.append(f"<= {_number(high)}")
-    return " and ".join(parts)
+    noted = f" ({check.amount:.0%} + noise {_number(noise)})" if noise else ""
+    return " and ".join(parts) + noted
+
+
+def noise_of(metric: Metric, base: Metric | None) -> float:
+    """How far two figures may differ by noise alone. The larger measured spread (IQR) of
+    the two, plus, for a timing, the run-to-run shift stated in tolerances.toml
+    ([noise.run_to_run.timing]) times the reference value: a single run's rounds do not show
+    the noise between runs."""
+    from .results import is_timing
+
+    spreads = [m.spread for m in (metric, base) if m is not None and m.spread is not None]
+    noise = max(spreads, default=0.0)
+    reference = base if base is not None else metric
+    if is_timing(metric.unit) and math.isfinite(reference.value):
+        noise += run_to_run_noise() * abs(reference.value)
+    return noise
+
+
+def run_to_run_noise() -> float:
+    from ..tolerances import tolerance
+
+    return tolerance("noise.run_to_run.timing").rtol
 
 
 @dataclass(frozen=True)
@@ -186,9 +221,11 @@ def _check_record(check: Check, record: Record, base: Record | None, out: GateRe
             continue
         out.checked += 1
         base_value = base_metric.value if base_metric is not None else None
-        if not check.passes(metric, base_value):
+        noise = noise_of(metric, base_metric) if check.needs_baseline else 0.0
+        if not check.passes(metric, base_value, noise):
             out.failures.append(Failure(check, record.id, name, metric.value, base_value,
-                                        metric.unit, _limit_text(check, metric, base_value)))
+                                        metric.unit,
+                                        _limit_text(check, metric, base_value, noise)))
     return len(names)
 
 

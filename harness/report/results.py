@@ -26,10 +26,12 @@ import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 
 from ..errors import HarnessError
 from .environment import Environment, EnvironmentSchemaError, current
+from .sample import MAX_VALUES, Sample, SampleError
 
 SCHEMA = "llava-harness/results"
 SCHEMA_VERSION = 1
@@ -46,6 +48,14 @@ _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 class ResultsError(HarnessError):
     """A results file or record is malformed; one line naming the file and the field."""
+
+
+_TIME_UNITS = {"s", "ms", "us", "ns", "min"}
+
+
+def is_timing(unit: str) -> bool:
+    """A duration or a rate per second: figures that move with the machine's load."""
+    return unit in _TIME_UNITS or unit.endswith("/s")
 
 
 def default_direction(unit: str) -> str:
@@ -76,13 +86,35 @@ def new_run_id() -> str:
 
 @dataclass(frozen=True)
 class Metric:
+    """One figure. A repeated measurement carries its `sample` (every value as measured) and
+    its value is the sample's median."""
+
     value: int | float
     unit: str
     direction: str = "none"
+    sample: Sample | None = None
+
+    @classmethod
+    def of(cls, values, unit: str, direction: str | None = None) -> Metric:
+        """A metric from repeated measurements: the median, with the sample kept."""
+        try:
+            sample = Sample(tuple(values))
+        except SampleError as exc:
+            raise ResultsError(str(exc)) from None
+        return cls(sample.median, unit, direction or default_direction(unit), sample)
+
+    @property
+    def spread(self) -> float | None:
+        """The measured noise (the sample's IQR), or None for a figure measured once."""
+        return self.sample.spread if self.sample is not None else None
 
     def __post_init__(self) -> None:
         if isinstance(self.value, bool) or not isinstance(self.value, (int, float)):
             raise ResultsError(f"metric value {self.value!r}: expected a number")
+        if self.sample is not None and (not isinstance(self.sample, Sample)
+                                        or self.value != self.sample.median):
+            raise ResultsError(f"metric value {self.value!r}: with a sample, the value is its "
+                               "median")
         if not isinstance(self.unit, str):
             raise ResultsError(f"metric unit {self.unit!r}: expected a string")
         if self.direction not in DIRECTIONS:
@@ -95,7 +127,7 @@ class Metric:
             return NotImplemented
         same = self.value == other.value or (_is_nan(self.value) and _is_nan(other.value))
         return (same and type(self.value) is type(other.value) and self.unit == other.unit
-                and self.direction == other.direction)
+                and self.direction == other.direction and self.sample == other.sample)
 
     def __hash__(self) -> int:
         return hash((repr(self.value), self.unit, self.direction))
@@ -106,7 +138,8 @@ def _is_nan(value) -> bool:
 
 
 def as_metric(name: str, spec) -> Metric:
-    """(value, unit), (value, unit, direction) or a Metric -> Metric."""
+    """(value, unit), (value, unit, direction) or a Metric -> Metric; a list or tuple of
+    numbers as the value is a repeated measurement (its median, with the sample)."""
     if isinstance(spec, Metric):
         return spec
     if not isinstance(spec, (tuple, list)) or len(spec) not in (2, 3):
@@ -115,6 +148,8 @@ def as_metric(name: str, spec) -> Metric:
     value, unit = spec[0], spec[1]
     direction = spec[2] if len(spec) == 3 else default_direction(str(unit))
     try:
+        if isinstance(value, (list, tuple)):
+            return Metric.of(value, unit, direction)
         return Metric(value, unit, direction)
     except ResultsError as exc:
         raise ResultsError(f"metric {name!r}: {exc}") from None
@@ -205,7 +240,15 @@ class Results:
         return hash((self.run_id, self.created, len(self.records)))
 
     def record(self, suite: str, case: str) -> Record | None:
-        return next((r for r in self.records if r.key == (suite, case)), None)
+        return self._by_key.get((suite, case))
+
+    @cached_property
+    def _by_key(self) -> dict[tuple[str, str], Record]:
+        # An index, so that comparing or gating two runs is linear in their records.
+        out: dict[tuple[str, str], Record] = {}
+        for record in self.records:
+            out.setdefault(record.key, record)
+        return out
 
     @property
     def suites(self) -> list[str]:
@@ -222,9 +265,7 @@ class Results:
     def _record_dict(self, record: Record) -> dict:
         out = {"suite": record.suite, "case": record.case, "outcome": record.outcome,
                "reason": record.reason, "timestamp": record.timestamp,
-               "metrics": {name: {"value": _encode(m.value), "unit": m.unit,
-                                  "direction": m.direction}
-                           for name, m in record.metrics.items()}}
+               "metrics": {name: _metric_dict(m) for name, m in record.metrics.items()}}
         if record.run_id != self.run_id:
             out["run_id"] = record.run_id
         if record.environment != self.environment:
@@ -292,6 +333,33 @@ def _environment(data, where: str) -> Environment:
         raise ResultsError(str(exc).splitlines()[0]) from None
 
 
+def _metric_dict(metric: Metric) -> dict:
+    out = {"value": _encode(metric.value), "unit": metric.unit, "direction": metric.direction}
+    if metric.sample is not None:
+        out["sample"] = list(metric.sample.values)
+    return out
+
+
+def _metric(entry, here: str) -> Metric:
+    if not isinstance(entry, dict) or not {"value", "unit", "direction"} <= set(entry) \
+            or not set(entry) <= {"value", "unit", "direction", "sample"}:
+        raise ResultsError(f"{here}: expected an object with value, unit, direction and "
+                           "optionally sample")
+    sample = None
+    if "sample" in entry:
+        raw = entry["sample"]
+        if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_VALUES:
+            raise ResultsError(f"{here}.sample: expected a list of 1 to {MAX_VALUES:,} numbers")
+        try:
+            sample = Sample(tuple(raw))
+        except SampleError as exc:
+            raise ResultsError(f"{here}.sample: {exc}") from None
+    try:
+        return Metric(_decode(entry["value"], here), entry["unit"], entry["direction"], sample)
+    except ResultsError as exc:
+        raise ResultsError(f"{here}: {exc}") from None
+
+
 def _encode(value):
     if isinstance(value, float) and not math.isfinite(value):
         return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
@@ -317,14 +385,7 @@ def _record(item, where: str) -> Record:
         raise ResultsError(f"{where}: metrics must be an object")
     metrics = {}
     for name, entry in metrics_raw.items():
-        here = f"{where}.metrics[{name!r}]"
-        if not isinstance(entry, dict) or set(entry) != {"value", "unit", "direction"}:
-            raise ResultsError(f"{here}: expected an object with value, unit and direction")
-        try:
-            metrics[name] = Metric(_decode(entry["value"], here), entry["unit"],
-                                   entry["direction"])
-        except ResultsError as exc:
-            raise ResultsError(f"{here}: {exc}") from None
+        metrics[name] = _metric(entry, f"{where}.metrics[{name!r}]")
     env = item.get("environment")
     try:
         return Record(suite=item.get("suite"), case=item.get("case"),
