@@ -11,6 +11,7 @@ import math
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -411,3 +412,25 @@ def test_gate_and_compare_look_each_record_up_once(monkeypatch, tmp_path):
         text = compare_module.render_comparison([a, b])
         assert text.count("same, within noise") == n
         assert gate_calls <= 3 * n and calls["n"] <= 6 * n, (n, gate_calls, calls["n"])
+
+
+def test_a_machine_class_names_the_hardware_figures_belong_to():
+    from harness.report.gate import machine_class
+
+    cpu = dataclasses.replace(ENV, cpu_model="AMD EPYC", cpu_count=2, cpu_isa="avx512_bf16",
+                              gpu_name=None, gpu_count=0)
+    assert machine_class(cpu) == "cpu-2core-amd-epyc-avx512-bf16"
+    gpu = dataclasses.replace(cpu, gpu_name="NVIDIA H200", gpu_count=1)
+    assert machine_class(gpu) == "gpu-1x-nvidia-h200"
+
+
+def test_run_with_baseline_auto_skips_relative_checks_without_a_baseline(monkeypatch, capsys):
+    from harness.cli import run as run_module
+    from harness.report import gate as gate_module
+
+    monkeypatch.setattr(gate_module, "baseline_for", lambda env: None)
+    opts = run_module.RunOptions(baseline=Path("auto"),
+                                 checks=[parse_check("bench_s:+50%"), parse_check("x:<=1")])
+    assert run_module._baseline(opts) is None
+    assert [c.text for c in opts.checks] == ["x:<=1"]
+    assert "no baseline for this machine class" in capsys.readouterr().err

@@ -203,7 +203,7 @@ def run_suites(opts: RunOptions) -> int:
         print(f"llava-harness run: {line}", file=sys.stderr)
     if not files:
         raise RunError(f"none of the suites {', '.join(names)} exists under {suites_dir}")
-    baseline = load_results(opts.baseline) if opts.baseline is not None else None
+    baseline = _baseline(opts)
     run_id = opts.run_id or new_run_id()
     run_folder = Path(opts.report_dir) / run_id
     # pytest runs in the user's folder (relative paths after `--` mean what they say there);
@@ -248,6 +248,29 @@ def _print_verdict(verdict: int, code: int, results, run_folder: Path, gate_fail
                 "report": str(run_folder / "report.md"),
                 "results": str(run_folder / "results.json"),
                 "failed": [r.id for r in results.records if r.outcome in ("failed", "error")]})
+
+
+def _baseline(opts: RunOptions):
+    """The baseline to gate against: a results file, or with `auto` the committed baseline of
+    this machine's class (none committed: the checks are skipped, saying so)."""
+    from ..report.results import load_results
+
+    if opts.baseline is None:
+        return None
+    if str(opts.baseline) != "auto":
+        return load_results(opts.baseline)
+    from ..report.environment import current
+    from ..report.gate import baseline_for, machine_class
+
+    found = baseline_for(current())
+    if found is None:
+        print(f"llava-harness run: no baseline for this machine class "
+              f"({machine_class(current())}) in fixtures/baselines/; relative checks are "
+              "skipped", file=sys.stderr)
+        opts.checks = [c for c in opts.checks if not c.needs_baseline]
+        return None
+    print(f"llava-harness run: gating against {found}", file=sys.stderr)
+    return load_results(found)
 
 
 def _gate(opts: RunOptions, results, baseline) -> bool:

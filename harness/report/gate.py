@@ -268,6 +268,26 @@ def evaluate(checks: list[Check], results: Results, baseline: Results | None = N
 
 # -- baselines ---------------------------------------------------------------------------------
 
+def machine_class(environment) -> str:
+    """A baseline's name for the hardware its figures belong to: timings are only comparable
+    within one class. `gpu-1x-nvidia-h200`, or `cpu-2core-amd-epyc-avx512-bf16`."""
+    def slug(text: str) -> str:
+        return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "unknown"
+
+    if environment.gpu_name:
+        return f"gpu-{max(environment.gpu_count, 1)}x-{slug(environment.gpu_name)}"
+    isa = f"-{slug(environment.cpu_isa)}" if environment.cpu_isa else ""
+    return f"cpu-{environment.cpu_count or 0}core-{slug(environment.cpu_model or '')}{isa}"
+
+
+def baseline_for(environment) -> Path | None:
+    """The committed baseline of this machine class (fixtures/baselines/<class>.json), if any."""
+    from ..data import fixtures_dir
+
+    path = fixtures_dir() / "baselines" / f"{machine_class(environment)}.json"
+    return path if path.is_file() else None
+
+
 def baselines_dir() -> Path:
     """`fixtures/baselines/` of the checkout the package lives in (committed with the code it
     describes); an installed harness has no checkout to commit to, and writes nowhere in

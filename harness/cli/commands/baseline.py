@@ -26,7 +26,13 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     from ...report.gate import baselines_dir, write_baseline
 
     if args.name is not None:
-        target = baselines_dir() / f"{args.name}.json"
+        name = args.name
+        if name == "auto":  # the run's machine class, the name `run --baseline auto` finds
+            from ...report.gate import machine_class
+            from ...report.results import load_results
+
+            name = machine_class(load_results(args.results).environment)
+        target = baselines_dir() / f"{name}.json"
     else:
         target = args.output or args.results.parent / "baseline.json"
     path = write_baseline(args.results, target, force=args.force)
@@ -42,6 +48,8 @@ def register(sub, bench) -> None:
     add_output(where, "write here (default: baseline.json beside RESULTS.json)",
                metavar="FILE", stdout=True)
     where.add_argument("--name", type=_name,
-                       help="in a checkout: write fixtures/baselines/NAME.json, to commit")
+                       help="in a checkout: write fixtures/baselines/NAME.json, to commit; "
+                            "'auto' names it after the run's machine class (what run "
+                            "--baseline auto looks for)")
     p.add_argument("--force", action="store_true", help="replace an existing baseline")
     p.set_defaults(func=cmd_baseline)

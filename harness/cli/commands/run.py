@@ -42,7 +42,9 @@ def register(sub, bench) -> None:
                         "verdicts are those of a serial run")
     p.add_argument("-k", dest="select", metavar="EXPR", help="pytest -k selection")
     p.add_argument("--run-id", type=run_id, help="run id (default: UTC time + random suffix)")
-    p.add_argument("--baseline", type=Path, metavar="FILE", help="results file to gate against")
+    p.add_argument("--baseline", type=Path, metavar="FILE",
+                   help="results file to gate against; 'auto': the committed baseline of this "
+                        "machine's class (fixtures/baselines/<class>.json), skipped if none")
     p.add_argument("--fail", type=check_arg, action="append", default=[], metavar="EXPR",
                    help="gate check, e.g. 'peak_rss:+5%%'; repeatable")
     add_json(p, "the run's verdict, counts and where its report is")
