@@ -434,3 +434,24 @@ def test_run_with_baseline_auto_skips_relative_checks_without_a_baseline(monkeyp
     assert run_module._baseline(opts) is None
     assert [c.text for c in opts.checks] == ["x:<=1"]
     assert "no baseline for this machine class" in capsys.readouterr().err
+
+
+def test_a_pooled_baseline_shows_the_noise_between_runs(repo, tmp_path):
+    """Several runs of one commit, pooled: each timing's samples merged, so the baseline's
+    spread includes the shift between runs; runs of different commits are refused."""
+    from harness.report.gate import pool_runs
+
+    slow, fast = timing([1.3, 1.31, 1.29, 1.3]), timing([1.0, 1.01, 0.99, 1.0])
+    pooled = pool_runs([fast, slow]).records[0].metrics["bench_s"]
+    assert pooled.sample.n == 8 and pooled.spread > 0.25
+    paths = []
+    for i, run in enumerate((fast, slow)):
+        paths.append(tmp_path / f"r{i}.json")
+        write_results(run, paths[-1])
+    target = repo / "fixtures" / "baselines" / "pooled.json"
+    write_baseline(paths, target)
+    assert load_results(target).records[0].metrics["bench_s"] == pooled
+    other = dataclasses.replace(slow, environment=dataclasses.replace(ENV, git_commit="b" * 40))
+    write_results(other, paths[1])
+    with pytest.raises(GateError, match="one commit"):
+        write_baseline(paths, repo / "fixtures" / "baselines" / "mixed.json")

@@ -309,18 +309,52 @@ def _git(folder: Path, *args: str) -> str | None:
         return None
 
 
-def write_baseline(results_path: Path, target: Path | str, force: bool = False) -> Path:
-    """Copy a results file to `target` (`-`: stdout) as a baseline, refusing what cannot be
-    reproduced: a run made from uncommitted changes, or a target that git would commit from
-    a work tree with uncommitted changes (the baseline goes in alone, beside its code)."""
+def pool_runs(runs: list[Results]) -> Results:
+    """One baseline from several runs of the same code on the same machine: every repeated
+    measurement's samples pooled (so its IQR shows the noise between runs, not only within
+    one), other figures and outcomes from the first run."""
+    import dataclasses
+
+    first = runs[0]
+    records = []
+    for record in first.records:
+        metrics = dict(record.metrics)
+        for name, metric in record.metrics.items():
+            if metric.sample is None:
+                continue
+            values = list(metric.sample.values)
+            for other in runs[1:]:
+                found = other.record(*record.key)
+                theirs = found.metrics.get(name) if found is not None else None
+                if theirs is not None and theirs.sample is not None:
+                    values += theirs.sample.values
+            metrics[name] = Metric.of(values, metric.unit, metric.direction)
+        records.append(dataclasses.replace(record, metrics=metrics))
+    pooled = ", ".join(r.run_id for r in runs)
+    return dataclasses.replace(first, records=tuple(records),
+                               settings={**first.settings, "pooled_from": pooled})
+
+
+def write_baseline(results_paths, target: Path | str, force: bool = False) -> Path:
+    """Write the run at `results_paths` (or several runs of it, pooled) to `target` (`-`:
+    stdout) as a baseline, refusing what cannot be reproduced: a run made from uncommitted
+    changes, runs of different commits, or a target that git would commit from a work tree
+    with uncommitted changes (the baseline goes in alone, beside its code)."""
     from ..checkpoint.atomic import check_target
     from .results import load_results, write_results
 
-    results = load_results(results_path)
-    if results.environment.git_dirty:
-        raise GateError(f"{results_path}: run {results.run_id} was made from a harness tree with "
-                        f"uncommitted changes (commit {results.environment.git_commit}); a "
-                        "baseline must come from a committed tree")
+    paths = [results_paths] if isinstance(results_paths, (str, Path)) else list(results_paths)
+    runs = [load_results(path) for path in paths]
+    for path, run in zip(paths, runs):
+        if run.environment.git_dirty:
+            raise GateError(f"{path}: run {run.run_id} was made from a harness tree with "
+                            f"uncommitted changes (commit {run.environment.git_commit}); a "
+                            "baseline must come from a committed tree")
+    commits = {run.environment.git_commit for run in runs}
+    if len(commits) > 1:
+        raise GateError(f"{paths[1]}: pooled runs must be of one commit, not {len(commits)} "
+                        f"({', '.join(sorted(str(c)[:10] for c in commits))})")
+    results = pool_runs(runs) if len(runs) > 1 else runs[0]
     if str(target) == "-":
         return write_results(results, "-")
     target = Path(target)

@@ -1,4 +1,5 @@
-"""`llava-harness baseline RESULTS.json [-o FILE | --name NAME]`: keep a run as a baseline.
+"""`llava-harness baseline RESULTS.json [MORE.json ...] [-o FILE | --name NAME]`: keep a run
+(or several runs of one commit, pooled) as a baseline.
 
 Written beside the run (`baseline.json` next to RESULTS.json) unless `-o FILE` (`-` for stdout)
 or, in a checkout, `--name NAME` (fixtures/baselines/NAME.json, to commit with the code).
@@ -31,10 +32,10 @@ def cmd_baseline(args: argparse.Namespace) -> int:
             from ...report.gate import machine_class
             from ...report.results import load_results
 
-            name = machine_class(load_results(args.results).environment)
+            name = machine_class(load_results(args.results[0]).environment)
         target = baselines_dir() / f"{name}.json"
     else:
-        target = args.output or args.results.parent / "baseline.json"
+        target = args.output or args.results[0].parent / "baseline.json"
     path = write_baseline(args.results, target, force=args.force)
     print(f"baseline: {path}")
     return 0
@@ -43,7 +44,10 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 def register(sub, bench) -> None:
     p = sub.add_parser("baseline", help="store a run's results as a baseline (from committed "
                                         "code only)")
-    p.add_argument("results", type=Path, metavar="RESULTS.json")
+    p.add_argument("results", type=Path, nargs="+", metavar="RESULTS.json",
+                   help="a run; several runs of one commit on one machine are pooled (their "
+                        "samples merged, so the baseline's spread shows the noise between "
+                        "runs)")
     where = p.add_mutually_exclusive_group()
     add_output(where, "write here (default: baseline.json beside RESULTS.json)",
                metavar="FILE", stdout=True)
