@@ -146,13 +146,16 @@ def _limit_text(check: Check, metric: Metric, baseline: float | None,
 
 
 def noise_of(metric: Metric, base: Metric | None) -> float:
-    """How far two figures may differ by noise alone. The larger measured spread (IQR) of
-    the two, plus, for a timing, the run-to-run shift stated in tolerances.toml
+    """How far two figures may differ by noise alone. The reference's measured spread (IQR;
+    the new figure's where the reference has none), plus, for a timing, the run-to-run shift stated in tolerances.toml
     ([noise.run_to_run.timing]) times the reference value: a single run's rounds do not show
     the noise between runs."""
     from .results import is_timing
 
-    spreads = [m.spread for m in (metric, base) if m is not None and m.spread is not None]
+    # The reference's own spread where it has one: a regression that also makes the new run
+    # noisier must not widen the range it is judged by.
+    spreads = [m.spread for m in ((base,) if base is not None and base.spread is not None
+                                  else (metric, base)) if m is not None and m.spread is not None]
     noise = max(spreads, default=0.0)
     reference = base if base is not None else metric
     if is_timing(metric.unit) and math.isfinite(reference.value):
