@@ -81,9 +81,11 @@ class Sample:
         return _quantile(tuple(sorted(abs(v - median) for v in self.values)), 0.5)
 
     @property
-    def spread(self) -> float:
-        """The noise a comparison allows for: the IQR, or with fewer than 4 values (no
-        quartiles worth the name) half the range."""
+    def spread(self) -> float | None:
+        """The noise a comparison allows for: the IQR, or with 2 or 3 values (no quartiles
+        worth the name) half the range; None for one value (its noise is unknown)."""
+        if self.n == 1:
+            return None
         return self.iqr if self.n >= 4 else (self.max - self.min) / 2
 
     def summary(self) -> dict:
