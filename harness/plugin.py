@@ -124,6 +124,11 @@ def pytest_configure(config: pytest.Config) -> None:
     from .cli.run import SUITES
     from .report.collector import Collector
 
+    checks = config.getoption("--llava-fail")
+    if any(c.needs_baseline for c in checks) and config.getoption("--llava-baseline") is None:
+        first = next(c for c in checks if c.needs_baseline)
+        raise pytest.UsageError(f"--llava-fail {first.text!r} is relative and needs "
+                                "--llava-baseline FILE")
     config.stash[_ORACLES] = {}  # what this process's tests used; merged in the collector
     if not _is_worker(config):
         config.stash[_COLLECTOR] = Collector(SUITES)
@@ -133,19 +138,18 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def _add_folder_validation(config: pytest.Config) -> None:
     """`pytest --llava-checkpoint DIR` anywhere (a model repository with tests of its own, or
-    none) runs the harness's checkpoint-folder suite on DIR, unless the arguments already
-    name it or a folder holding it."""
+    none) runs the harness's checkpoint-folder suite on DIR, unless the arguments name any
+    of the harness's suites (then they chose which: `run --checkpoint DIR --suites x`)."""
     if config.getoption("--llava-checkpoint") is None:
         return
     from .data import suites_dir
 
-    suite = (suites_dir() / FOLDER_SUITE).resolve()
+    suites = suites_dir().resolve()
     for arg in config.args:
-        path = Path(arg.split("::", 1)[0])
-        path = (config.invocation_params.dir / path).resolve()
-        if path == suite or path in suite.parents:
+        path = (config.invocation_params.dir / Path(arg.split("::", 1)[0])).resolve()
+        if path == suites or suites in path.parents or path in suites.parents:
             return
-    config.args.append(str(suite))
+    config.args.append(str(suites / FOLDER_SUITE))
 
 
 @contextlib.contextmanager
@@ -169,9 +173,10 @@ def hub_offline():
             else:
                 os.environ[name] = value
         constants = sys.modules.get("huggingface_hub.constants")
-        if constants is not None:
-            constants.HF_HUB_OFFLINE = flag if flag is not None else any(
-                (saved[n] or "").upper() in ("1", "ON", "YES", "TRUE") for n in names)
+        if constants is not None:  # as huggingface_hub computes it at import, if it did here
+            constants.HF_HUB_OFFLINE = flag if flag is not None else (
+                saved["HF_HUB_OFFLINE"] or saved["TRANSFORMERS_OFFLINE"] or "").upper() in (
+                "1", "ON", "YES", "TRUE")
 
 
 @pytest.fixture

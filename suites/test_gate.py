@@ -6,6 +6,7 @@ a clean git tree. From the CLI (`llava-harness gate`) and from pytest (`--llava-
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import subprocess
@@ -368,12 +369,17 @@ def test_a_timing_moves_within_its_noise_and_a_2x_regression_still_fails():
     assert not evaluate([parse_check("peak_rss:+5%")], one(1.06), one(1.0)).ok
 
 
-def test_the_measured_spread_widens_the_range_by_the_larger_iqr():
+def test_the_range_widens_by_the_baselines_spread_not_the_runs():
+    """The baseline's IQR is the yardstick: a regression that also makes the new run noisier
+    must not widen its own range. The run's spread counts only where the baseline has none."""
     from harness.report.gate import noise_of, run_to_run_noise
 
     narrow, wide = Metric.of([1.0, 1.0, 1.0, 1.0], "s"), Metric.of([0.8, 0.9, 1.1, 1.2], "s")
     assert wide.spread == pytest.approx(0.25)  # q3 1.125 - q1 0.875 (linear quartiles)
-    assert noise_of(narrow, wide) == pytest.approx(0.25 + run_to_run_noise() * 1.0)
+    floor = run_to_run_noise()
+    assert noise_of(narrow, wide) == pytest.approx(0.25 + floor * 1.0)  # (run, baseline)
+    assert noise_of(wide, narrow) == pytest.approx(0.0 + floor * 1.0)
+    assert noise_of(wide, Metric(1.0, "s")) == pytest.approx(0.25 + floor * 1.0)
     counts = Metric(7, "count")
     assert noise_of(counts, counts) == 0.0  # an exact figure has no noise
 
@@ -384,9 +390,10 @@ def test_a_limit_that_cannot_fail_is_refused(limit):
         parse_check(f"bench_s:{limit}")
 
 
-def test_gate_and_compare_look_each_record_up_once(monkeypatch, tmp_path):
-    """20,000 records: lookups are by index (a dict), so gate and compare cost time linear
-    in the records. Counted, not timed: the counts grow with n, never with n squared."""
+def test_gate_and_compare_look_records_up_in_linear_time(monkeypatch, tmp_path):
+    """20,000 records: lookups go through the index (a dict built once per run), so gate and
+    compare cost time linear in the records. Counted, not timed: record lookups and index
+    builds grow with n, never with n squared."""
     from harness.report import compare as compare_module
 
     def big(n, scale):
@@ -403,15 +410,25 @@ def test_gate_and_compare_look_each_record_up_once(monkeypatch, tmp_path):
         return real(self, suite, case)
 
     monkeypatch.setattr(Results, "record", counted)
+    builds = {"n": 0}
+    real_index = Results._by_key.func
+
+    def counted_index(self):
+        builds["n"] += 1
+        return real_index(self)
+
+    monkeypatch.setattr(Results, "_by_key", functools.cached_property(counted_index))
+    Results._by_key.__set_name__(Results, "_by_key")
     for n in (2_000, 20_000):
         a, b = big(n, 1.0), big(n, 1.1)
-        calls["n"] = 0
+        calls["n"] = builds["n"] = 0
         assert evaluate([parse_check("bench_s:±5%")], b, a).ok
         gate_calls = calls["n"]
         calls["n"] = 0
         text = compare_module.render_comparison([a, b])
         assert text.count("same, within noise") == n
         assert gate_calls <= 3 * n and calls["n"] <= 6 * n, (n, gate_calls, calls["n"])
+        assert builds["n"] <= 2  # each run indexed once, however many lookups
 
 
 def test_a_machine_class_names_the_hardware_figures_belong_to():
@@ -455,3 +472,20 @@ def test_a_pooled_baseline_shows_the_noise_between_runs(repo, tmp_path):
     write_results(other, paths[1])
     with pytest.raises(GateError, match="one commit"):
         write_baseline(paths, repo / "fixtures" / "baselines" / "mixed.json")
+
+
+def test_pooled_runs_must_share_a_machine_class(repo, tmp_path):
+    a = timing([1.0, 1.0, 1.0, 1.0])
+    gpu = dataclasses.replace(a, environment=dataclasses.replace(
+        ENV, gpu_name="NVIDIA H200", gpu_count=1))
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    write_results(a, paths[0])
+    write_results(gpu, paths[1])
+    with pytest.raises(GateError, match="one machine class"):
+        write_baseline(paths, repo / "fixtures" / "baselines" / "mixed.json")
+
+
+def test_pytest_refuses_a_relative_check_without_a_baseline(tmp_path):
+    """Refused before any test runs, not as an internal error at the end of the session."""
+    done = run_pytest(tmp_path, 1.0, "--llava-fail", "wall_s:+5%")
+    assert done.returncode == 4 and "needs --llava-baseline" in done.stderr, done.stderr

@@ -173,6 +173,12 @@ def test_llava_checkpoint_validates_a_folder_from_a_foreign_repository(tmp_path,
                  if line.startswith("PASSED") and "test_theirs" not in line]
     assert "test_strip_gives_a_plain_language_model" in done.stdout
     assert len(validated) >= 8, done.stdout[-3000:]
+    # Arguments naming a harness suite choose for themselves: nothing is added.
+    specs = Path(__file__).resolve().parent / "test_specs_and_plan.py"
+    done = _foreign_pytest(repo, "-q", "--collect-only", str(specs),
+                           "--llava-checkpoint", str(tiny_checkpoint))
+    assert "test_checkpoint_folder" not in done.stdout and done.returncode == 0, \
+        done.stdout[-1500:]
     # Without the option, only their tests run: the plugin adds nothing on its own.
     done = _foreign_pytest(repo, "-q")
     assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout[-1500:]

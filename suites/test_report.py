@@ -318,3 +318,24 @@ def test_an_xdist_run_gathers_what_a_serial_run_does(tmp_path):
         done = run_plugin(tmp_path, "--benchmark-disable", "--llava-fail", "wall_s:<=0.1",
                           *extra)
         assert "FAIL plugin_demo::test_records wall_s" in done.stdout, done.stdout
+
+
+def test_the_chart_never_puts_two_kinds_of_unit_on_one_axis(tmp_path):
+    """Bytes and MiB share the peak-memory panel (drawn in MiB); a ratio gets its own."""
+    from harness.report.chart import _entries
+
+    def quant(run_id, scale):
+        record = rec("quant", "nf4", load_peak_bytes=(scale * 2**30, "B", "lower"),
+                     cuda_peak_allocated=(scale * 900.0, "MiB", "lower"),
+                     footprint=(scale * 2**29, "B", "lower"),
+                     footprint_ratio=(1.0, "ratio", "lower"))
+        return run_of(record, run_id=run_id)
+
+    runs = [quant("a", 1.0), quant("b", 1.1)]
+    panels = _entries(runs, None)
+    assert set(panels) == {"peak memory (MiB)", "footprint vs theory, MiB",
+                           "footprint vs theory, ratio"}
+    assert {e[2] for e in panels["peak memory (MiB)"]} == {"load_peak_bytes",
+                                                           "cuda_peak_allocated"}
+    paths = write_comparison(runs, tmp_path / "cmp")
+    assert paths["chart"].read_bytes()[:4] == b"\x89PNG"

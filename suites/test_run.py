@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -173,3 +174,9 @@ def test_run_on_what_is_no_checkpoint_is_one_line(tmp_path, capsys, make, words)
     err = capsys.readouterr().err
     assert err.startswith(f"llava-harness: error: {folder}") and words in err
     assert err.count("\n") == 1 and not (tmp_path / "r").exists()
+
+
+def test_every_suite_file_has_a_name():
+    """`--suites all` runs every suite, and records name their suite: no file is left out."""
+    files = {p.name for p in Path(__file__).resolve().parent.glob("test_*.py")}
+    assert files == set(SUITES.values()), sorted(files ^ set(SUITES.values()))

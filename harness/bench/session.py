@@ -7,7 +7,7 @@ GPU time is short (minutes, every start a bare machine), so this is the one prep
 2. build real-size `llava-v1.5-7b` (safetensors) into the cache folder with the builder;
 3. the GPU suites on it: `pytest suites -m gpu --llava-realsize` with the report;
 4. `bench quant` on it with every mode on CUDA, with its records;
-5. the records as a baseline named after the GPU, and the report, under `--out`.
+5. the records as a baseline named after the GPU, and the report, under `-o/--output`.
 
 `--dry-run` does every step on CPU with the tiny-quant preset instead (the GPU tests then skip
 with their reason, the bench runs every mode on bitsandbytes' CPU kernels), so the script is

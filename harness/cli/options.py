@@ -49,7 +49,7 @@ def _file_or_stdout(text: str) -> Path | str:
 def _not_stdout(text: str) -> Path:
     if text == STDOUT:
         raise argparse.ArgumentTypeError("'-' (stdout) is only for outputs that are one text "
-                                         "file; this one is a checkpoint file or folder")
+                                         "file; this output is a folder or a checkpoint file")
     return Path(text).expanduser()
 
 

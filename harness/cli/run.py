@@ -47,6 +47,7 @@ SUITES = {
     "run": "test_run.py",
     "figures": "test_figures.py",
     "architecture": "test_architecture.py",
+    "hostile": "test_hostile_inputs.py",
 }
 # The default: what a user means by "check the tiny default end to end" and what CI can afford
 # before the full `pytest suites` (which runs everything anyway): the builder (build, layout,

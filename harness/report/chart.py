@@ -58,7 +58,7 @@ def _entries(runs: list[Results], wanted: list[str] | None):
         case = key[1].removeprefix("test_")
         label = f"{case} · {name}" if not wanted else case
         label = label if len(label) <= 60 else label[:59] + "…"
-        panels.setdefault(title, []).append((label, key, name, unit))
+        panels.setdefault((title, _kind(unit)), []).append((label, key, name, unit))
     if wanted:
         unknown = [w for w in wanted if w not in present]
         if unknown:
@@ -67,14 +67,28 @@ def _entries(runs: list[Results], wanted: list[str] | None):
             raise CompareError(f"--metric {unknown[0]!r}: no run has this metric")
         order = list(wanted)
     else:
-        order = [f for f in FAMILIES if f in panels]
-    return {title: panels[title][:PANEL_ENTRIES] for title in order if title in panels}
+        order = [f for f in FAMILIES if any(title == f for title, _ in panels)]
+    # One panel per family and kind of unit: bytes and a ratio never share an axis.
+    out = {}
+    for title in order:
+        kinds = [kind for t, kind in panels if t == title]
+        for kind in kinds:
+            name = title if len(kinds) == 1 else f"{title}, {kind}"
+            out[name] = panels[(title, kind)][:PANEL_ENTRIES]
+    return out
+
+
+def _kind(unit: str) -> str:
+    """Units drawn on one axis: every memory unit as MiB; any other unit as itself."""
+    return "MiB" if unit in _MEMORY_UNITS else unit
 
 
 def _bar(metric: Metric | None, scale: float) -> tuple[float, float, float]:
-    """(value, error below, error above) in the panel's unit; NaN where the run lacks it."""
+    """(value, error below, error above) in the panel's unit; NaN where the run lacks it.
+    A memory figure is scaled from its own unit to MiB first."""
     if metric is None or not math.isfinite(metric.value):
         return math.nan, 0.0, 0.0
+    scale = scale * _scale(metric.unit)
     value = metric.value * scale
     if metric.sample is None or metric.sample.n < 2:
         return value, 0.0, 0.0
@@ -119,8 +133,8 @@ def _short_verdict(metric: Metric | None, first: Metric | None) -> str:
 
 
 def _panel(ax, title: str, entries, runs, names, height) -> None:
-    unit = entries[0][3]
-    scale = 1000.0 if unit == "s" and _all_below_a_second(entries, runs) else _scale(unit)
+    unit = _kind(entries[0][3])  # one kind per panel (see _entries)
+    scale = 1000.0 if unit == "s" and _all_below_a_second(entries, runs) else 1.0
     shown_unit = "ms" if unit == "s" and scale == 1000.0 else unit
     low, top = math.inf, 0.0
     for i, (name, run) in enumerate(zip(names, runs)):

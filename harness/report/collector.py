@@ -79,9 +79,6 @@ class Collector:
         spec = (value, unit) if direction is None else (value, unit, direction)
         self.case(nodeid).metrics[name] = as_metric(name, spec)
 
-    def add_metrics(self, nodeid: str, metrics: dict[str, Metric]) -> None:
-        self.case(nodeid).metrics.update(metrics)
-
     def outcome(self, nodeid: str, outcome: str, reason: str | None = None) -> None:
         state = self.case(nodeid)
         state.seen = True

@@ -23,7 +23,7 @@ from tabulate import tabulate
 from ..checkpoint.atomic import atomic_file
 from ..errors import HarnessError
 from .gate import run_to_run_noise, noise_of
-from .results import Metric, Results
+from .results import Metric, Results, is_timing
 from .single import cell, fmt_value, metric_header
 
 MISSING = "—"
@@ -69,7 +69,7 @@ def verdict(metric: Metric | None, first: Metric | None) -> str:
     if first.value == 0:
         return f"{'+' if diff > 0 else ''}{fmt_value(diff)}"
     ratio = metric.value / first.value
-    shot = "" if spreads or metric.unit not in ("s", "ms") else ", measured once"
+    shot = "" if spreads or not is_timing(metric.unit) else ", measured once"
     if metric.direction == "none":
         return f"{ratio:.3g}x{shot}"
     better = diff < 0 if metric.direction == "lower" else diff > 0

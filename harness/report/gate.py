@@ -10,9 +10,9 @@ A check is `METRIC[@CASE]:LIMIT`; METRIC and CASE are shell-style globs (CASE ma
             is better); two-sided for a metric without a direction
     <=0.5   absolute (also <, >=, >, ==): needs no baseline
 
-Relative limits apply beyond the noise: the range widens by the larger measured spread (IQR)
-of the two runs' samples and, for timings, by the run-to-run shift stated in tolerances.toml
-(one run's rounds do not show the noise between runs). So two runs of the same code on the
+Relative limits apply beyond the noise: the range widens by the baseline's measured spread
+(its IQR; the run's where the baseline has no sample) and, for timings, by the run-to-run
+shift stated in tolerances.toml (one run's rounds do not show the noise between runs). So two runs of the same code on the
 same machine pass a `±5%` gate and a 2x regression still fails it. A percentage above 1000% is refused (a limit that cannot fail is no limit).
 
 Checks are parsed when the arguments are (argparse and pytest `type=`), so a typo fails
@@ -357,6 +357,10 @@ def write_baseline(results_paths, target: Path | str, force: bool = False) -> Pa
     if len(commits) > 1:
         raise GateError(f"{paths[1]}: pooled runs must be of one commit, not {len(commits)} "
                         f"({', '.join(sorted(str(c)[:10] for c in commits))})")
+    classes = {machine_class(run.environment) for run in runs}
+    if len(classes) > 1:
+        raise GateError(f"{paths[1]}: pooled runs must be of one machine class, not "
+                        f"{', '.join(sorted(classes))}")
     results = pool_runs(runs) if len(runs) > 1 else runs[0]
     if str(target) == "-":
         return write_results(results, "-")

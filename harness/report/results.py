@@ -105,7 +105,8 @@ class Metric:
 
     @property
     def spread(self) -> float | None:
-        """The measured noise (the sample's IQR), or None for a figure measured once."""
+        """The measured noise (Sample.spread: the IQR, half the range below 4 values), or None
+        for a figure measured once."""
         return self.sample.spread if self.sample is not None else None
 
     def __post_init__(self) -> None:

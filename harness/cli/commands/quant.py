@@ -59,7 +59,7 @@ def register(sub, bench) -> None:
     s.add_argument("--dry-run", action="store_true",
                    help="every step on CPU with tiny-quant (GPU tests skip): rehearse here")
     s.add_argument("--suites-dir", type=Path, metavar="DIR",
-                   help="the suites folder (default: the checkout's suites/)")
+                   help="the suites folder (default: the installed harness.suites)")
     s.set_defaults(func=cmd_bench_session)
 
 
