@@ -22,17 +22,9 @@ import time
 from pathlib import Path
 
 from ..ops.quant import mode as quant_mode
+from ..report.sample import Sample
 from .measure import NvmlSampler, reset_peak_rss, status_bytes
 from .quant import MIB
-
-
-def _percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
 class _Cuda:
@@ -136,12 +128,12 @@ def _speed(model, processor, job: dict, cuda: _Cuda) -> tuple[dict, list[str]]:
         "prefill_tokens": (batch * (job["prompt_tokens"] + 1 + patches), "tokens"),
         # Every round, as the metric's sample (its value is the median).
         "prefill_s_median": (list(prefill), "s"),
-        "prefill_s_p90": (_percentile(prefill, 0.9), "s"),
+        "prefill_s_p90": (Sample(prefill).quantile(0.9), "s"),
         "decode_s_median": (list(decode), "s"),
-        "decode_s_p90": (_percentile(decode, 0.9), "s"),
+        "decode_s_p90": (Sample(decode).quantile(0.9), "s"),
         "decode_tokens_per_s_median": ([rate / d for d in decode], "tokens/s"),
         # The rate at the p90 (slow) decode time: what 9 rounds in 10 reach or beat.
-        "decode_tokens_per_s_p90": (rate / _percentile(decode, 0.9), "tokens/s"),
+        "decode_tokens_per_s_p90": (rate / Sample(decode).quantile(0.9), "tokens/s"),
     }, problems
 
 

@@ -58,17 +58,20 @@ class Sample:
     def max(self) -> float:
         return self.ordered[-1]
 
+    def quantile(self, q: float) -> float:
+        return _quantile(self.ordered, q)
+
     @property
     def median(self) -> float:
-        return _quantile(self.ordered, 0.5)
+        return self.quantile(0.5)
 
     @property
     def q1(self) -> float:
-        return _quantile(self.ordered, 0.25)
+        return self.quantile(0.25)
 
     @property
     def q3(self) -> float:
-        return _quantile(self.ordered, 0.75)
+        return self.quantile(0.75)
 
     @property
     def iqr(self) -> float:
