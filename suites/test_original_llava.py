@@ -19,6 +19,7 @@ import pytest
 import torch
 from transformers import CLIPImageProcessor
 
+from harness.model import anyres
 from harness.oracle import cases
 from harness.oracle.live import folder_hashes
 from harness.oracle.replay import case_problems, full_outputs, load_full, pixels
@@ -123,3 +124,122 @@ def test_ulps_are_counted_at_the_tensors_scale(dtype):
         assert mismatch("t", ours, expected, dtype, exact=True) is not None
     assert mismatch("t", expected, expected, dtype, exact=True) is None
     assert "shape" in mismatch("t", expected[:2], expected, dtype, exact=False)
+
+
+# --- LLaVA-1.6 (NeXT): anyres multi-crop images ---------------------------------------------
+# Computed by the live oracle only: the stored copies predate these cases.
+
+live_only = pytest.mark.parametrize("llava_oracle", ["live"], indirect=True)
+NEXT_MAIN = "next-llama-anyres-spatial_unpad-float32-safetensors"
+
+
+@live_only
+@pytest.mark.parametrize("case_id", cases.next_case_ids())
+def test_llava_next_matches_the_original(llava_oracle, llava_oracle_folders, tmp_path,
+                                         case_id):
+    """Grid choice, crops, spliced embeddings and logits of every anyres input (each image
+    shape alone, all in one row, a padded batch mixing them, text only), bit for bit."""
+    case = llava_oracle.case(case_id)
+    assert case is not None, f"{llava_oracle.folder}: the oracle has no case {case_id}"
+    problems = case_problems(llava_oracle, case, llava_oracle_folders, tmp_path)
+    assert not problems, f"{llava_oracle.describe()}:\n" + "\n".join(problems)
+
+
+@live_only
+def test_the_anyres_images_make_llava_use_every_pinpoint(llava_oracle):
+    """LLaVA's own choices: every tiny pinpoint is picked by some image, and the image smaller
+    than one crop is the tie the first pinpoint wins."""
+    choices = llava_oracle.manifest["anyres_choices"]
+    picked = {tuple(c["best_resolution_wh"]) for c in choices.values()}
+    assert picked == {tuple(p) for p in cases.next_pinpoints()}
+    assert choices["small"]["best_resolution_wh"] == cases.next_pinpoints()[0]
+    assert llava_oracle.case(NEXT_MAIN)["observed"]["unfreeze_mm_vision_tower"] is True
+
+
+REAL_SELECT, REAL_MERGE = anyres.select_best_resolution, anyres.merge_crops
+
+
+def _hf_order_choice(size, pinpoints):
+    """A planted defect: the pinpoints read as llava-hf writes them, (height, width)."""
+    return REAL_SELECT(size, [(h, w) for w, h in pinpoints])
+
+
+def _unpad_exactly(features, size):
+    """A planted defect: keep exactly the rows the image fills (the original keeps one more
+    when the padding is odd)."""
+    width, height = size
+    grid_h, grid_w = features.shape[1:]
+    if width / height > grid_w / grid_h:
+        filled = int(height * (grid_w / width))
+        start = (grid_h - filled) // 2
+        return features[:, start:start + filled, :]
+    filled = int(width * (grid_h / height))
+    start = (grid_w - filled) // 2
+    return features[:, :, start:start + filled]
+
+
+def _no_last_newline(features, *args):
+    """A planted defect: the last row of an anyres grid lacks its image_newline."""
+    merged = REAL_MERGE(features, *args)
+    return merged[:-1] if features.shape[0] > 1 else merged
+
+
+def _inputs_holding(images: set[str]) -> set[str]:
+    return {name for name, spec in cases.NEXT_INPUTS.items() if images & set(spec["images"])}
+
+
+def _odd_padding_images() -> set[str]:
+    """The anyres images whose padded feature grid has an odd number of padding rows or
+    columns (2x2 patches per crop in the tiny tower)."""
+    odd = set()
+    for name, size in cases.NEXT_IMAGE_SIZES.items():
+        columns, rows = anyres.grid_shape(size, cases.next_pinpoints(), cases.next_crop_side())
+        grid = torch.zeros(1, 2 * rows, 2 * columns)
+        if anyres.unpad(grid, size).shape != _unpad_exactly(grid, size).shape:
+            odd.add(name)
+    return odd
+
+
+DEFECTS = {
+    # name: (module, what to patch in it, the replacement, the inputs that must now differ)
+    "pinpoints-as-height-width": ("harness.model.anyres", "select_best_resolution",
+                                  _hf_order_choice, _inputs_holding({"small"})),
+    "unpad-without-the-odd-row": ("harness.model.anyres", "unpad", _unpad_exactly,
+                                  _inputs_holding(_odd_padding_images())),
+    "missing-newline-row": ("harness.model.llava", "merge_crops", _no_last_newline,
+                            _inputs_holding(set(cases.NEXT_IMAGE_SIZES))),
+    # LLaVA-1.6 runs the tuned tower stored in the checkpoint, not the one in its folder.
+    "folder-tower-instead-of-stored": ("harness.ops.load", "_load_stored_tower",
+                                       lambda model, folder: False,
+                                       _inputs_holding(set(cases.NEXT_IMAGE_SIZES))),
+}
+
+
+def test_the_planted_unpad_defect_has_images_to_show_it():
+    assert {"wide", "small"} <= _odd_padding_images() < set(cases.NEXT_IMAGE_SIZES)
+
+
+@live_only
+@pytest.mark.parametrize("defect", DEFECTS)
+def test_the_next_comparison_catches_planted_defects(llava_oracle, llava_oracle_folders,
+                                                     monkeypatch, defect):
+    """Each defect changes exactly the inputs it should, and the comparison says so; the
+    text-only logits still match bit for bit."""
+    import importlib
+
+    from harness.oracle.replay import next_outputs, next_preprocessing_problems
+
+    case = llava_oracle.case(NEXT_MAIN)
+    folder = llava_oracle_folders[case["checkpoint"]]
+    expected = llava_oracle.tensors(case)
+    module, target, replacement, differing = DEFECTS[defect]
+    monkeypatch.setattr(importlib.import_module(module), target, replacement)
+    loaded = load_full(folder, torch.float32)
+    ours = next_outputs(llava_oracle, case, folder, loaded)
+    caught = {name.split(".", 1)[1] for name in expected
+              if llava_oracle.mismatch(name, ours[name], expected[name], torch.float32)}
+    assert caught == differing
+    assert torch.equal(ours["logits.text_only"], expected["logits.text_only"])
+    if target == "select_best_resolution":
+        problems = next_preprocessing_problems(llava_oracle, case, folder, loaded)
+        assert any("image small" in line for line in problems), problems

@@ -1,11 +1,12 @@
 """Image preprocessing as LLaVA does it: `pad` squares the image with the processor's mean
-colour before the CLIP processor; anything else goes straight to the processor."""
+colour before the CLIP processor; `anyres` cuts it into crops on a grid pinpoint
+(harness/model/anyres.py); anything else goes straight to the processor."""
 
 from __future__ import annotations
 
 import torch
 
-from ..errors import HarnessError
+from .anyres import pinpoints_of, process_anyres_image
 
 
 def expand_to_square(image, background: tuple[int, ...]):
@@ -28,17 +29,19 @@ def mean_colour(image_processor) -> tuple[int, ...]:
 
 
 def process_images(images: list, image_processor, config) -> torch.Tensor | list[torch.Tensor]:
-    """PIL images -> pixel tensor [N, 3, H, W] (a list when shapes differ)."""
+    """PIL images -> pixel tensor [N, 3, H, W], or [N, crops, 3, H, W] for anyres (a list
+    when shapes differ). Anyres models also need `image_sizes`: `[im.size for im in images]`."""
     aspect = getattr(config, "image_aspect_ratio", None)
     if aspect == "anyres":
-        raise HarnessError("image_aspect_ratio 'anyres' (LLaVA-1.6 multi-crop) is not supported "
-                           "by the harness's model; use 'pad' or 'square'")
-    if aspect != "pad":
+        pinpoints = pinpoints_of(config)
+        out = [process_anyres_image(image, image_processor, pinpoints) for image in images]
+    elif aspect == "pad":
+        colour = mean_colour(image_processor)
+        out = [image_processor.preprocess(expand_to_square(image, colour),
+                                          return_tensors="pt")["pixel_values"][0]
+               for image in images]
+    else:
         return image_processor(images, return_tensors="pt")["pixel_values"]
-    colour = mean_colour(image_processor)
-    out = [image_processor.preprocess(expand_to_square(image, colour),
-                                      return_tensors="pt")["pixel_values"][0]
-           for image in images]
     if all(x.shape == out[0].shape for x in out):
         return torch.stack(out, dim=0)
     return out

@@ -21,6 +21,7 @@ from transformers import (
 
 from ..errors import HarnessError
 from .projector import build_projector, projector_type_of_config
+from .anyres import merge_crops
 from .splice import IMAGE_TOKEN_INDEX, splice
 from .vision import VisionTower
 
@@ -82,10 +83,12 @@ class LlavaMixin:
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.mm_projector(self.get_vision_tower()(images))
 
-    def image_features(self, images) -> list[torch.Tensor] | torch.Tensor:
+    def image_features(self, images, image_sizes=None) -> list[torch.Tensor] | torch.Tensor:
         """Per image, its projected features [tokens, hidden]: a batch tensor [N, 3, H, W]
-        gives [N, tokens, hidden]; a list (or 5-D tensor) of per-image crops is merged flat,
-        as the original's `flat` merge does, or with image_newline for `spatial_unpad`."""
+        gives [N, tokens, hidden]; a list (or 5-D tensor) of per-image crops goes through the
+        tower as one batch, then is merged per `mm_patch_merge_type` as the original does:
+        `flat` concatenates the crops, `spatial*` lays anyres crops out on their grid
+        (harness/model/anyres.py), `*unpad*` with image_newline rows."""
         if not (isinstance(images, list) or images.ndim == 5):
             return self.encode_images(images)
         crops = [x.unsqueeze(0) if x.ndim == 3 else x for x in images]
@@ -94,21 +97,18 @@ class LlavaMixin:
         merge = getattr(self.config, "mm_patch_merge_type", "flat") or "flat"
         if merge == "flat":
             return [x.flatten(0, 1) for x in features]
-        if merge.startswith("spatial"):
-            return [self._spatial_single(x, merge) for x in features]
-        raise HarnessError(f"mm_patch_merge_type {merge!r}: expected 'flat' or 'spatial*'")
+        if not merge.startswith("spatial"):
+            raise HarnessError(f"mm_patch_merge_type {merge!r}: expected 'flat' or 'spatial*'")
+        tower = self.get_vision_tower()
+        newline = self.model.image_newline if "unpad" in merge else None
+        sizes = list(image_sizes) if image_sizes is not None else [None] * len(features)
+        if len(sizes) < len(features):
+            raise HarnessError(f"{len(features)} images but {len(sizes)} image_sizes")
+        return [merge_crops(x, size, self.config, tower.num_patches_per_side,
+                            tower.image_size, newline) for x, size in zip(features, sizes)]
 
-    def _spatial_single(self, feature: torch.Tensor, merge: str) -> torch.Tensor:
-        if feature.shape[0] > 1:
-            raise HarnessError("multi-crop (anyres) images are not supported by the harness's "
-                               "model; use image_aspect_ratio 'pad'")
-        feature = feature[0]
-        if "unpad" in merge:
-            newline = self.model.image_newline[None].to(feature.device)
-            feature = torch.cat((feature, newline), dim=0)
-        return feature
-
-    def prepare_multimodal(self, input_ids, position_ids, attention_mask, labels, images):
+    def prepare_multimodal(self, input_ids, position_ids, attention_mask, labels, images,
+                           image_sizes=None):
         """(inputs_embeds, position_ids, attention_mask, labels) for the language model; ids
         pass through unchanged when there is nothing to splice (no tower, no images, or one
         decode step)."""
@@ -121,7 +121,8 @@ class LlavaMixin:
                 self.config, "mm_use_im_start_end", False):
             raise HarnessError("tune_mm_mlp_adapter with mm_use_im_start_end is not "
                                "implemented (nor is it in the original)")
-        out = splice(input_ids, self.image_features(images), self.model.embed_tokens,
+        features = self.image_features(images, image_sizes)
+        out = splice(input_ids, features, self.model.embed_tokens,
                      attention_mask=attention_mask, position_ids=position_ids, labels=labels,
                      max_length=getattr(self.config, "tokenizer_model_max_length", None),
                      padding_side=getattr(self.config, "tokenizer_padding_side", "right"),
@@ -133,7 +134,7 @@ class LlavaMixin:
                 images=None, image_sizes=None, **kwargs):
         if inputs_embeds is None:
             embeds, position_ids, attention_mask, labels = self.prepare_multimodal(
-                input_ids, position_ids, attention_mask, labels, images)
+                input_ids, position_ids, attention_mask, labels, images, image_sizes)
             if embeds is not None:
                 input_ids, inputs_embeds = None, embeds
         return super().forward(input_ids=input_ids, attention_mask=attention_mask,
@@ -151,7 +152,7 @@ class LlavaMixin:
         embeds = None
         if images is not None:
             embeds, position_ids, attention_mask, _ = self.prepare_multimodal(
-                inputs, position_ids, attention_mask, None, images)
+                inputs, position_ids, attention_mask, None, images, image_sizes)
         if embeds is None:
             embeds = self.model.embed_tokens(inputs)
         extra = {"position_ids": position_ids} if position_ids is not None else {}

@@ -44,9 +44,17 @@ def probe_logits(model, image_processor, *, images: int = 1, length: int = 12,
     if images == 0:
         return model(input_ids=ids).logits
     pil = [probe_image(37 + 5 * n, 23 + 3 * n, salt=n) for n in range(images)]
-    pixels = process_images(pil, image_processor, model.config)
-    pixels = pixels.to(device=model.device, dtype=_compute_dtype(model))
-    return model(input_ids=ids, images=pixels).logits
+    pixels = to_model(process_images(pil, image_processor, model.config), model)
+    return model(input_ids=ids, images=pixels, image_sizes=[im.size for im in pil]).logits
+
+
+def to_model(pixels, model):
+    """Pixels (a tensor, or a list of per-image crop tensors) on the model's device, in the
+    dtype images go in as."""
+    dtype = _compute_dtype(model)
+    if isinstance(pixels, list):
+        return [x.to(device=model.device, dtype=dtype) for x in pixels]
+    return pixels.to(device=model.device, dtype=dtype)
 
 
 def _compute_dtype(model) -> torch.dtype:

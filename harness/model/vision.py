@@ -106,6 +106,11 @@ class VisionTower(nn.Module):
         return self.vision_tower.config.hidden_size
 
     @property
+    def image_size(self) -> int:
+        """The tower's input side in pixels: anyres grids are counted in crops of it."""
+        return self.vision_tower.config.image_size
+
+    @property
     def num_patches_per_side(self) -> int:
         cfg = self.vision_tower.config
         return cfg.image_size // cfg.patch_size

@@ -330,6 +330,44 @@ def _finish_llava(model, tokenizer, opts: _Options):
     return tower.image_processor
 
 
+# Where an original-layout checkpoint stores a tuned tower (LLaVA-1.6), and where CLIP keeps
+# those tensors in memory (transformers 5's CLIPVisionModel has no `vision_model.` level).
+STORED_TOWER_PREFIX = "model.vision_tower.vision_tower.vision_model."
+
+
+def _load_stored_tower(model, folder: Path) -> bool:
+    """LLaVA-1.6 tunes the tower and stores it in the checkpoint. With
+    `unfreeze_mm_vision_tower` the original builds the tower from its folder at init, so
+    `from_pretrained` then loads the stored tensors over it: the stored tower is the one that
+    runs. Same here, strictly: the stored tensors must be exactly the tower's. Returns whether
+    a stored tower was loaded."""
+    if not getattr(model.config, "unfreeze_mm_vision_tower", False):
+        return False
+    checkpoint = open_folder(folder)
+    stored = [k for k in checkpoint.tensors if k.startswith(STORED_TOWER_PREFIX)]
+    if not stored:
+        return False
+    clip = model.get_vision_tower().vision_tower
+    state = clip.state_dict()
+    names = {k: k.removeprefix(STORED_TOWER_PREFIX) for k in stored}
+    unknown = sorted(k for k, name in names.items() if name not in state)
+    if unknown:
+        raise LoadError(f"{folder}: {unknown[0]} is no tensor of the vision tower "
+                        f"({model.get_vision_tower().tower_path})")
+    lacking = sorted(set(state) - set(names.values()))
+    if lacking:
+        raise LoadError(f"{folder}: stores a vision tower without {STORED_TOWER_PREFIX}"
+                        f"{lacking[0]}")
+    weights = checkpoint.read(stored)
+    with torch.no_grad():
+        for key, name in names.items():
+            if tuple(weights[key].shape) != tuple(state[name].shape):
+                raise LoadError(f"{folder}: {key} has shape {tuple(weights[key].shape)}, the "
+                                f"tower expects {tuple(state[name].shape)}")
+            state[name].copy_(weights[key].to(dtype=state[name].dtype))
+    return True
+
+
 def _tower_dtype(requested, device_map, dtype: torch.dtype) -> torch.dtype:
     """The original loads CLIP in float32 and casts it to float16 only when the caller passes
     a device_map other than "auto" (its default, also on CPU): so by default the tower runs in
@@ -380,6 +418,10 @@ def load(model_path, model_base=None, model_name: str | None = None, *, load_8bi
     if kind in ("llava", "lora", "projector"):
         _check_unquantized(model)
         processor = _finish_llava(model, tokenizer, opts)
+        weights = path if kind == "llava" else base  # the folder the model's weights came from
+        if _load_stored_tower(model, weights):
+            notes.append(f"{weights}: unfreeze_mm_vision_tower: the vision tower stored in the "
+                         "checkpoint replaces the one in its folder, as the original loads it")
     model.eval()
     context_len = getattr(model.config, "max_sequence_length", None) or DEFAULT_CONTEXT_LEN
     quant = "int8" if load_8bit else "nf4-dq" if load_4bit else None

@@ -150,6 +150,57 @@ class Oracle:
             "observed": {**observed_dtypes(model), **observed_logits(rec, model)},
             **rec.save(self.out)})
 
+    def anyres_pixels(self, model, name: str):
+        """process_images of one image with the checkpoint's config (anyres: [crops, 3, H, W]),
+        recorded once per aspect and checked equal across cases."""
+        from llava.mm_utils import process_images
+
+        processor = model.get_vision_tower().image_processor
+        got = process_images([self.images[name]], processor, model.config)[0]
+        key = (model.config.image_aspect_ratio, (name,))
+        if key in self.pixels and not torch.equal(self.pixels[key], got):
+            raise RuntimeError(f"process_images {key} differs between checkpoints")
+        self.pixels[key] = got
+        return got
+
+    def next_case(self, case: dict) -> None:
+        """A LLaVA-1.6 checkpoint on every anyres input: logits, and the embeddings
+        `prepare_inputs_labels_for_multimodal` splices (where the crops were laid out)."""
+        dtype = getattr(torch, case["model"]["dtype"])
+        arch = case["model"].get("arch", "llama")
+        model = load_full(self.folders[case["id"]], arch, dtype)
+        rec = Recorder(f"cases/{case['id']}.safetensors")
+        for name, spec in self.plan["next_inputs"].items():
+            ids = torch.tensor(spec["input_ids"], dtype=torch.long)
+            mask = (torch.tensor(spec["attention_mask"], dtype=torch.bool)
+                    if "attention_mask" in spec else None)
+            images, sizes = None, None
+            if spec["images"]:
+                images = [self.anyres_pixels(model, n).to(dtype) for n in spec["images"]]
+                sizes = [self.images[n].size for n in spec["images"]]  # PIL: (width, height)
+            with torch.no_grad():
+                logits = model(input_ids=ids, attention_mask=mask, images=images,
+                               image_sizes=sizes).logits
+                embeds = model.prepare_inputs_labels_for_multimodal(
+                    ids, None, mask, None, None, images, sizes)[4]
+            call = (f"images=[pixels.{model.config.image_aspect_ratio}.<name>.to(dtype) for "
+                    f"name in {spec['images']}], image_sizes=[PIL size of each]"
+                    if images else "images=None")
+            rec.add(f"logits.{name}", logits,
+                    f"model(input_ids=next_inputs.{name}, attention_mask=..., {call}).logits")
+            if embeds is not None:
+                rec.add(f"embeds.{name}", embeds,
+                        f"prepare_inputs_labels_for_multimodal(..., {call})[4]: inputs_embeds")
+        self.records.append({
+            "id": case["id"], "path": "next", "checkpoint": case["id"],
+            "loader": f"{model_class(arch).__name__}.from_pretrained(folder, torch_dtype="
+                      f"torch.{case['model']['dtype']}); get_vision_tower().load_model(); "
+                      "get_vision_tower().to(dtype=torch_dtype)",
+            "observed": {**observed_dtypes(model), **observed_logits(rec, model),
+                         "unfreeze_mm_vision_tower": bool(getattr(
+                             model.config, "unfreeze_mm_vision_tower", False))},
+            **rec.save(self.out)})
+
     def lpm_case(self, case_id: str, source: str, model_path: Path, model_path_is: str,
                  base: str | None, name: str, arch: str, note: str) -> None:
         from llava.model.builder import load_pretrained_model
@@ -262,6 +313,19 @@ def lpm_cases(oracle: Oracle, scratch: Path) -> None:
                      "not the base's")
 
 
+def anyres_choices(plan: dict, images: dict) -> dict:
+    """LLaVA's own grid choice for every anyres image on the tiny pinpoints."""
+    from llava.mm_utils import get_anyres_image_grid_shape, select_best_resolution
+
+    pinpoints = plan["next_pinpoints"]
+    return {name: {"size_wh": list(images[name].size),
+                   "best_resolution_wh": list(select_best_resolution(images[name].size,
+                                                                     pinpoints)),
+                   "grid_wh": list(get_anyres_image_grid_shape(images[name].size, pinpoints,
+                                                               plan["next_crop_side"]))}
+            for name in plan["next_images"]}
+
+
 def images_file(oracle: Oracle) -> dict:
     import numpy as np
 
@@ -270,9 +334,10 @@ def images_file(oracle: Oracle) -> dict:
         rec.add(f"raw.{name}", torch.from_numpy(np.asarray(image).copy()),
                 f"the PIL image {name} as uint8 [height, width, 3]")
     for (aspect, names), pixels in sorted(oracle.pixels.items()):
+        one = "[0] (one image's crops)" if aspect == "anyres" else ""
         rec.add(f"pixels.{aspect}.{''.join(names)}", pixels,
                 f"llava.mm_utils.process_images({list(names)}, processor, config with "
-                f"image_aspect_ratio={aspect if aspect != 'none' else None!r})")
+                f"image_aspect_ratio={aspect if aspect != 'none' else None!r}){one}")
     return rec.save(oracle.out)
 
 
@@ -297,7 +362,10 @@ def main(plan_path: str) -> int:
     for case in plan["cases"]:
         oracle.full_case(case)
     lpm_cases(oracle, scratch)
+    for case in plan["next_cases"]:
+        oracle.next_case(case)
     computed = {"environment": environment(), "images": images_file(oracle),
+                "anyres_choices": anyres_choices(plan, oracle.images),
                 "cases": oracle.records, "failures": oracle.failures}
     (oracle.out / "computed.json").write_text(json.dumps(computed, indent=2) + "\n")
     print(f"{len(oracle.records)} cases, {len(oracle.failures)} failures of the original code")

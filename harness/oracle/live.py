@@ -26,7 +26,7 @@ from ..synth.cache import cache_lock
 from . import cases
 from .venv import OracleEnv, OracleEnvError, clean_env, oracle_root, require_env
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: LLaVA-1.6 (anyres) cases and their grid choices
 MANIFEST = "manifest.json"
 COMPUTE_SCRIPT = Path(__file__).with_name("compute.py")
 COMPUTE_TIMEOUT_S = 900
@@ -79,14 +79,15 @@ def result_key(env: OracleEnv, hashes: dict, fingerprint: dict) -> str:
     payload = json.dumps({"format": FORMAT_VERSION, "env": env.info()["key"],
                           "script": sha256(COMPUTE_SCRIPT), "checkpoints": hashes,
                           "cases": cases.checkpoints(), "inputs": cases.INPUTS,
-                          "images": cases.IMAGE_SIZES, "machine": fingerprint}, sort_keys=True)
+                          "next_inputs": cases.NEXT_INPUTS, "images": cases.image_sizes(),
+                          "machine": fingerprint}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def _write_images(folder: Path) -> dict[str, str]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for name in cases.IMAGE_SIZES:
+    for name in cases.image_sizes():
         paths[name] = str(folder / f"{name}.png")
         cases.make_image(name).save(paths[name])  # PNG: lossless, the pixels exactly
     return paths
@@ -127,9 +128,11 @@ def _manifest(computed: dict, hashes: dict, fingerprint: dict, env: OracleEnv,
         "oracle_env": {"key": env.info()["key"], "requirements": env.info()["requirements"]},
         "image_token_index": cases.IMAGE_TOKEN_INDEX,
         "inputs": cases.INPUTS,
+        "next_inputs": cases.NEXT_INPUTS,
         "images": {"recipe": cases.IMAGE_RECIPE,
-                   "sizes_wh": {k: list(v) for k, v in cases.IMAGE_SIZES.items()},
+                   "sizes_wh": {k: list(v) for k, v in cases.image_sizes().items()},
                    **computed["images"]},
+        "anyres_choices": computed["anyres_choices"],
         "checkpoints": checkpoints,
         "main_case": cases.MAIN_CASE,
         "cases": computed["cases"],
@@ -153,6 +156,10 @@ def compute(out: Path, folders: dict[str, Path] | None = None, env: OracleEnv | 
             plan = {"out": str(staging), "scratch": str(work / "scratch"),
                     "checkpoints": {k: str(v) for k, v in folders.items()},
                     "cases": cases.CASES, "bases": cases.BASES, "main_case": cases.MAIN_CASE,
+                    "next_cases": cases.NEXT_CASES, "next_inputs": cases.NEXT_INPUTS,
+                    "next_images": list(cases.NEXT_IMAGE_SIZES),
+                    "next_pinpoints": cases.next_pinpoints(),
+                    "next_crop_side": cases.next_crop_side(),
                     "mistral_lpm_source": cases.MISTRAL_LPM_SOURCE, "inputs": cases.INPUTS,
                     "images": _write_images(work / "images")}
             start = time.perf_counter()

@@ -78,6 +78,65 @@ def full_outputs(oracle: Oracle, case: dict, folder: Path, loaded=None) -> dict:
     return ours
 
 
+def next_pixels(images: dict, name: str, processor, config) -> torch.Tensor:
+    """One image through the harness's preprocessing: [crops, 3, H, W] for anyres."""
+    got = pixels(images, [name], processor, config)
+    return got[0]
+
+
+def next_outputs(oracle: Oracle, case: dict, folder: Path, loaded=None) -> dict:
+    """Every tensor a LLaVA-1.6 case recorded (logits and spliced embeddings per input),
+    computed by the harness; `loaded` may be a deliberately perturbed model."""
+    dtype = getattr(torch, case["observed"]["model_dtype"])
+    images = oracle.images()
+    loaded = loaded or load_full(folder, dtype)
+    model, processor = loaded.model, loaded.image_processor
+    out = {}
+    with torch.no_grad():
+        for name, spec in oracle.manifest["next_inputs"].items():
+            ids = torch.tensor(spec["input_ids"])
+            mask = (torch.tensor(spec["attention_mask"], dtype=torch.bool)
+                    if "attention_mask" in spec else None)
+            px, sizes = None, None
+            if spec["images"]:
+                px = [next_pixels(images, n, processor, model.config).to(dtype)
+                      for n in spec["images"]]
+                sizes = [pil_image(images, n).size for n in spec["images"]]
+            out[f"logits.{name}"] = model(input_ids=ids, attention_mask=mask, images=px,
+                                          image_sizes=sizes).logits.float()
+            if px is not None:
+                out[f"embeds.{name}"] = model.prepare_multimodal(ids, None, mask, None, px,
+                                                                 sizes)[0].float()
+    return out
+
+
+def next_preprocessing_problems(oracle: Oracle, case: dict, folder: Path,
+                                loaded=None) -> list[str]:
+    """The harness's grid choice and crops against LLaVA's, for every anyres image."""
+    from ..model.anyres import grid_shape, pinpoints_of, select_best_resolution
+
+    images = oracle.images()
+    loaded = loaded or load_full(folder, getattr(torch, case["observed"]["model_dtype"]))
+    config, problems = loaded.model.config, []
+    aspect = config.image_aspect_ratio
+    for name, choice in oracle.manifest["anyres_choices"].items():
+        size = tuple(choice["size_wh"])
+        if aspect == "anyres":
+            pinpoints = pinpoints_of(config)
+            ours = (list(select_best_resolution(size, pinpoints)),
+                    list(grid_shape(size, pinpoints, loaded.model.get_vision_tower().image_size)))
+            if ours != (choice["best_resolution_wh"], choice["grid_wh"]):
+                problems.append(f"image {name} {size}: the harness picks {ours[0]} "
+                                f"({ours[1][0]}x{ours[1][1]} crops), LLaVA "
+                                f"{choice['best_resolution_wh']}")
+        expected = images[f"pixels.{aspect}.{name}"]
+        got = next_pixels(images, name, loaded.image_processor, config)
+        if got.shape != expected.shape or not torch.equal(got, expected):
+            problems.append(f"pixels.{aspect}.{name}: not identical to process_images "
+                            f"({tuple(got.shape)} vs {tuple(expected.shape)})")
+    return problems
+
+
 def projector_folder(source: Path, out: Path) -> Path:
     """What LLaVA's stage-1 trainer writes: mm_projector.bin with the projector's tensors as
     stored, beside the checkpoint's config.json."""
@@ -116,6 +175,12 @@ def case_problems(oracle: Oracle, case: dict, folders: dict[str, Path], scratch:
     """One line per difference between the harness and the oracle on `case`; [] = match."""
     if case["path"] == "full":
         problems, ours = [], full_outputs(oracle, case, folders[case["checkpoint"]])
+    elif case["path"] == "next":
+        loaded = load_full(folders[case["checkpoint"]],
+                           getattr(torch, case["observed"]["model_dtype"]))
+        problems = next_preprocessing_problems(oracle, case, folders[case["checkpoint"]],
+                                               loaded)
+        ours = next_outputs(oracle, case, folders[case["checkpoint"]], loaded)
     else:
         problems, ours = lpm_outputs(oracle, case, folders, scratch)
     dtype = getattr(torch, case["observed"]["model_dtype"])

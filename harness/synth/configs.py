@@ -10,8 +10,15 @@ import json
 
 from .specs import ModelSpec
 
-# What LLaVA-NeXT lists for anyres at 336 px (llava-v1.6-*).
+# What LLaVA-NeXT lists for anyres at 336 px (llava-v1.6-*): [width, height] pairs, in crops
+# of the tower's side: 1x2, 2x1, 2x2, 3x1, 1x3.
 ANYRES_GRID = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+ANYRES_CROPS = [[1, 2], [2, 1], [2, 2], [3, 1], [1, 3]]
+
+
+def anyres_grid(image_size: int) -> list[list[int]]:
+    """LLaVA-NeXT's pinpoints for a tower of `image_size` pixels (ANYRES_GRID at 336)."""
+    return [[w * image_size, h * image_size] for w, h in ANYRES_CROPS]
 
 
 def llava_config(model: ModelSpec, vision_tower: str) -> dict:
@@ -40,7 +47,8 @@ def llava_config(model: ModelSpec, vision_tower: str) -> dict:
         # The multimodal fields LLaVA's model and loader read.
         "freeze_mm_mlp_adapter": False,
         "image_aspect_ratio": model.image_aspect_ratio,
-        "image_grid_pinpoints": ANYRES_GRID if model.image_aspect_ratio == "anyres" else None,
+        "image_grid_pinpoints": anyres_grid(model.vision.image_size)
+        if model.image_aspect_ratio == "anyres" else None,
         "mm_hidden_size": model.mm_hidden_size,
         "mm_patch_merge_type": model.mm_patch_merge_type,
         "mm_projector_lr": None,

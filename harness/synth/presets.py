@@ -50,9 +50,18 @@ _PRESETS: dict[str, BuildSpec] = {
 _PRESETS["tiny-quant"] = dataclasses.replace(
     _PRESETS["tiny"], model=_PRESETS["tiny"].model.replace(name="tiny-quant",
                                                           intermediate_size=192))
+# tiny as LLaVA-1.6 (NeXT) checkpoints are: anyres with the pinpoints at the tiny tower's 28 px
+# (1x2 .. 3x1 crops), spatial_unpad with image_newline, the tuned tower stored in the
+# checkpoint, safetensors, no legacy buffers. Mistral backbones by overriding `arch`.
+_PRESETS["tiny-next"] = dataclasses.replace(
+    _PRESETS["tiny"],
+    model=dataclasses.replace(_PRESETS["tiny"].model, name="tiny-next",
+                              image_aspect_ratio="anyres", mm_patch_merge_type="spatial_unpad",
+                              vision_in_checkpoint=True),
+    checkpoint=_PRESETS["tiny"].checkpoint.replace(format="safetensors", legacy_buffers=False))
 PRESET_NAMES = tuple(_PRESETS)
 # Built in about a second, anywhere: no cache, no --llava-realsize.
-TINY_PRESETS = ("tiny", "tiny-quant")
+TINY_PRESETS = ("tiny", "tiny-quant", "tiny-next")
 
 
 def preset(name: str) -> BuildSpec:
