@@ -395,9 +395,13 @@ def test_back_converted_original_loads_in_the_original_loader(pair, tmp_path):
 @pytest.mark.parametrize("model, match", [
     ({"projector_type": "linear"}, "mm_projector_type='linear'"),
     ({"projector_type": "mlp3x_gelu"}, "mm_projector_type='mlp3x_gelu'"),
-    ({"image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad"},
-     "mm_patch_merge_type='spatial_unpad'"),
-], ids=["linear", "mlp3x", "anyres-unpad"])
+    ({"image_aspect_ratio": "pad", "mm_patch_merge_type": "spatial_unpad"},
+     "mm_patch_merge_type='spatial_unpad'.*LlavaForConditionalGeneration"),
+    ({"image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial"},
+     "mm_patch_merge_type='spatial'.*LlavaNextForConditionalGeneration"),
+    ({"image_aspect_ratio": "anyres", "mm_patch_merge_type": "flat"},
+     "mm_patch_merge_type='flat'.*LlavaNextForConditionalGeneration"),
+], ids=["linear", "mlp3x", "pad-unpad", "anyres-spatial", "anyres-flat"])
 def test_what_llava_hf_cannot_express_is_refused(tmp_path, model, match):
     src = llava_build(tmp_path / "src", model)
     with pytest.raises(ConvertError, match=match):
@@ -450,3 +454,224 @@ def test_a_user_token_past_the_image_token_is_not_cut_off(pair, tmp_path):
     (planted / "tokenizer.json").write_text(json.dumps(data))
     with pytest.raises(ConvertError, match=r"tokens \['<mine>'\] have ids >= 512"):
         convert(planted, tmp_path / "back", "original")
+
+
+# --- LLaVA-1.6 (anyres) <-> LlavaNextForConditionalGeneration -------------------------------
+
+
+def next_build(folder: Path, model: dict | None = None, tokenizer: bool = False,
+               **checkpoint) -> Path:
+    """A tiny LLaVA-1.6 checkpoint: anyres, spatial_unpad, its tuned tower stored inside."""
+    spec = dataclasses.replace(build_spec("tiny-next", model=model,
+                                          checkpoint=checkpoint or None),
+                               with_tokenizer=tokenizer, with_vision_tower=True)
+    build(spec, folder)
+    return folder
+
+
+def next_hf_key_problems(folder: Path) -> list[str]:
+    from transformers import AutoConfig, LlavaNextForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = LlavaNextForConditionalGeneration(config)
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    names = {k: "model.image_newline" if k == "image_newline" else in_memory_name(k)
+             for k in scan_folder(folder).tensors}
+    got = {names[k]: s.shape for k, s in scan_folder(folder).tensors.items()}
+    return ([f"missing {k}" for k in sorted(want.keys() - got.keys())]
+            + [f"unexpected {k}" for k in sorted(got.keys() - want.keys())]
+            + [f"{k}: {got[k]} != {want[k]}" for k in sorted(want.keys() & got.keys())
+               if tuple(got[k]) != want[k]])
+
+
+NEXT_CASES = [({}, {}), (MISTRAL, {"format": "bin", "shards": 3, "placement": "split"}),
+              ({"dtype": "bfloat16"}, {"shards": 1})]
+
+
+@pytest.mark.parametrize("model, checkpoint", NEXT_CASES, ids=["llama", "mistral-bin-split",
+                                                               "bf16-one-shard"])
+def test_llava_next_to_hf_and_back_is_byte_exact(tmp_path, model, checkpoint):
+    src = next_build(tmp_path / "src", model, **checkpoint)
+    before = tree_hashes(src)
+    convert(src, tmp_path / "hf", "hf")
+    assert tree_hashes(src) == before
+    hf_config = config_of(tmp_path / "hf")
+    assert hf_config["architectures"] == ["LlavaNextForConditionalGeneration"]
+    # [width, height] -> [height, width], order kept: the order decides ties.
+    assert hf_config["image_grid_pinpoints"] == [[h, w] for w, h in
+                                                 config_of(src)["image_grid_pinpoints"]]
+    assert next_hf_key_problems(tmp_path / "hf") == []
+
+    convert(tmp_path / "hf", tmp_path / "back", "original")
+    back = tmp_path / "back"
+    assert tensor_bytes(back) == tensor_bytes(src)  # the stored tower and image_newline too
+    original, returned = config_of(src), config_of(back)
+    skip = NOT_ROUND_TRIPPED | NO_TOKENIZER
+    assert {k: v for k, v in returned.items() if k not in skip} == \
+        {k: v for k, v in original.items() if k not in skip}
+    # The tower folder written on the way back is the tower that runs: the stored one.
+    stored = {k.removeprefix("model.vision_tower.vision_tower."): v
+              for k, v in tensor_bytes(src).items() if k.startswith("model.vision_tower.")}
+    assert tensor_bytes(back / "vision_tower") == stored
+
+    convert(back, tmp_path / "hf2", "hf")
+    assert tensor_bytes(tmp_path / "hf2") == tensor_bytes(tmp_path / "hf")
+
+
+def test_llava_next_folder_loads_strictly_into_transformers(tmp_path):
+    from transformers import LlavaNextForConditionalGeneration
+
+    convert(next_build(tmp_path / "src"), tmp_path / "hf", "hf")
+    model, info = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "hf",
+                                                                    output_loading_info=True)
+    assert {k: list(v) for k, v in info.items() if v} == {}
+    assert model.config.image_seq_length == 4
+
+
+def test_llava_next_key_check_catches_a_missing_newline(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    convert(next_build(tmp_path / "src", shards=1), tmp_path / "hf", "hf")
+    path = tmp_path / "hf" / "model.safetensors"
+    state = load_file(path)
+    del state["image_newline"]
+    save_file(state, path, metadata={"format": "pt"})
+    assert next_hf_key_problems(tmp_path / "hf") == ["missing model.image_newline"]
+
+
+def next_images():
+    from harness.oracle.cases import NEXT_IMAGE_SIZES, make_image
+
+    return [make_image(name) for name in NEXT_IMAGE_SIZES]
+
+
+def next_original_logits(src: Path, dtype: torch.dtype, tower_dtype=None):
+    """The harness's LLaVA-1.6 model on one row holding every anyres image shape: logits,
+    pixels, PIL sizes, and the number of features each image became."""
+    from harness.model.images import process_images
+    from harness.ops.load import load_pretrained_model
+
+    _, model, processor, _ = load_pretrained_model(src, None, "llava-tiny", device="cpu",
+                                                   dtype=dtype, vision_tower_dtype=tower_dtype)
+    images = next_images()
+    pixels = [p.to(dtype) for p in process_images(images, processor, model.config)]
+    sizes = [im.size for im in images]
+    ids = TEXT_BEFORE + [t for _ in images for t in (-200, 30)] + TEXT_AFTER
+    with torch.no_grad():
+        counts = [f.shape[0] for f in model.image_features(pixels, sizes)]
+        logits = model(torch.tensor([ids]), images=pixels, image_sizes=sizes).logits
+    return logits, pixels, sizes, counts
+
+
+def next_hf_logits(hf: Path, dtype, pixels, sizes, counts, same_attention=False):
+    """LlavaNextForConditionalGeneration on the same pixels (padded to one crop count, as its
+    processor does), image sizes as [height, width] and each image token repeated once per
+    feature."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    model = LlavaNextForConditionalGeneration.from_pretrained(hf, dtype=dtype).eval()
+    if same_attention:
+        from harness.model.vision import ORIGINAL_CLIP_ATTENTION
+
+        model.model.vision_tower.set_attn_implementation(ORIGINAL_CLIP_ATTENTION)
+    token = model.config.image_token_index
+    ids = TEXT_BEFORE + [t for n in counts for t in [token] * n + [30]] + TEXT_AFTER
+    most = max(p.shape[0] for p in pixels)
+    batch = torch.stack([torch.cat([p, p.new_zeros(most - p.shape[0], *p.shape[1:])])
+                         for p in pixels])
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids]), pixel_values=batch,
+                     image_sizes=torch.tensor([[h, w] for w, h in sizes])).logits[..., :VOCAB]
+
+
+@pytest.fixture(scope="module")
+def next_pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("next")
+    src = next_build(root / "src", tokenizer=True)
+    convert(src, root / "hf", "hf")
+    return src, root / "hf"
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_llava_next_logits_match_transformers_within_tolerance(next_pair, dtype):
+    """Every anyres image shape of the oracle (each tiny pinpoint, a tie, odd padding) in one
+    row, through the harness on the original folder and LlavaNext on the converted one."""
+    src, hf = next_pair
+    want, pixels, sizes, counts = next_original_logits(src, DTYPES[dtype])
+    got = next_hf_logits(hf, DTYPES[dtype], pixels, sizes, counts)
+    assert got.shape == want.shape == (1, len(TEXT_BEFORE) + sum(counts) + len(counts)
+                                       + len(TEXT_AFTER), VOCAB)
+    torch.testing.assert_close(got, want, **tolerance(f"convert.image_logits.{dtype}")
+                               .close_kwargs())
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_llava_next_logits_bit_equal_once_the_tower_arithmetic_matches(next_pair, dtype):
+    """As for v1.5: the whole difference is the tower's, so grid choice, unpad and newline
+    rows agree exactly with transformers'."""
+    src, hf = next_pair
+    want, pixels, sizes, counts = next_original_logits(src, DTYPES[dtype], DTYPES[dtype])
+    assert torch.equal(next_hf_logits(hf, DTYPES[dtype], pixels, sizes, counts,
+                                      same_attention=True), want)
+
+
+def test_llava_next_processor_gives_the_originals_crops(next_pair):
+    from transformers import LlavaNextProcessor
+
+    from harness.model.images import process_images
+    from harness.ops.load import load_pretrained_model
+
+    src, hf = next_pair
+    _, model, processor, _ = load_pretrained_model(src, None, "llava-tiny", device="cpu",
+                                                   dtype=torch.float32)
+    images = next_images()
+    theirs = LlavaNextProcessor.from_pretrained(hf).image_processor(images, return_tensors="pt")
+    ours = process_images(images, processor, model.config)
+    assert theirs["image_sizes"].tolist() == [[im.height, im.width] for im in images]
+    for i, crops in enumerate(ours):
+        assert torch.equal(theirs["pixel_values"][i][:crops.shape[0]], crops)
+
+
+@pytest.mark.parametrize("defect", ["pinpoints-copied-as-is", "newline-bytes", "folder-tower"])
+def test_llava_next_logit_check_catches_a_planted_defect(next_pair, tmp_path, defect):
+    """Copying the pinpoints unswapped (llava-hf's own converter does) transposes the grid of
+    the image smaller than one crop; a changed image_newline; the folder's tower instead of
+    the stored one the original runs."""
+    src, hf = next_pair
+    want, pixels, sizes, counts = next_original_logits(src, torch.float32)
+    planted = tmp_path / "hf"
+    shutil.copytree(hf, planted)
+    if defect == "pinpoints-copied-as-is":
+        edit_config(planted, image_grid_pinpoints=config_of(src)["image_grid_pinpoints"])
+    elif defect == "newline-bytes":
+        piece = scan_folder(planted).tensors["image_newline"].pieces[0]
+        with open(piece.path, "r+b") as fh:
+            fh.seek(piece.offset)
+            fh.write(np.full(4, 0.5, dtype=np.float32).tobytes())
+    else:
+        plain = tmp_path / "src"
+        shutil.copytree(src, plain)
+        edit_config(plain, unfreeze_mm_vision_tower=False)  # the original ignores a stored one
+        shutil.rmtree(planted)
+        convert(plain, planted, "hf")
+        edit_config(planted, **{k: v for k, v in config_of(hf).items()
+                                if k != "vision_config"})
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(next_hf_logits(planted, torch.float32, pixels, sizes,
+                                                  counts), want,
+                                   **tolerance("convert.image_logits.float32").close_kwargs())
+
+
+def test_a_partial_stored_tower_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = next_build(tmp_path / "src", shards=1)
+    path = src / "model.safetensors"
+    state = load_file(path)
+    key = "model.vision_tower.vision_tower.vision_model.post_layernorm.bias"
+    del state[key]
+    save_file(state, path, metadata={"format": "pt"})
+    with pytest.raises(ConvertError, match=f"stored vision tower lacks {key}"):
+        convert(src, tmp_path / "hf", "hf")
+    assert not (tmp_path / "hf").exists()

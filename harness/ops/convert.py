@@ -1,4 +1,5 @@
-"""Layout conversion: original LLaVA <-> llava-hf (transformers' LlavaForConditionalGeneration).
+"""Layout conversion: original LLaVA <-> llava-hf (transformers' LlavaForConditionalGeneration,
+and LlavaNextForConditionalGeneration for LLaVA-1.6 anyres checkpoints).
 
 Keys go through the declarative maps in harness/ops/keys.py (layout -> canonical -> layout), shards
 are rewritten streaming by the checkpoint layer (harness/checkpoint/shards.py), so no shard is held in memory.
@@ -16,9 +17,18 @@ What differs beyond names, and how it is bridged:
   of llava-hf's random draw, so the result is deterministic). To original, rows from the image
   token's id on are cut off and the two tokens removed again: original -> hf -> original is
   byte-exact per tensor (the legacy inv_freq buffers, which llava-hf does not hold, excepted).
-- Only what LlavaForConditionalGeneration can express converts: an mlp2x_gelu projector (GELU,
-  with biases), a single feature layer, 'patch' / 'cls_patch' features, no anyres / unpad /
-  image start-end tokens. Anything else is refused with the config field named.
+- LLaVA-1.6 (anyres). llava-hf writes the grid pinpoints as [height, width], the original as
+  [width, height]: each pair is swapped both ways (copying the list, as llava-hf's own
+  converter does, gives the same set of pinpoints but another winner where two tie: an image
+  smaller than one crop then gets the transposed grid). The original runs the tuned tower
+  stored in the checkpoint when `unfreeze_mm_vision_tower` is set: that tower is the one
+  converted. Back to the original, the tower is stored in the checkpoint again (and written as
+  the tower folder, for its config and processor), as LLaVA-1.6 publishes it.
+- Only what llava-hf can express converts: an mlp2x_gelu projector (GELU, with biases), a single
+  feature layer, 'patch' / 'cls_patch' features, no image start-end tokens, and either
+  pad/square images with the flat merge (LlavaForConditionalGeneration) or anyres with
+  spatial_unpad (LlavaNextForConditionalGeneration, which has no other merge). Anything else is
+  refused with the config field named.
 """
 
 from __future__ import annotations
@@ -158,30 +168,60 @@ def cut_rows(source: Source, key: str, rows: int, where: Path) -> Source:
     return Source(key, source.dtype, (rows, hidden), (Piece(piece.path, piece.offset, nbytes),))
 
 
+# --- LLaVA-1.6 (anyres) ------------------------------------------------------------------------
+
+
+def is_next(config: dict) -> bool:
+    """An original LLaVA-1.6 config (anyres images)."""
+    return config.get("image_aspect_ratio") == "anyres"
+
+
+def is_hf_next(config: dict) -> bool:
+    return config.get("model_type") == "llava_next" or "image_grid_pinpoints" in config
+
+
+def swap_pinpoints(pinpoints) -> list[list[int]]:
+    """[a, b] -> [b, a] for every pair: the original's [width, height] <-> llava-hf's
+    [height, width], in the same order (the order decides ties)."""
+    return [[b, a] for a, b in pinpoints]
+
+
 # --- original -> hf ----------------------------------------------------------------------------
 
 
-def _refuse(where: Path, name: str, value, why: str) -> None:
-    raise ConvertError(f"{where}: {name}={value!r}: {why}; transformers' "
-                       "LlavaForConditionalGeneration cannot express it")
+def _refuse(where: Path, name: str, value, why: str, target: str) -> None:
+    raise ConvertError(f"{where}: {name}={value!r}: {why}; transformers' {target} cannot "
+                       "express it")
 
 
 def check_original_supported(config: dict, where: Path) -> None:
+    target = "LlavaNextForConditionalGeneration" if is_next(config) \
+        else "LlavaForConditionalGeneration"
     projector = config.get("mm_projector_type") or "linear"
     if projector != "mlp2x_gelu":
         _refuse(where, "mm_projector_type", projector, "llava-hf has exactly one projector, "
-                "Linear-GELU-Linear with biases (mlp2x_gelu)")
-    for name, allowed in (("mm_patch_merge_type", ("flat", None)),
-                          ("image_aspect_ratio", ("pad", "square", None)),
+                "Linear-GELU-Linear with biases (mlp2x_gelu)", target)
+    if is_next(config):
+        from ..model.anyres import AnyresError, pinpoints_of
+
+        try:
+            pinpoints_of(type("Config", (), config)())
+        except AnyresError as exc:
+            raise ConvertError(f"{where}: {exc}") from None
+        images = (("mm_patch_merge_type", ("spatial_unpad",)),)
+    else:
+        images = (("mm_patch_merge_type", ("flat", None)),
+                  ("image_aspect_ratio", ("pad", "square", None)))
+    for name, allowed in (*images,
                           ("mm_use_im_start_end", (False, None)),
                           ("mm_use_im_patch_token", (False, None)),
                           ("mm_resampler_type", (None,)),
                           ("mm_vision_select_feature", ("patch", "cls_patch", None))):
         if config.get(name) not in allowed:
-            _refuse(where, name, config.get(name), f"supported: {allowed}")
+            _refuse(where, name, config.get(name), f"supported: {allowed}", target)
     if not isinstance(config.get("mm_vision_select_layer", -2), int):
         _refuse(where, "mm_vision_select_layer", config.get("mm_vision_select_layer"),
-                "expected one layer index")
+                "expected one layer index", target)
 
 
 def tower_folder(named, where: Path) -> Path:
@@ -217,19 +257,55 @@ def hf_config(config: dict, arch: str, vision: dict, vocab: int) -> dict:
         "vision_feature_select_strategy": "default" if feature == "patch" else "full",
         "tie_word_embeddings": False,
     }
+    if is_next(config):
+        out.update(architectures=["LlavaNextForConditionalGeneration"], model_type="llava_next",
+                   image_grid_pinpoints=swap_pinpoints(config["image_grid_pinpoints"]),
+                   use_image_newline_parameter=True)
     if config.get("torch_dtype"):
         out["torch_dtype"] = config["torch_dtype"]
     return out
 
 
-def _hf_mapper(folder: Path, vocab: int, dropped: list[str]):
+def runs_stored_tower(config: dict, scanned: ScannedFolder) -> bool:
+    """Whether the original runs the tower stored in the checkpoint (LLaVA-1.6: it builds the
+    tower at init when `unfreeze_mm_vision_tower`, and the stored tensors load over it)."""
+    return bool(config.get("unfreeze_mm_vision_tower")) and any(
+        k.startswith("model.vision_tower.") for k in scanned.tensors)
+
+
+def check_stored_tower(scanned: ScannedFolder, tower: Path) -> None:
+    """The stored tower must be the whole tower its folder describes, tensor for tensor."""
+    stored = {}
+    for key, source in scanned.tensors.items():
+        canonical = keys.ORIGINAL(key, where=str(scanned.folder.path))
+        if canonical.startswith("model.vision_tower."):
+            stored[canonical] = source
+    expected = {}
+    for key, source in scan_folder(tower).tensors.items():
+        canonical = keys.TOWER_FOLDER(key, where=str(tower))
+        if canonical is not None:
+            expected[canonical] = source
+    for key in sorted(expected.keys() | stored.keys()):
+        if key not in stored or key not in expected:
+            where, what = ((scanned.folder.path, "lacks") if key not in stored
+                           else (tower, "has no counterpart of"))
+            raise ConvertError(f"{where}: the stored vision tower {what} {key} "
+                               f"(unfreeze_mm_vision_tower; the tower folder is {tower})")
+        if tuple(stored[key].shape) != tuple(expected[key].shape):
+            raise ConvertError(f"{scanned.folder.path}: stored tower tensor {key} has shape "
+                               f"{stored[key].shape}, the tower folder's {expected[key].shape}")
+
+
+def _hf_mapper(folder: Path, vocab: int, dropped: list[str], stored_tower: bool):
     rows = padded_vocab(vocab)
 
     def mapper(file: str, source: Source) -> Source | None:
         where = folder / file
         canonical = keys.ORIGINAL(source.key, where=str(where))
-        # The original re-reads the tower from mm_vision_tower and ignores a stored copy.
-        if keys.is_legacy_buffer(canonical) or canonical.startswith("model.vision_tower."):
+        # Unless it builds the tower at init (stored_tower), the original re-reads the tower
+        # from mm_vision_tower and ignores a stored copy.
+        tower = canonical.startswith("model.vision_tower.")
+        if keys.is_legacy_buffer(canonical) or (tower and not stored_tower):
             dropped.append(source.key)
             return None
         target = keys.TO_HF(canonical, where=str(where))
@@ -253,10 +329,13 @@ def _to_hf(scanned: ScannedFolder, config: dict, out: Path, vision_tower, fmt: s
     vision = vision_config_of(tower)
     vocab = config["vocab_size"]
     dropped: list[str] = []
-    shards = plan_shards(scanned, _hf_mapper(folder, vocab, dropped), fmt)
-    tower_tensors = _tower_into_checkpoint(tower)
-    shards[-1].tensors.extend(tower_tensors)
-    shards[-1].link_from = None
+    stored_tower = runs_stored_tower(config, scanned)
+    if stored_tower:
+        check_stored_tower(scanned, tower)
+    shards = plan_shards(scanned, _hf_mapper(folder, vocab, dropped, stored_tower), fmt)
+    if not stored_tower:
+        shards[-1].tensors.extend(_tower_into_checkpoint(tower))
+        shards[-1].link_from = None
     with atomic_dir(out, force) as tmp:
         write_shards(tmp, shards, fmt, indexed=scanned.folder.index_file is not None)
         _dump(tmp / "config.json", hf_config(config, arch, vision, vocab))
@@ -291,14 +370,21 @@ def clip_processor_defaults(size: int) -> dict:
 
 def write_hf_processor(tower: Path, out: Path, config: dict, vision: dict) -> None:
     """LlavaProcessor's files: the tower's CLIP settings with LLaVA's pad-to-square ('pad'
-    squares with the mean colour first, as the original's expand2square)."""
+    squares with the mean colour first, as the original's expand2square); for LLaVA-1.6,
+    LlavaNextProcessor's with the grid pinpoints in llava-hf's [height, width]."""
     image = _processor_base(tower, vision)
-    image.update(image_processor_type="LlavaImageProcessor", processor_class="LlavaProcessor",
-                 do_pad=config.get("image_aspect_ratio") == "pad")
+    processor = "LlavaNextProcessor" if is_next(config) else "LlavaProcessor"
+    if is_next(config):
+        image.update(image_processor_type="LlavaNextImageProcessor", processor_class=processor,
+                     do_pad=True,
+                     image_grid_pinpoints=swap_pinpoints(config["image_grid_pinpoints"]))
+    else:
+        image.update(image_processor_type="LlavaImageProcessor", processor_class=processor,
+                     do_pad=config.get("image_aspect_ratio") == "pad")
     _dump(out / "preprocessor_config.json", image)
     feature = config.get("mm_vision_select_feature") or "patch"
     _dump(out / "processor_config.json", {
-        "processor_class": "LlavaProcessor", "image_token": IMAGE_TOKEN,
+        "processor_class": processor, "image_token": IMAGE_TOKEN,
         "patch_size": vision["patch_size"], "num_additional_image_tokens": 1,
         "vision_feature_select_strategy": "default" if feature == "patch" else "full"})
 
@@ -440,6 +526,11 @@ def original_config(config: dict, arch: str, tower_path: str, aspect: str,
            "mm_vision_select_layer": config.get("vision_feature_layer", -2),
            "mm_vision_select_feature": "patch" if strategy == "default" else "cls_patch",
            "tokenizer_model_max_length": max_length}
+    if is_hf_next(config):
+        # LLaVA-1.6 as published: anyres, spatial_unpad, the tuned tower in the checkpoint.
+        out.update(image_aspect_ratio="anyres", mm_patch_merge_type="spatial_unpad",
+                   image_grid_pinpoints=swap_pinpoints(config["image_grid_pinpoints"]),
+                   unfreeze_mm_vision_tower=True)
     dtype = config.get("torch_dtype") or config.get("dtype") or config["text_config"].get(
         "torch_dtype") or config["text_config"].get("dtype")
     if dtype:
@@ -447,7 +538,8 @@ def original_config(config: dict, arch: str, tower_path: str, aspect: str,
     return out
 
 
-def _original_mapper(folder: Path, vocab: int, tower: list[Source], dropped: list[str]):
+def _original_mapper(folder: Path, vocab: int, tower: list[Source], dropped: list[str],
+                     store_tower: bool):
     def mapper(file: str, source: Source) -> Source | None:
         where = folder / file
         canonical = keys.HF_READ(source.key, where=str(where))
@@ -456,7 +548,7 @@ def _original_mapper(folder: Path, vocab: int, tower: list[Source], dropped: lis
             return None
         if canonical.startswith("model.vision_tower."):
             tower.append(source.renamed(keys.TO_TOWER_FOLDER(canonical, where=str(where))))
-            return None
+            return source.renamed(canonical) if store_tower else None
         if canonical in (EMBED, LM_HEAD):
             return cut_rows(source, canonical, vocab, where)
         return source if canonical == source.key else source.renamed(canonical)
@@ -473,7 +565,8 @@ def _to_original(scanned: ScannedFolder, config: dict, out: Path, fmt: str,
     vocab = config["image_token_index"]
     tower: list[Source] = []
     dropped: list[str] = []
-    shards = plan_shards(scanned, _original_mapper(folder, vocab, tower, dropped), fmt)
+    shards = plan_shards(scanned, _original_mapper(folder, vocab, tower, dropped,
+                                                   store_tower=is_hf_next(config)), fmt)
     if not tower:
         raise ConvertError(f"{folder}: holds no vision tower tensors (vision_tower.*)")
     image = _read_json(folder / "preprocessor_config.json") \
@@ -504,7 +597,7 @@ def write_tower_folder(path: Path, tensors: list[Source], vision: dict, image: d
     _dump(path / "config.json", config)
     write_safetensors(path / "model.safetensors", safetensors_order(tensors), None)
     processor = dict(image) or clip_processor_defaults(vision["image_size"])
-    for name in ("do_pad", "processor_class"):
+    for name in ("do_pad", "processor_class", "image_grid_pinpoints"):
         processor.pop(name, None)
     processor["image_processor_type"] = "CLIPImageProcessor"
     _dump(path / "preprocessor_config.json", processor)

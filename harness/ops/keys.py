@@ -165,6 +165,8 @@ HF = KeyMap("llava-hf", {
     "language_model." + LEGACY_BUFFER: LEGACY_BUFFER,
     **_HF_PROJECTOR,
     "vision_tower.vision_model.*": TOWER_MODEL,
+    # LlavaNextForConditionalGeneration (llava-hf/llava-v1.6-*-hf) keeps it at the top level.
+    "image_newline": IMAGE_NEWLINE,
 })
 
 # Every llava-hf spelling this harness reads: the published one, transformers 5's save_pretrained
@@ -178,6 +180,7 @@ HF_READ = KeyMap("llava-hf (any transformers version)", {
     **{"model." + k: v for k, v in _HF_PROJECTOR.items()},
     "model.vision_tower.vision_model.*": TOWER_MODEL,
     "model.vision_tower.*": TOWER_MODEL,
+    IMAGE_NEWLINE: IMAGE_NEWLINE,
 })
 
 # A CLIP tower folder (`mm_vision_tower`): CLIPVisionModel's on-disk keys. A full CLIPModel
