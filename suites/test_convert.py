@@ -635,8 +635,8 @@ def test_llava_next_processor_gives_the_originals_crops(next_pair):
 
 @pytest.mark.parametrize("defect", ["pinpoints-copied-as-is", "newline-bytes", "folder-tower"])
 def test_llava_next_logit_check_catches_a_planted_defect(next_pair, tmp_path, defect):
-    """Copying the pinpoints unswapped (llava-hf's own converter does) transposes the grid of
-    the image smaller than one crop; a changed image_newline; the folder's tower instead of
+    """Copying the pinpoints unswapped (the published llava-hf v1.6 processors list them so)
+    transposes the grid of the image smaller than one crop; a changed image_newline; the folder's tower instead of
     the stored one the original runs."""
     src, hf = next_pair
     want, pixels, sizes, counts = next_original_logits(src, torch.float32)

@@ -18,9 +18,10 @@ What differs beyond names, and how it is bridged:
   token's id on are cut off and the two tokens removed again: original -> hf -> original is
   byte-exact per tensor (the legacy inv_freq buffers, which llava-hf does not hold, excepted).
 - LLaVA-1.6 (anyres). llava-hf writes the grid pinpoints as [height, width], the original as
-  [width, height]: each pair is swapped both ways (copying the list, as llava-hf's own
-  converter does, gives the same set of pinpoints but another winner where two tie: an image
-  smaller than one crop then gets the transposed grid). The original runs the tuned tower
+  [width, height]: each pair is swapped both ways, in order. (Copying the list unswapped, as
+  the published llava-hf v1.6 processors list it, gives the same set of pinpoints but another
+  winner where two tie: an image smaller than one crop, e.g. 300x200 at 336 px, then gets a
+  2x1 grid where the original uses 1x2.) The original runs the tuned tower
   stored in the checkpoint when `unfreeze_mm_vision_tower` is set: that tower is the one
   converted. Back to the original, the tower is stored in the checkpoint again (and written as
   the tower folder, for its config and processor), as LLaVA-1.6 publishes it.
