@@ -477,3 +477,148 @@ def test_wrapped_bias_names_and_a_qlora_config_load(tiny_checkpoint_factory, tmp
     torch.testing.assert_close(probe_logits(loaded.model, loaded.image_processor),
                                probe_logits(unmerged, loaded.image_processor),
                                **tolerance("loader.lora_merge.float32").close_kwargs())
+
+
+# --- LLaVA-1.6 (NeXT): anyres multi-crop images ----------------------------------------------
+# The oracle suite matches these models bit for bit against LLaVA's own code; here: every
+# variant loads and runs through every entry point, the token counts follow from the grid, the
+# stored tower is the one that runs, and what cannot work fails in one clear line.
+
+NEXT_VARIANTS = [(arch, aspect, merge) for arch in ARCHES for aspect in ("anyres", "pad")
+                 for merge in ("flat", "spatial", "spatial_unpad")]
+# (width, height) -> the tiny pinpoint LLaVA picks, the grid (columns, rows) and the feature
+# rows/columns the unpad keeps (2x2 patches per crop), worked out by hand from LLaVA's rules.
+NEXT_IMAGES = {(80, 20): ((3, 1), (2, 6)), (20, 15): ((1, 2), (2, 2)),
+               (60, 40): ((2, 2), (2, 4)), (40, 60): ((2, 2), (4, 2))}
+
+
+def _next_tokens(size, aspect: str, merge: str, as_list: bool = False) -> int:
+    """How many features one image becomes, from the hand-worked table above. 'pad' images
+    stack into one [N, 3, H, W] batch, which LLaVA encodes without any merge; passed as a
+    list, each is one crop, and `*unpad*` ends it with an image_newline."""
+    (columns, rows), (kept_h, kept_w) = NEXT_IMAGES[size]
+    if aspect == "pad":
+        return 4 + (as_list and "unpad" in merge)
+    if merge in ("flat", "spatial"):
+        return (1 + columns * rows) * 4
+    return 4 + kept_h * (kept_w + 1)
+
+
+@pytest.mark.parametrize("arch, aspect, merge", NEXT_VARIANTS,
+                         ids=["-".join(v) for v in NEXT_VARIANTS])
+def test_every_llava_next_variant_loads_and_runs(tiny_checkpoint_factory, capsys, arch, aspect,
+                                                 merge):
+    folder = tiny_checkpoint_factory("tiny-next", model={
+        "arch": arch, "dtype": "float32", "image_aspect_ratio": aspect,
+        "mm_patch_merge_type": merge, **({"num_key_value_heads": 2} if arch == "mistral"
+                                         else {})})
+    loaded = _load(folder, dtype="float32")
+    model = loaded.model
+    images = [probe_image(w, h, salt=i) for i, (w, h) in enumerate(NEXT_IMAGES)]
+    ids = torch.tensor([[1, 7] + [t for _ in images for t in (IMAGE_TOKEN_INDEX, 11)]])
+    pixels = process_images(images, loaded.image_processor, model.config)
+    with torch.no_grad():
+        logits = model(ids, images=pixels, image_sizes=[im.size for im in images]).logits
+    expected = 2 + len(images) + sum(_next_tokens(im.size, aspect, merge) for im in images)
+    assert logits.shape == (1, expected, model.config.vocab_size)
+    assert bool(torch.isfinite(logits).all())
+    if aspect == "pad":
+        with torch.no_grad():
+            listed = model(ids, images=list(pixels), image_sizes=[im.size for im in images])
+        assert listed.logits.shape[1] == 2 + len(images) + sum(
+            _next_tokens(im.size, aspect, merge, as_list=True) for im in images)
+    assert torch.isfinite(probe_logits(model, loaded.image_processor, images=2)).all()
+    assert any("stored in the checkpoint" in note for note in loaded.notes)
+    assert cli_main(["load", str(folder), "--device", "cpu", "--dtype", "float32",
+                     "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["architecture"] == arch and facts["kind"] == "llava"
+
+
+def _stored_tower_features(folder: Path, unfreeze: bool, tmp_path: Path) -> tuple:
+    """(features with the checkpoint loaded, features of the tower folder's CLIP alone)."""
+    from transformers import CLIPVisionModel
+
+    copy = tmp_path / f"unfreeze-{unfreeze}"
+    shutil.copytree(folder, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config.update(unfreeze_mm_vision_tower=unfreeze, mm_vision_tower=str(copy / "vision_tower"))
+    (copy / "config.json").write_text(json.dumps(config))
+    loaded = _load(copy, dtype="float32", vision_tower_dtype="float32")
+    pixels = process_images([probe_image()], loaded.image_processor, loaded.model.config)
+    clip = CLIPVisionModel.from_pretrained(copy / "vision_tower",
+                                           attn_implementation=ORIGINAL_CLIP_ATTENTION).eval()
+    with torch.no_grad():
+        ours = loaded.model.get_vision_tower()(pixels[0])
+        folder_only = clip(pixels[0], output_hidden_states=True).hidden_states[-2][:, 1:]
+    return ours, folder_only
+
+
+def test_the_stored_tower_runs_when_unfreeze_is_set(tiny_checkpoint_factory, tmp_path):
+    """LLaVA-1.6 stores its tuned tower in the checkpoint and sets unfreeze_mm_vision_tower:
+    the original builds the tower at init, so the stored tensors load over the folder's. The
+    builder writes a stored tower that differs from the folder's in every tensor."""
+    folder = tiny_checkpoint_factory("tiny-next", model={"dtype": "float32"})
+    stored, folder_only = _stored_tower_features(folder, True, tmp_path)
+    assert not torch.equal(stored, folder_only)
+    ignored, folder_only = _stored_tower_features(folder, False, tmp_path)
+    assert torch.equal(ignored, folder_only)
+
+
+def test_projector_only_over_a_llava_next_base_is_bit_identical(tiny_checkpoint_factory,
+                                                               tmp_path):
+    """The projector-only path over a v1.6 base: the base's stored tower, its image_newline."""
+    folder = tiny_checkpoint_factory("tiny-next", model={"dtype": "float32"})
+    full = _load(folder, dtype="float32")
+    loaded = _load(_projector_folder(folder, tmp_path / "stage1"), folder, dtype="float32")
+    assert loaded.kind == "projector"
+    assert torch.equal(probe_logits(loaded.model, loaded.image_processor, images=2),
+                       probe_logits(full.model, full.image_processor, images=2))
+
+
+def _edited(folder: Path, out: Path, **config) -> Path:
+    shutil.copytree(folder, out)
+    data = json.loads((out / "config.json").read_text())
+    data.update(config)
+    (out / "config.json").write_text(json.dumps(data))
+    return out
+
+
+def test_a_stored_tower_that_does_not_fit_is_one_clear_line(tiny_checkpoint_factory, tmp_path,
+                                                           capsys):
+    from safetensors.torch import load_file, save_file
+
+    folder = tiny_checkpoint_factory("tiny-next", model={"dtype": "float32"},
+                                     checkpoint={"shards": 1})
+    prefix = "model.vision_tower.vision_tower.vision_model."
+    for name, edit, fragment in (
+            ("lacking", lambda s: s.pop(prefix + "post_layernorm.bias"),
+             "stores a vision tower without " + prefix + "post_layernorm.bias"),
+            ("unknown", lambda s: s.update({prefix + "extra.weight": torch.ones(2)}),
+             prefix + "extra.weight is no tensor of the vision tower"),
+            ("shape", lambda s: s.update({prefix + "post_layernorm.bias": torch.ones(3)}),
+             "has shape (3,), the tower expects (32,)")):
+        broken = _edited(folder, tmp_path / name, mm_vision_tower=str(tmp_path / name /
+                                                                       "vision_tower"))
+        state = load_file(broken / "model.safetensors")
+        edit(state)
+        save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
+        _one_line_error(_cli_load(capsys, broken, "--dtype", "float32"), str(broken), fragment)
+
+
+def test_anyres_misuse_is_a_clear_error(tiny_checkpoint_factory, tmp_path):
+    from harness.errors import HarnessError
+
+    folder = tiny_checkpoint_factory("tiny-next", model={"dtype": "float32"})
+    loaded = _load(folder, dtype="float32")
+    model, image = loaded.model, probe_image(80, 20)
+    pixels = process_images([image], loaded.image_processor, model.config)
+    ids = torch.tensor([[1, IMAGE_TOKEN_INDEX, 5]])
+    with pytest.raises(HarnessError, match="anyres images need their sizes"):
+        model(ids, images=pixels)
+    with pytest.raises(HarnessError, match=r"cut into 3x1 crops .* but 2 crops were given"):
+        model(ids, images=[pixels[0][:3]], image_sizes=[image.size])
+    for bad in ("[[28, 56], [56]]", [[0, 28]], "not a list"):
+        model.config.image_grid_pinpoints = bad
+        with pytest.raises(HarnessError, match="image_grid_pinpoints"):
+            process_images([image], loaded.image_processor, model.config)
