@@ -269,7 +269,11 @@ def stripped(tiny_checkpoint_factory, tmp_path_factory):
     sources = {"original-llama": tiny_checkpoint_factory(),
                "original-mistral": tiny_checkpoint_factory(model=MISTRAL,
                                                            checkpoint={"format": "safetensors"}),
-               "hf-llama": hf_build(root / "hf-src")}
+               "hf-llama": hf_build(root / "hf-src"),
+               # LLaVA-1.6: image_newline and the stored tuned tower go, the LM stays.
+               "next-llama": tiny_checkpoint_factory("tiny-next"),
+               "next-mistral": tiny_checkpoint_factory("tiny-next", model=MISTRAL,
+                                                       checkpoint={"format": "bin"})}
     out = {}
     for name, src in sources.items():
         strip(src, root / name)
@@ -302,12 +306,26 @@ def plain_logits(folder: Path, dtype: torch.dtype) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
-@pytest.mark.parametrize("source", ["original-llama", "original-mistral", "hf-llama"])
+@pytest.mark.parametrize("source", ["original-llama", "original-mistral", "hf-llama",
+                                    "next-llama", "next-mistral"])
 def test_text_logits_equal_llava_language_path_bit_for_bit(stripped, source, dtype):
     src, out = stripped[source]
     got, want = plain_logits(out, dtype), llava_text_logits(src, dtype)
     assert got.dtype == want.dtype == dtype
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("source", ["next-llama", "next-mistral"])
+def test_a_llava_next_strip_keeps_exactly_the_language_model(stripped, source):
+    src, out = stripped[source]
+    held = scan_folder(src).tensors
+    assert "model.image_newline" in held
+    assert any(k.startswith("model.vision_tower.vision_tower.") for k in held)
+    assert strict_problems(out) == []
+    kept = set(scan_folder(out).tensors)
+    assert kept == {k for k in held if keys.PLAIN(k) is not None}
+    config = json.loads((out / "config.json").read_text())
+    assert not [k for k in config if "mm_" in k or "vision" in k or k.startswith("image_")]
 
 
 def test_logit_check_catches_a_changed_weight(stripped, tmp_path):

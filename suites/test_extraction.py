@@ -380,6 +380,22 @@ def test_llava_flags_folder_output_keys_and_summary(built, tmp_path, capsys):
     assert summary["nbytes"] == sum(t.numel() * t.element_size() for t in expected.values())
 
 
+@pytest.mark.parametrize("fmt", ("bin", "safetensors"))
+def test_a_llava_next_checkpoint_gives_exactly_its_projector(tmp_path, fmt):
+    """LLaVA-1.6 also stores image_newline and its tuned tower: extraction takes the
+    projector alone, bit for bit (as the original's keys_to_match = ['mm_projector'])."""
+    folder = tmp_path / "next"
+    build(dataclasses.replace(build_spec("tiny-next", checkpoint={"format": fmt}),
+                              with_tokenizer=False, with_vision_tower=False), folder)
+    held = open_folder(folder).tensors
+    assert "model.image_newline" in held and any("vision_tower" in k for k in held)
+    expected = source_projector(folder)
+    for suffix in OUT_SUFFIXES:
+        result = extract(folder, tmp_path / f"mm_projector{suffix}")
+        assert bit_differences(expected, load_output(result.output)) == []
+        assert set(result.files_read) == projector_files(folder)
+
+
 def test_output_is_deterministic(built, tmp_path):
     folder = built(Layout("bin", 2))
     a = extract(folder, tmp_path / "a" / "mm_projector.bin").output

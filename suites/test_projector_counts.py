@@ -162,6 +162,34 @@ def test_every_type_on_disk_three_ways(disk, projector, fmt):
     assert counts.to_dict()["projector_params"]["file_headers"] == counts.tensors
 
 
+def test_llava_next_counts_its_newline_and_stored_tower_apart(tmp_path):
+    """A LLaVA-1.6 checkpoint on disk: image_newline and the stored tower are their own
+    groups, the projector's three counts agree, and the groups add up to every tensor."""
+    from transformers import CLIPVisionModel
+
+    folder = tmp_path / "next"
+    build(build_spec("tiny-next"), folder)
+    counts = count_checkpoint(folder).to_dict()
+    model = build_spec("tiny-next").model
+    tower = CLIPVisionModel.from_pretrained(folder / "vision_tower")
+    params = counts["params"]
+    assert params["image_newline"] == model.hidden_size
+    assert params["vision_tower"] == sum(p.numel() for p in tower.parameters())
+    assert params["projector"] == projector_params("mlp2x_gelu", model.mm_hidden_size,
+                                                   model.hidden_size)
+    assert params["total"] == sum(v for k, v in params.items() if k != "total")
+    assert counts["agree"] is True
+
+
+def test_llava_v1_6_mistral_7b_adds_up_to_the_published_size():
+    """Mistral-7B (7,241,732,096) + CLIP ViT-L/14-336 (303,507,456) + the mlp2x projector
+    (20,979,712) + image_newline (4,096) = 7,566,223,360: the hub's "7.57B params"."""
+    params = count_preset("llava-v1.6-mistral-7b").to_dict()["params"]
+    assert params == {"language_model": 7_241_732_096, "vision_tower": 303_507_456,
+                      "projector": 20_979_712, "image_newline": 4_096,
+                      "total": 7_566_223_360}
+
+
 def test_count_cli(disk, capsys):
     folder = disk("mlp2x_gelu")
     assert main(["count", str(folder), "--json"]) == 0
