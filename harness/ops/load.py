@@ -185,7 +185,8 @@ class _Options:
     device: str
     device_map: object
     vision_tower: Path | None
-    tower_dtype: torch.dtype
+    tower_dtype: torch.dtype | None  # None: the original's rule (_tower_dtype)
+    device_map_arg: object  # the caller's device_map, which that rule reads
     hf_kwargs: dict
 
     def model_kwargs(self) -> dict:
@@ -326,7 +327,8 @@ def _finish_llava(model, tokenizer, opts: _Options):
     if len(tokenizer) != model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     tower = model.get_vision_tower()
-    tower.load_model(opts.vision_tower, dtype=opts.tower_dtype, device=model.device)
+    tower.load_model(opts.vision_tower, dtype=_tower_dtype(opts, model.config),
+                     device=model.device)
     return tower.image_processor
 
 
@@ -368,13 +370,17 @@ def _load_stored_tower(model, folder: Path) -> bool:
     return True
 
 
-def _tower_dtype(requested, device_map, dtype: torch.dtype) -> torch.dtype:
+def _tower_dtype(opts: _Options, config) -> torch.dtype:
     """The original loads CLIP in float32 and casts it to float16 only when the caller passes
     a device_map other than "auto" (its default, also on CPU): so by default the tower runs in
-    float32 whatever the model's dtype. Same rule here, the cast going to the load dtype."""
-    if requested is not None:
-        return as_dtype(requested)
-    return torch.float32 if device_map == "auto" else dtype
+    float32 whatever the model's dtype. Same rule here, the cast going to the load dtype.
+    With `unfreeze_mm_vision_tower` (LLaVA-1.6) the original builds the tower inside the
+    model's `from_pretrained`, so it takes the load dtype."""
+    if opts.tower_dtype is not None:
+        return opts.tower_dtype
+    if getattr(config, "unfreeze_mm_vision_tower", False):
+        return opts.dtype
+    return torch.float32 if opts.device_map_arg == "auto" else opts.dtype
 
 
 def _choose_kind(model_path: Path, model_base, model_name: str, detect: str) -> tuple[str, list]:
@@ -411,7 +417,8 @@ def load(model_path, model_base=None, model_name: str | None = None, *, load_8bi
     opts = _Options(dtype=dtype, quant=quantization_config(load_8bit, load_4bit, dtype),
                     device=device, device_map=device_map if device == "cuda" else {"": device},
                     vision_tower=Path(vision_tower) if vision_tower else None,
-                    tower_dtype=_tower_dtype(vision_tower_dtype, device_map, dtype),
+                    tower_dtype=as_dtype(vision_tower_dtype) if vision_tower_dtype is not None
+                    else None, device_map_arg=device_map,
                     hf_kwargs=kwargs)
     arch, model, tokenizer = _LOADERS[kind](path, base, opts)
     processor = None
@@ -434,7 +441,8 @@ def load_pretrained_model(model_path, model_base, model_name, load_8bit=False, l
     """The original's signature and return: (tokenizer, model, image_processor, context_len).
     Extra keywords: `dtype`/`torch_dtype`, `detect` ('files' or 'name'), `vision_tower`
     (a local CLIP folder overriding the config's `mm_vision_tower`), `vision_tower_dtype`
-    (default as the original: float32 under device_map="auto", else the load dtype)."""
+    (default as the original: float32 under device_map="auto", else the load dtype; the load
+    dtype for a tower built with the model, `unfreeze_mm_vision_tower`)."""
     loaded = load(model_path, model_base, model_name, load_8bit=load_8bit, load_4bit=load_4bit,
                   device_map=device_map, device=device, use_flash_attn=use_flash_attn, **kwargs)
     return loaded.tokenizer, loaded.model, loaded.image_processor, loaded.context_len

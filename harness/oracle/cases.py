@@ -143,6 +143,9 @@ LPM_CASES = ("lpm-full-llama", "lpm-full-mistral", "lpm-projector-config_llava-s
              "lpm-projector-config_llava-same-base")
 EXPECTED_FAILURES = ("lpm-projector-config_builder-seed1-base",
                      "lpm-projector-config_builder-same-base")
+# LLaVA-1.6 through the original `load_pretrained_model`, on the anyres inputs.
+NEXT_LPM_SOURCE = "next-mistral-anyres-spatial_unpad-float32-safetensors"
+NEXT_LPM_CASES = ("lpm-next-mistral",)
 
 
 def case_ids() -> list[str]:
@@ -152,4 +155,4 @@ def case_ids() -> list[str]:
 
 def next_case_ids() -> list[str]:
     """The LLaVA-1.6 cases, held by the live oracle."""
-    return [c["id"] for c in NEXT_CASES]
+    return [c["id"] for c in NEXT_CASES] + list(NEXT_LPM_CASES)

@@ -163,13 +163,9 @@ class Oracle:
         self.pixels[key] = got
         return got
 
-    def next_case(self, case: dict) -> None:
-        """A LLaVA-1.6 checkpoint on every anyres input: logits, and the embeddings
-        `prepare_inputs_labels_for_multimodal` splices (where the crops were laid out)."""
-        dtype = getattr(torch, case["model"]["dtype"])
-        arch = case["model"].get("arch", "llama")
-        model = load_full(self.folders[case["id"]], arch, dtype)
-        rec = Recorder(f"cases/{case['id']}.safetensors")
+    def run_next_inputs(self, rec: Recorder, model, dtype) -> None:
+        """Every anyres input: logits, and the embeddings `prepare_inputs_labels_for_multimodal`
+        splices (where the crops were laid out)."""
         for name, spec in self.plan["next_inputs"].items():
             ids = torch.tensor(spec["input_ids"], dtype=torch.long)
             mask = (torch.tensor(spec["attention_mask"], dtype=torch.bool)
@@ -191,6 +187,14 @@ class Oracle:
             if embeds is not None:
                 rec.add(f"embeds.{name}", embeds,
                         f"prepare_inputs_labels_for_multimodal(..., {call})[4]: inputs_embeds")
+
+    def next_case(self, case: dict) -> None:
+        """A LLaVA-1.6 checkpoint, loaded as `full_case` does, on every anyres input."""
+        dtype = getattr(torch, case["model"]["dtype"])
+        arch = case["model"].get("arch", "llama")
+        model = load_full(self.folders[case["id"]], arch, dtype)
+        rec = Recorder(f"cases/{case['id']}.safetensors")
+        self.run_next_inputs(rec, model, dtype)
         self.records.append({
             "id": case["id"], "path": "next", "checkpoint": case["id"],
             "loader": f"{model_class(arch).__name__}.from_pretrained(folder, torch_dtype="
@@ -202,7 +206,8 @@ class Oracle:
             **rec.save(self.out)})
 
     def lpm_case(self, case_id: str, source: str, model_path: Path, model_path_is: str,
-                 base: str | None, name: str, arch: str, note: str) -> None:
+                 base: str | None, name: str, arch: str, note: str,
+                 inputs: str = "inputs") -> None:
         from llava.model.builder import load_pretrained_model
 
         base_path = None if base is None else str(self.folders[base])
@@ -211,9 +216,13 @@ class Oracle:
         model.eval()
         rec = Recorder(f"cases/{case_id}.safetensors")
         # run_llava.py / model_vqa.py pass images as `.to(model.device, dtype=torch.float16)`.
-        self.run_inputs(rec, model, model.dtype)
+        if inputs == "next_inputs":
+            self.run_next_inputs(rec, model, model.dtype)
+        else:
+            self.run_inputs(rec, model, model.dtype)
         self.records.append({
-            "id": case_id, "path": "load_pretrained_model", "checkpoint": source,
+            "id": case_id, "path": "load_pretrained_model", "inputs": inputs,
+            "checkpoint": source,
             "model_path_is": model_path_is, "model_base": base,
             "loader": f"load_pretrained_model({model_path.name!r} folder, "
                       f"{'None' if base is None else repr(base) + ' folder'}, {name!r}, "
@@ -298,6 +307,15 @@ def lpm_cases(oracle: Oracle, scratch: Path) -> None:
              "copy whose tokenizer.json merges are rewritten as 'a b' strings, since "
              "tokenizers 0.15 cannot read the pair-list merges the builder writes (weights "
              "untouched; the tokenizer plays no part in the logits)")
+    next_mistral = oracle.plan["next_lpm_source"]
+    oracle.try_lpm(
+        case_id="lpm-next-mistral", source=next_mistral,
+        model_path=legacy_tokenizer_copy(scratch, oracle.folders[next_mistral]), base=None,
+        model_path_is="a copy of the checkpoint folder, tokenizer.json merges rewritten",
+        name="llava-v1.6-mistral-tiny", arch="mistral", inputs="next_inputs",
+        note="LLaVA-1.6 (anyres, spatial_unpad, tuned tower stored in the checkpoint) through "
+             "the original loader (forces float16), on the anyres inputs; tokenizer copy as "
+             "for lpm-full-mistral")
     base = oracle.plan["bases"][0]["id"]
     for config_from in ("builder", "llava"):
         folder = make_projector_folder(scratch, oracle.folders[main], config_from)

@@ -157,6 +157,7 @@ def compute(out: Path, folders: dict[str, Path] | None = None, env: OracleEnv | 
                     "checkpoints": {k: str(v) for k, v in folders.items()},
                     "cases": cases.CASES, "bases": cases.BASES, "main_case": cases.MAIN_CASE,
                     "next_cases": cases.NEXT_CASES, "next_inputs": cases.NEXT_INPUTS,
+                    "next_lpm_source": cases.NEXT_LPM_SOURCE,
                     "next_images": list(cases.NEXT_IMAGE_SIZES),
                     "next_pinpoints": cases.next_pinpoints(),
                     "next_crop_side": cases.next_crop_side(),

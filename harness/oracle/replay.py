@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -168,6 +169,9 @@ def lpm_outputs(oracle: Oracle, case: dict, folders: dict[str, Path], scratch: P
             problems.append(f"{case['id']}: {what} {got} != the original's {observed[what]}")
     if context_len != case["context_len"]:
         problems.append(f"{case['id']}: context_len {context_len} != {case['context_len']}")
+    if case.get("inputs") == "next_inputs":
+        loaded = SimpleNamespace(model=model, image_processor=processor)
+        return problems, next_outputs(oracle, case, folder, loaded)
     return problems, input_logits(oracle, oracle.images(), model, processor, model.dtype)
 
 
