@@ -535,6 +535,58 @@ def test_every_llava_next_variant_loads_and_runs(tiny_checkpoint_factory, capsys
     assert facts["architecture"] == arch and facts["kind"] == "llava"
 
 
+# The same images: the feature rows and columns the unpad keeps, [start, stop), worked by hand.
+NEXT_KEPT = {(80, 20): ((0, 2), (0, 6)), (20, 15): ((1, 3), (0, 2)),
+             (60, 40): ((1, 3), (0, 4)), (40, 60): ((0, 4), (1, 3))}
+
+
+def _hand_merge(crops: torch.Tensor, size, newline: torch.Tensor | None) -> torch.Tensor:
+    """One anyres image's features laid out by hand, feature by feature: the base crop's,
+    then each kept grid row left to right (feature (y, x) is patch (y % 2, x % 2) of crop
+    (y // 2, x // 2), crops counted row by row), each row ended by the newline."""
+    (columns, _rows), _ = NEXT_IMAGES[size]
+    (top, bottom), (left, right) = NEXT_KEPT[size]
+    out = list(crops[0])
+    for y in range(top, bottom):
+        for x in range(left, right):
+            out.append(crops[1 + (y // 2) * columns + x // 2][(y % 2) * 2 + x % 2])
+        if newline is not None:
+            out.append(newline)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("merge", ["spatial_unpad", "spatial"])
+def test_anyres_layout_equals_a_hand_layout(tiny_checkpoint_factory, merge):
+    """Independent of the oracle: the harness's grid layout, unpad and newline rows against a
+    feature-by-feature layout (bit for bit: it only moves features); and the comparison sees
+    a transposed crop order."""
+    folder = tiny_checkpoint_factory("tiny-next", model={"dtype": "float32",
+                                                         "mm_patch_merge_type": merge})
+    loaded = _load(folder, dtype="float32")
+    model = loaded.model
+    images = [probe_image(w, h, salt=i) for i, (w, h) in enumerate(NEXT_IMAGES)]
+    pixels = process_images(images, loaded.image_processor, model.config)
+    newline = model.get_model().image_newline if merge == "spatial_unpad" else None
+    with torch.no_grad():
+        ours = model.image_features(pixels, [im.size for im in images])
+        for image, crops, merged in zip(images, pixels, ours):
+            features = model.encode_images(crops)
+            if newline is None:  # 'spatial' keeps the whole grid: the unpad is not applied
+                size = image.size
+                (columns, rows), _ = NEXT_IMAGES[size]
+                grid = [(y, x) for y in range(2 * rows) for x in range(2 * columns)]
+                want = torch.stack(list(features[0]) + [
+                    features[1 + (y // 2) * columns + x // 2][(y % 2) * 2 + x % 2]
+                    for y, x in grid])
+            else:
+                want = _hand_merge(features, image.size, newline)
+            assert torch.equal(merged, want), image.size
+            transposed = features.clone()
+            transposed[1:] = features[1:].flip(0)
+            if transposed[1:].shape[0] > 1 and newline is not None:
+                assert not torch.equal(merged, _hand_merge(transposed, image.size, newline))
+
+
 def _stored_tower_features(folder: Path, unfreeze: bool, tmp_path: Path) -> tuple:
     """(features with the checkpoint loaded, features of the tower folder's CLIP alone)."""
     from transformers import CLIPVisionModel
