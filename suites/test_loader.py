@@ -674,3 +674,23 @@ def test_anyres_misuse_is_a_clear_error(tiny_checkpoint_factory, tmp_path):
         model.config.image_grid_pinpoints = bad
         with pytest.raises(HarnessError, match="image_grid_pinpoints"):
             process_images([image], loaded.image_processor, model.config)
+
+
+def test_llava_next_generate_passes_image_sizes(tiny_checkpoint_factory):
+    """generate() splices once with the image sizes: its first greedy token is the forward
+    pass's argmax, and without sizes it fails as clearly as forward does."""
+    from harness.errors import HarnessError
+
+    folder = tiny_checkpoint_factory("tiny-next", model={"dtype": "float32"})
+    loaded = _load(folder, dtype="float32")
+    model, images = loaded.model, [probe_image(80, 20), probe_image(20, 15, salt=1)]
+    pixels = process_images(images, loaded.image_processor, model.config)
+    ids = torch.tensor([[1, 5, IMAGE_TOKEN_INDEX, 7, IMAGE_TOKEN_INDEX, 9]])
+    sizes = [im.size for im in images]
+    with torch.no_grad():
+        out = model.generate(ids, images=pixels, image_sizes=sizes, max_new_tokens=3,
+                             do_sample=False)
+        logits = model(ids, images=pixels, image_sizes=sizes).logits
+    assert out.shape == (1, 3) and int(out[0, 0]) == int(logits[0, -1].argmax())
+    with pytest.raises(HarnessError, match="image_sizes"):
+        model.generate(ids, images=pixels, max_new_tokens=1, do_sample=False)
