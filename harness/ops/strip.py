@@ -20,7 +20,9 @@ from pathlib import Path
 from ..checkpoint.atomic import atomic_dir
 from ..checkpoint.files import copy_files
 from ..checkpoint.paths import check_output
-from ..checkpoint.quantized import Scheme, quantized_linears, scheme_of, split_key, stored_layout
+from ..checkpoint.formats import shape_numel
+from ..checkpoint.quantized import (Scheme, logical_shapes, quantized_linears, scheme_of,
+                                    split_key, stored_layout)
 from ..checkpoint.reader import CheckpointError, scan_folder
 from ..checkpoint.shards import plan_shards, write_shards
 from ..checkpoint.tensors import Source
@@ -314,6 +316,12 @@ def quantized_expected(expected: dict, scheme: Scheme) -> dict:
 
 
 def parameter_count(folder: Path) -> int:
-    """Parameters from headers alone (legacy buffers are not parameters)."""
-    return sum(s.numel for k, s in scan_folder(Path(folder)).tensors.items()
+    """Parameters from headers alone (legacy buffers are not parameters); a pre-quantized
+    folder counts its logical parameters, those of the float model."""
+    folder = Path(folder)
+    tensors = scan_folder(folder).tensors
+    scheme = scheme_of(_read_config(folder), folder / "config.json")
+    shapes = {k: s.shape for k, s in tensors.items()} if scheme is None else \
+        logical_shapes(tensors, quantized_linears(scheme, tensors, folder))
+    return sum(shape_numel(shape) for k, shape in shapes.items()
                if not keys.is_legacy_buffer(k))
