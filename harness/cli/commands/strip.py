@@ -47,6 +47,8 @@ def register(sub, bench) -> None:
                    metavar="DIR", help="benchmark this folder instead of a preset (repeatable)")
     b.add_argument("--legacy", choices=("drop", "keep", "both"), default="both",
                    help="run without and/or with --keep-legacy-buffers (default both)")
+    b.add_argument("--layout", choices=("hf", "litgpt"), default="hf",
+                   help="benchmark strip's hf output (default) or the litgpt export")
     b.add_argument("--work", type=Path, metavar="DIR",
                    help="where outputs are written and deleted (default: beside the input)")
     b.add_argument("--repeat", type=positive_int, default=1,
@@ -125,4 +127,4 @@ def cmd_bench_strip(args: argparse.Namespace) -> int:
 
     keeps = {"drop": (False,), "keep": (True,), "both": (False, True)}[args.legacy]
     return bench_strip(_bench_folders(args), keeps, args.repeat, args.work, args.naive,
-                       results_target(args))
+                       results_target(args), args.layout)
