@@ -21,7 +21,7 @@ from ..checkpoint.files import copy_files
 from ..checkpoint.paths import check_output
 from ..checkpoint.quantized import scheme_of
 from ..checkpoint.reader import scan_folder
-from ..checkpoint.tensors import Source
+from ..checkpoint.tensors import Piece, Source
 from ..checkpoint.torch_zip import write_bin
 from . import keys
 from .strip import LM_AUX_FILES, StripError, _read_config, arch_of, plain_config, strip_mapper
@@ -114,8 +114,17 @@ def fused(key: str, parts: list[Source], where: Path) -> Source:
     if any(p.dtype != first.dtype or p.shape[1:] != first.shape[1:] for p in parts):
         raise StripError(f"{where}: {key}: q/k/v differ in dtype or width "
                          f"({', '.join(f'{p.dtype}{list(p.shape)}' for p in parts)})")
-    pieces = tuple(piece for p in parts for piece in p.contiguous().byte_pieces(where))
+    pieces = tuple(piece for p in parts for piece in _pieces(p, where))
     return Source(key, first.dtype, (sum(p.shape[0] for p in parts), *first.shape[1:]), pieces)
+
+
+def _pieces(source: Source, where: Path) -> tuple[Piece, ...]:
+    """A tensor's bytes as file ranges; a `.bin` tensor that is its whole storage record brings
+    the record's CRC, so the fused record is copied in the kernel (its CRC combined)."""
+    if source.owns_storage:
+        s = source.storage
+        return (Piece(s.path, s.offset, s.nbytes, crc=s.crc),)
+    return source.contiguous().byte_pieces(where)
 
 
 def litgpt_tensors(plain: list[Source], where: Path) -> list[Source]:
