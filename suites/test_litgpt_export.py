@@ -177,3 +177,40 @@ def test_the_comparison_catches_a_one_ulp_weight_change(exported, litgpt_python,
     got = litgpt_env.litgpt_logits(planted, IDS, tmp_path / "logits.pt")
     with pytest.raises(AssertionError):
         assert_within(got, transformers_logits(plain))
+
+
+# --- real size -------------------------------------------------------------------------------
+
+LLAMA2_7B_PARAMS = 6_738_415_616
+# litgpt's GPT built on the meta device takes the export's tensors as they are (mmap, assign):
+# the strict key check at 7B without 13.5 GB of memory.
+STRICT_META = """
+import sys, torch
+from litgpt import GPT, Config
+folder = sys.argv[1]
+with torch.device("meta"):
+    model = GPT(Config.from_file(f"{folder}/model_config.yaml"))
+state = torch.load(f"{folder}/lit_model.pth", weights_only=True, mmap=True)
+model.load_state_dict(state, strict=True, assign=True)
+print(sum(p.numel() for p in model.parameters()))
+"""
+
+
+@pytest.mark.realsize
+@pytest.mark.parametrize("fmt", ["bin", "safetensors"])
+def test_realsize_7b_export_is_litgpts_llama2_7b(realsize_checkpoint_factory, tmp_path, fmt):
+    src = realsize_checkpoint_factory("llava-v1.5-7b", checkpoint={"format": fmt})
+    out = tmp_path / "lit-7b"
+    try:
+        result = export_litgpt(src, out)
+        assert result.tensors == 2 + 32 * 7 + 1
+        state = read_file(out / WEIGHTS)  # mapped, not read
+        assert sum(t.numel() for t in state.values()) == LLAMA2_7B_PARAMS
+        assert zipfile.ZipFile(out / WEIGHTS).testzip() is None  # every record's CRC
+        if litgpt_env.python() is not None:
+            done = subprocess.run([str(litgpt_env.python()), "-I", "-c", STRICT_META, str(out)],
+                                  capture_output=True, text=True, env=litgpt_env.child_env())
+            assert done.returncode == 0, done.stderr[-2000:]
+            assert int(done.stdout.split()[-1]) == LLAMA2_7B_PARAMS
+    finally:
+        shutil.rmtree(out, ignore_errors=True)

@@ -18,6 +18,7 @@ safetensors shard (grouped by dtype width) at most once per group.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -154,9 +155,31 @@ def _bitsandbytes(seed: int, weight: TensorInfo, scheme: Scheme, model: ModelSpe
 
 @lru_cache(maxsize=None)
 def _bnb_state(seed: int, weight: TensorInfo, scheme: Scheme, model: ModelSpec) -> bytes:
-    """The quant_state JSON's bytes (its length is known only once it is made: it holds the
-    double-quant offset); small, so kept for every linear while the plan is in use."""
-    return _quantized(seed, weight, scheme, model)[scheme.state_suffixes[-1]]
+    """The quant_state JSON as bitsandbytes packs it (`QuantState.as_dict(packed=True)`: the
+    non-tensor fields in their order, `json.dumps`), made without quantizing so that a plan
+    costs no quantization: only double quant's offset (the mean block absmax) reads the
+    weight. The build writes bitsandbytes' own JSON; `stored_bytes` holds the two equal."""
+    state = {"quant_type": scheme.quant_type, "blocksize": 64, "dtype": weight.dtype,
+             "shape": list(weight.shape)}
+    if scheme.double_quant:
+        state |= {"nested_blocksize": 256, "nested_dtype": "float32",
+                  "nested_offset": _mean_absmax(seed, weight, model)}
+    return json.dumps(state).encode()
+
+
+def _mean_absmax(seed: int, weight: TensorInfo, model: ModelSpec) -> float:
+    """bitsandbytes' double-quant offset: the mean of the float32 block absmax values, each
+    computed as its quantize_4bit computes it (a last, partial block on its own)."""
+    from .fill import make_tensor
+
+    flat = make_tensor(seed, weight, model).reshape(-1).float()
+    full = flat.numel() - flat.numel() % 64
+    absmax = flat[:full].reshape(-1, 64).abs().max(dim=-1)[0]
+    if full < flat.numel():
+        import torch
+
+        absmax = torch.cat([absmax, flat[full:].abs().max().clamp(min=1e-38).unsqueeze(0)])
+    return absmax.mean().item()
 
 
 def _packed_integers(seed: int, weight: TensorInfo, scheme: Scheme) -> dict[str, bytes]:
