@@ -26,7 +26,7 @@ from harness.checkpoint.reader import open_folder, read_file
 from harness.ops import quant
 from harness.ops.counts import count_checkpoint
 from harness.ops.extract import extract
-from harness.ops.strip import strip
+from harness.ops.strip import parameter_count, strip
 from harness.synth.builder import build
 from harness.synth.presets import build_spec
 from harness.synth.verify import verify
@@ -254,3 +254,28 @@ def test_load_takes_the_quantization_from_the_folder(built, q):
     layer = loaded.model.model.layers[0].self_attn.q_proj
     assert type(layer).__name__ == ("Linear4bit" if q != "int8" else "Linear8bitLt")
     assert type(loaded.model.model.mm_projector[0]).__name__ == "Linear"
+
+
+# --- real size ---------------------------------------------------------------------------
+
+LLAMA2_7B_PARAMS = 6_738_415_616
+LLAVA_7B_PROJECTOR = 20_979_712
+
+
+@pytest.mark.realsize
+def test_realsize_7b_nf4_dq_counts_strips_and_extracts(realsize_checkpoint_factory, tmp_path):
+    src = realsize_checkpoint_factory("llava-v1.5-7b", checkpoint={"quantization": "nf4-dq"})
+    counts = count_checkpoint(src)
+    assert counts.total_params == LLAMA2_7B_PARAMS + LLAVA_7B_PROJECTOR  # logical, as float
+    stored = counts.quantization["stored_bytes"]
+    assert stored["total"] == sum(s.nbytes for s in open_folder(src).tensors.values())
+    out = tmp_path / "plain-7b-nf4-dq"
+    try:
+        result = strip(src, out)  # with its strict check of the stored layout
+        assert result.verified and parameter_count(out) == LLAMA2_7B_PARAMS
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    float_src = realsize_checkpoint_factory("llava-v1.5-7b")
+    extract(src, tmp_path / "q.bin")
+    extract(float_src, tmp_path / "f.bin")
+    assert differences(read_file(tmp_path / "q.bin"), read_file(tmp_path / "f.bin")) == []
