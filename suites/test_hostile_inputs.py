@@ -1,7 +1,7 @@
 """Hostile checkpoints: the project's rule for untrusted input, proven command by command.
 
 Every crafted bad input to every command that reads checkpoints (`extract`, `strip`,
-`convert --to hf`, `count`, `verify`, `merge-lora`, and `load` for representative classes)
+`strip --layout litgpt`, `convert --to hf`, `count`, `verify`, `merge-lora`, and `load` for representative classes)
 must end in exactly one stderr line starting `llava-harness: error: ` that names the offending
 file (never a `.partial` temporary path), exit code 2, no traceback, no output (the `-o` target
 does not exist afterwards and nothing `.partial` is left beside it), every input file's sha256
@@ -102,10 +102,11 @@ PROJ_WEIGHT = "model.mm_projector.0.weight"  # float32 [64, 32]
 PROJ_KEYS = ("model.mm_projector.0.bias", "model.mm_projector.0.weight",
              "model.mm_projector.2.bias", "model.mm_projector.2.weight")
 
-READERS = ("extract", "strip", "convert", "count", "verify", "merge-lora")
+# strip-litgpt: `strip --layout litgpt`, the litgpt export (its own writer, the same reader).
+READERS = ("extract", "strip", "strip-litgpt", "convert", "count", "verify", "merge-lora")
 WITH_LOAD = READERS + ("load",)
 NOT_EXTRACT = tuple(c for c in READERS if c != "extract")
-SIDE_FILE_READERS = ("strip", "convert", "merge-lora")  # commands that copy side files
+SIDE_FILE_READERS = ("strip", "strip-litgpt", "convert", "merge-lora")  # they copy side files
 EVIL = "\n\x1b[31m"                         # a newline and an ANSI colour escape
 
 
@@ -238,6 +239,7 @@ def command_argv(command: str, ckpt: Ckpt, work: Path, adapter: Path | None) -> 
     return {
         "extract": ["extract", folder, "-o", work / "mm_projector.bin"],
         "strip": ["strip", folder, "-o", work / "plain"],
+        "strip-litgpt": ["strip", folder, "-o", work / "litgpt", "--layout", "litgpt"],
         "convert": ["convert", folder, "-o", work / "hf", "--to", "hf"],
         "count": ["count", folder],
         "verify": ["verify", folder, "--preset", "tiny", "--format", ckpt.fmt],
@@ -671,15 +673,16 @@ HOSTILE = [
                 WITH_LOAD if fmt == "bin" else READERS, "does not exist"))],
     # 5. symbolic links out of the folder
     Hostile("bin-shard-symlink-outside", "bin", shard_link_outside, WITH_LOAD,
-            "symbolic link"),
+        "symbolic link"),
     Hostile("st-shard-symlink-outside", "safetensors", shard_link_outside, READERS,
-            "symbolic link"),
+        "symbolic link"),
     Hostile("bin-tokenizer-json-symlink-outside", "bin", side_file_link_outside(
         "tokenizer.json"), SIDE_FILE_READERS + ("load",), "symbolic link"),
     Hostile("bin-generation-config-symlink-outside", "bin", side_file_link_outside(
         "generation_config.json"), SIDE_FILE_READERS, "symbolic link"),
     Hostile("st-config-json-symlink-outside", "safetensors", side_file_link_outside(
-        "config.json"), ("strip", "convert", "count", "merge-lora", "load"), "symbolic link"),
+        "config.json"), ("strip", "strip-litgpt", "convert", "count", "merge-lora", "load"),
+        "symbolic link"),
     # 7. control characters in what messages name
     Hostile("bin-key-with-control-chars", "bin", key_with_control_chars, WITH_LOAD,
             escaped=True),
