@@ -1,6 +1,7 @@
 """A checkpoint folder validated without loading the whole model: index consistency, config,
 projector type and parameter counts against the config, language-model shapes against
-transformers' own classes, projector extraction and backbone stripping. Runs on
+transformers' own classes (a pre-quantized folder's logical shapes, every quantized linear's
+stored tensors checked first), projector extraction and backbone stripping. Runs on
 `--llava-checkpoint DIR` (your folder) or, without it, on the tiny synthetic default; a check
 that needs what the folder lacks skips and says what."""
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness.checkpoint.quantized import logical_shapes, quantized_linears, scheme_of
 from harness.checkpoint.reader import CheckpointError, consistency_problems, open_folder
 from harness.errors import HarnessError
 from harness.model.backbone import is_language_model_key, language_model_config
@@ -51,6 +53,27 @@ def ckpt(folder):
 def tensors(ckpt):
     try:
         return ckpt.tensors
+    except CheckpointError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def scheme(config, folder):
+    """The folder's quantization scheme (config.json's quantization_config), or None."""
+    try:
+        return scheme_of(config, folder / "config.json")
+    except CheckpointError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def logical(tensors, scheme, folder) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape as the unquantized model stores it: a quantized linear's stored
+    tensors (packed weight and state, all present and consistent) become its float weight."""
+    if scheme is None:
+        return {k: t.shape for k, t in tensors.items()}
+    try:
+        return logical_shapes(tensors, quantized_linears(scheme, tensors, folder))
     except CheckpointError as exc:
         pytest.fail(str(exc), pytrace=False)
 
@@ -161,14 +184,14 @@ def test_projector_count_formula_module_and_file_agree(llava_config, folder, lla
     llava_record("trainable_params_stage1", counts.trainable_stage1, "params")
 
 
-def test_language_model_shapes_match_transformers(llava_config, tensors, folder, llava_record):
+def test_language_model_shapes_match_transformers(llava_config, logical, folder, llava_record):
     lm_config = language_model_config(llava_config)
     with torch.device("meta"):
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_config(lm_config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = {k: t.shape for k, t in tensors.items() if is_language_model_key(k)}
+    found = {k: shape for k, shape in logical.items() if is_language_model_key(k)}
     missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     assert not missing and not extra, (f"{folder}: language model keys differ from "
                                        f"{type(model).__name__}: missing {missing[:3]}, "
@@ -180,14 +203,23 @@ def test_language_model_shapes_match_transformers(llava_config, tensors, folder,
                  "params")
 
 
-def test_language_model_loads_and_runs(ckpt, llava_config, folder):
+def test_language_model_loads_and_runs(ckpt, llava_config, folder, scheme):
     size = sum(t.nbytes for t in ckpt.tensors.values())
     if size > LOAD_AT_MOST_BYTES:
         pytest.skip(f"{size / 2**30:.1f} GiB: loading the whole model is what this suite "
                     f"avoids above {LOAD_AT_MOST_BYTES / 2**30:.0f} GiB")
-    from harness.model.backbone import load_language_model
+    if scheme is not None and scheme.method != "bitsandbytes":
+        pytest.skip(f"{folder}: {scheme.name} needs its own kernels to run (the harness "
+                    "reads its layout; bitsandbytes layouts run on CPU)")
+    if scheme is not None:
+        # The quantization comes from the folder's config, through the LLaVA loader.
+        from harness.ops.load import load
 
-    model = load_language_model(folder, dtype=torch.float32)
+        model = load(folder, None, "llava-checkpoint", device="cpu", dtype=torch.float32).model
+    else:
+        from harness.model.backbone import load_language_model
+
+        model = load_language_model(folder, dtype=torch.float32)
     with torch.no_grad():
         logits = model(torch.tensor([[1, 5, 9, 2]])).logits
     assert logits.shape[-1] == llava_config["vocab_size"]

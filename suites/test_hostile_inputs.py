@@ -1,7 +1,7 @@
 """Hostile checkpoints: the project's rule for untrusted input, proven command by command.
 
 Every crafted bad input to every command that reads checkpoints (`extract`, `strip`,
-`convert --to hf`, `count`, `verify`, `merge-lora`, and `load` for representative classes)
+`strip --layout litgpt`, `convert --to hf`, `count`, `verify`, `merge-lora`, and `load` for representative classes)
 must end in exactly one stderr line starting `llava-harness: error: ` that names the offending
 file (never a `.partial` temporary path), exit code 2, no traceback, no output (the `-o` target
 does not exist afterwards and nothing `.partial` is left beside it), every input file's sha256
@@ -28,7 +28,10 @@ Classes crafted on tiny checkpoints (`.bin` and safetensors where it applies):
   6. outputs overlapping inputs (even with --force), special files as outputs, `--json`;
   7. control characters in keys and shard names stay escaped on one line;
   8. SIGTERM mid-build / mid-strip leaves nothing or a complete output; stale `.partial`
-     folders of dead processes are swept with a warning, live ones kept.
+     folders of dead processes are swept with a warning, live ones kept;
+  9. pre-quantized layouts (`count`, `strip`, `verify`, `load`): a packed weight's quant state
+     missing, a quant-state shape that does not match the packed size, an unknown
+     `quant_type` (in the state and in config.json), a GPTQ `qzeros` of the wrong shape.
 
 The crafting tools (a zip writer laying records out as torch does, a safetensors header
 rewriter) are themselves shown to be faithful: a checkpoint rewritten by them without any
@@ -99,10 +102,11 @@ PROJ_WEIGHT = "model.mm_projector.0.weight"  # float32 [64, 32]
 PROJ_KEYS = ("model.mm_projector.0.bias", "model.mm_projector.0.weight",
              "model.mm_projector.2.bias", "model.mm_projector.2.weight")
 
-READERS = ("extract", "strip", "convert", "count", "verify", "merge-lora")
+# strip-litgpt: `strip --layout litgpt`, the litgpt export (its own writer, the same reader).
+READERS = ("extract", "strip", "strip-litgpt", "convert", "count", "verify", "merge-lora")
 WITH_LOAD = READERS + ("load",)
 NOT_EXTRACT = tuple(c for c in READERS if c != "extract")
-SIDE_FILE_READERS = ("strip", "convert", "merge-lora")  # commands that copy side files
+SIDE_FILE_READERS = ("strip", "strip-litgpt", "convert", "merge-lora")  # they copy side files
 EVIL = "\n\x1b[31m"                         # a newline and an ANSI colour escape
 
 
@@ -235,6 +239,7 @@ def command_argv(command: str, ckpt: Ckpt, work: Path, adapter: Path | None) -> 
     return {
         "extract": ["extract", folder, "-o", work / "mm_projector.bin"],
         "strip": ["strip", folder, "-o", work / "plain"],
+        "strip-litgpt": ["strip", folder, "-o", work / "litgpt", "--layout", "litgpt"],
         "convert": ["convert", folder, "-o", work / "hf", "--to", "hf"],
         "count": ["count", folder],
         "verify": ["verify", folder, "--preset", "tiny", "--format", ckpt.fmt],
@@ -668,15 +673,16 @@ HOSTILE = [
                 WITH_LOAD if fmt == "bin" else READERS, "does not exist"))],
     # 5. symbolic links out of the folder
     Hostile("bin-shard-symlink-outside", "bin", shard_link_outside, WITH_LOAD,
-            "symbolic link"),
+        "symbolic link"),
     Hostile("st-shard-symlink-outside", "safetensors", shard_link_outside, READERS,
-            "symbolic link"),
+        "symbolic link"),
     Hostile("bin-tokenizer-json-symlink-outside", "bin", side_file_link_outside(
         "tokenizer.json"), SIDE_FILE_READERS + ("load",), "symbolic link"),
     Hostile("bin-generation-config-symlink-outside", "bin", side_file_link_outside(
         "generation_config.json"), SIDE_FILE_READERS, "symbolic link"),
     Hostile("st-config-json-symlink-outside", "safetensors", side_file_link_outside(
-        "config.json"), ("strip", "convert", "count", "merge-lora", "load"), "symbolic link"),
+        "config.json"), ("strip", "strip-litgpt", "convert", "count", "merge-lora", "load"),
+        "symbolic link"),
     # 7. control characters in what messages name
     Hostile("bin-key-with-control-chars", "bin", key_with_control_chars, WITH_LOAD,
             escaped=True),
@@ -699,6 +705,140 @@ def test_hostile_input_is_one_line_exit_2_no_output(make_ckpt, adapter, tmp_path
     if hostile.escaped:
         assert "\x1b" not in err and "\\x1b" in err and "\\n" in err, err
     assert not (tmp_path / "pwned").exists(), "a pickled call ran"
+
+
+# --- 9. pre-quantized checkpoints ----------------------------------------------------------
+# A quantized linear is several tensors (harness/checkpoint/quantized.py); each way they can
+# disagree is refused by every command that reads the quantized layout, before anything is
+# written or handed to bitsandbytes. (`extract` reads only the float projector: not affected.)
+
+QUANT_COMMANDS = ("count", "strip", "verify", "load")
+Q_LINEAR = "model.layers.0.self_attn.q_proj"
+NF4_STATE = f"{Q_LINEAR}.weight.quant_state.bitsandbytes__nf4"
+
+
+def quant_spec(q: str):
+    spec = build_spec("tiny-quant", checkpoint={"format": "safetensors", "quantization": q,
+                                                "quant_group_size": 32})
+    return dataclasses.replace(spec, with_tokenizer=True, with_vision_tower=True)
+
+
+@pytest.fixture(scope="module")
+def quant_pristine(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hostile-quant")
+    out = {}
+    for q in ("nf4-dq", "gptq"):
+        out[q] = root / f"{CKPT_NAME}-{q}"
+        build(quant_spec(q), out[q])
+    return out
+
+
+def quant_argv(command: str, q: str, folder: Path, work: Path) -> list:
+    if command == "verify":
+        return ["verify", folder, "--preset", "tiny-quant", "--format", "safetensors",
+                "--quantization", q, "--quant-group-size", "32"]
+    return command_argv(command, Ckpt(folder, "safetensors"), work, None)
+
+
+def repack(ck: Ckpt, key: str, replace: Callable[[dict, bytes], tuple[dict, bytes] | None]
+           ) -> Path:
+    """Rewrite the shard holding `key` with that tensor's entry and bytes replaced (None:
+    dropped), every span laid out again and the index kept in step: a well-formed file whose
+    only fault is the one crafted. Returns the shard."""
+    shard = ck.folder / json.loads(ck.index.read_text())["weight_map"][key]
+    header, data = read_safetensors(shard)
+    metadata = header.pop("__metadata__", None)
+    entries = {}
+    for name in by_offset(header):
+        start, stop = header[name]["data_offsets"]
+        entry, raw = header[name], data[start:stop]
+        if name == key:
+            made = replace(entry, raw)
+            if made is None:
+                continue
+            entry, raw = made
+        entries[name] = (entry, raw)
+    new_header, chunks, pos = ({"__metadata__": metadata} if metadata else {}), [], 0
+    for name, (entry, raw) in entries.items():
+        new_header[name] = {**entry, "data_offsets": [pos, pos + len(raw)]}
+        chunks.append(raw)
+        pos += len(raw)
+    write_safetensors_raw(shard, compact(new_header), b"".join(chunks))
+    index = json.loads(ck.index.read_text())
+    if key not in entries:
+        del index["weight_map"][key]
+    index["metadata"]["total_size"] += sum(len(r) for _, r in entries.values()) - len(data)
+    ck.write_index(index)
+    return shard
+
+
+def quant_state_edit(**fields) -> Callable[[dict, bytes], tuple[dict, bytes]]:
+    def edit(entry: dict, raw: bytes) -> tuple[dict, bytes]:
+        text = json.dumps({**json.loads(raw), **fields}).encode()
+        return {**entry, "shape": [len(text)]}, text
+    return edit
+
+
+def missing_absmax(ck: Ckpt, tmp: Path) -> Path:
+    return repack(ck, f"{Q_LINEAR}.weight.absmax", lambda entry, raw: None)
+
+
+def shape_not_its_packed_size(ck: Ckpt, tmp: Path) -> Path:
+    return repack(ck, NF4_STATE, quant_state_edit(shape=[64, 128]))
+
+
+def unknown_state_quant_type(ck: Ckpt, tmp: Path) -> Path:
+    return repack(ck, NF4_STATE, quant_state_edit(quant_type="nf5"))
+
+
+def unknown_config_quant_type(ck: Ckpt, tmp: Path) -> Path:
+    config = json.loads((ck.folder / "config.json").read_text())
+    config["quantization_config"]["bnb_4bit_quant_type"] = "nf5"
+    replace_bytes(ck.folder / "config.json", json.dumps(config, indent=2).encode())
+    return ck.folder / "config.json"
+
+
+def gptq_qzeros_transposed(ck: Ckpt, tmp: Path) -> Path:
+    # Same bytes, same span: only the layout check can see it.
+    return repack(ck, f"{Q_LINEAR}.qzeros",
+                  lambda entry, raw: ({**entry, "shape": entry["shape"][::-1]}, raw))
+
+
+QUANT_HOSTILE = [
+    ("nf4-dq-quant-state-missing", "nf4-dq", missing_absmax, QUANT_COMMANDS, "missing"),
+    ("nf4-dq-shape-not-its-packed-size", "nf4-dq", shape_not_its_packed_size, QUANT_COMMANDS,
+     "64 x 128"),
+    ("nf4-dq-unknown-quant-type-in-state", "nf4-dq", unknown_state_quant_type, QUANT_COMMANDS,
+     "quant_type"),
+    ("nf4-dq-unknown-quant-type-in-config", "nf4-dq", unknown_config_quant_type,
+     QUANT_COMMANDS, "bnb_4bit_quant_type"),
+    # GPTQ runs nowhere here (load refuses it with a reason): the readers only.
+    ("gptq-qzeros-transposed", "gptq", gptq_qzeros_transposed, ("count", "strip", "verify"),
+     "expected"),
+]
+QUANT_MATRIX = [pytest.param(q, craft, command, phrase, id=f"{name}-{command}")
+                for name, q, craft, commands, phrase in QUANT_HOSTILE for command in commands]
+
+
+@pytest.mark.parametrize("q, craft, command, phrase", QUANT_MATRIX)
+def test_hostile_quantized_layout_is_one_line_exit_2_no_output(quant_pristine, tmp_path, capsys,
+                                                                q, craft, command, phrase):
+    folder = tmp_path / f"{CKPT_NAME}-{q}"
+    shutil.copytree(quant_pristine[q], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["mm_vision_tower"] = str(folder / "vision_tower")
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    ck = Ckpt(folder, "safetensors")
+    (tmp_path / "control").mkdir()
+    ran = run_cli(capsys, quant_argv(command, q, folder, tmp_path / "control"))
+    assert ran.code == EXIT_OK, f"control failed: {ran.err}"
+    offender = craft(ck, tmp_path)
+    work = tmp_path / "out"
+    work.mkdir()
+    before = tree_state(tmp_path)
+    err = assert_one_error_line(run_cli(capsys, quant_argv(command, q, folder, work)), offender)
+    assert phrase in err, err
+    assert list(work.iterdir()) == [] and tree_state(tmp_path) == before
 
 
 # --- the crafting tools themselves are faithful ---------------------------------------------

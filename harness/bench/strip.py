@@ -19,6 +19,8 @@ writes are still cached below the guest, on the host), which says nothing about 
   output is deleted first, so a round needs the disk space of one output, not two.) Rounds
   alternate which of strip and raw copy goes first.
 
+- `--layout litgpt`: the litgpt export (one `lit_model.pth`) against a raw copy of as many
+  bytes of the input shards, in order, into one file.
 Goals: strip peak anonymous memory <= 300 MB; strip wall, with its strict check, <= 1.1x the
 raw copy's; with --keep-legacy-buffers (shards linkable) strip wall <= 0.35x the naive
 approach's.
@@ -107,6 +109,28 @@ for name, size in sorted(sizes.items()):
     os.close(b)
 """
 
+# The litgpt export's floor: its one file's byte count copied from the input shards in order.
+_RAW_CONCAT = r"""
+import json, os, sys
+src, sizes, dst = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+shards = sorted(n for n in os.listdir(src) if n.endswith((".bin", ".safetensors")))
+os.makedirs(dst)
+for name, size in sorted(sizes.items()):
+    b = os.open(os.path.join(dst, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    done = 0
+    for shard in shards:
+        a = os.open(os.path.join(src, shard), os.O_RDONLY)
+        left = min(os.fstat(a).st_size, size - done)
+        while left > 0:
+            n = os.copy_file_range(a, b, min(left, 1 << 30))
+            done, left = done + n, left - n
+        os.close(a)
+    if done < size:
+        os.write(b, bytes(size - done))
+    os.fsync(b)
+    os.close(b)
+"""
+
 
 class BenchError(HarnessError):
     """A benchmark step failed, or there is no room for its output."""
@@ -159,10 +183,13 @@ def _run(name: str, cmd: list[str]) -> Step:
     return Step(name, m.wall_s, m.peak_rss_bytes / 1e6, (m.peak_anon_bytes or 0) / 1e6)
 
 
-def _strip(src: Path, out: Path, keep: bool, verify: bool) -> tuple[Step, dict[str, int]]:
+def _strip(src: Path, out: Path, keep: bool, verify: bool, layout: str = "hf"
+           ) -> tuple[Step, dict[str, int]]:
     """One strip from a cold cache; returns its step and the output's file sizes."""
     _drop_cache(src)
     cmd = [sys.executable, "-m", "harness.cli", "strip", str(src), "-o", str(out)]
+    if layout == "litgpt":
+        cmd += ["--layout", "litgpt"]
     cmd += ([] if verify else ["--no-verify"]) + (["--keep-legacy-buffers"] if keep else [])
     try:
         stripped = _run("strip" if verify else "strip --no-verify", cmd)
@@ -171,28 +198,34 @@ def _strip(src: Path, out: Path, keep: bool, verify: bool) -> tuple[Step, dict[s
         shutil.rmtree(out, ignore_errors=True)
 
 
-def _raw(src: Path, out: Path, sizes: dict[str, int]) -> Step:
+def _raw(src: Path, out: Path, sizes: dict[str, int], layout: str = "hf") -> Step:
     _drop_cache(src)
+    script = _RAW_CONCAT if layout == "litgpt" else _RAW_COPY
+    if layout == "litgpt":  # the big file only: config and tokenizer are noise
+        sizes = {name: n for name, n in sizes.items() if name.endswith(".pth")}
     try:
-        return _run("raw copy", [sys.executable, "-c", _RAW_COPY, str(src), json.dumps(sizes),
+        return _run("raw copy", [sys.executable, "-c", script, str(src), json.dumps(sizes),
                                  str(out)])
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
 
 def _round(src: Path, work: Path, keep: bool, naive: bool, sizes: dict[str, int] | None,
-           raw_first: bool) -> tuple[dict[str, Step], dict[str, int]]:
+           raw_first: bool, layout: str = "hf") -> tuple[dict[str, Step], dict[str, int]]:
     """One round. Odd rounds copy before they strip (with the sizes an earlier round's strip
-    wrote), so neither step always follows the other's reading of the input."""
+    wrote), so neither step always follows the other's reading of the input. A litgpt
+    export has no --no-verify (its check reads headers only) and no naive counterpart."""
     size = _folder_bytes(src)
     _need_space(work, size)
     steps = {}
     if raw_first and sizes:
-        steps["raw"] = _raw(src, work / "raw-copy", sizes)
-    steps["strip"], sizes = _strip(src, work / "strip", keep, verify=True)
-    steps["copy"], _ = _strip(src, work / "strip", keep, verify=False)
+        steps["raw"] = _raw(src, work / "raw-copy", sizes, layout)
+    steps["strip"], sizes = _strip(src, work / "strip", keep, verify=True, layout=layout)
+    if layout == "hf":
+        steps["copy"], _ = _strip(src, work / "strip", keep, verify=False)
     if "raw" not in steps:
-        steps["raw"] = _raw(src, work / "raw-copy", sizes)
+        steps["raw"] = _raw(src, work / "raw-copy", sizes, layout)
+    naive = naive and layout == "hf"
     if naive:
         out = work / "naive"
         _drop_cache(src)
@@ -212,11 +245,13 @@ def _median(rounds: list[dict[str, Step]], name: str) -> Step | None:
                 max(s.peak_rss_mb for s in steps), max(s.peak_anon_mb for s in steps))
 
 
-def measure(src: Path, work: Path, keep: bool, repeat: int, naive: bool) -> dict:
+def measure(src: Path, work: Path, keep: bool, repeat: int, naive: bool,
+            layout: str = "hf") -> dict:
     _read_all(src)
     rounds, sizes = [], None
     for i in range(repeat):
-        steps, sizes = _round(src, work, keep, naive, sizes, raw_first=i % 2 == 1)
+        steps, sizes = _round(src, work, keep, naive, sizes, raw_first=i % 2 == 1,
+                              layout=layout)
         rounds.append(steps)
     steps = {name: _median(rounds, name) for name in ("naive", "strip", "copy", "raw")}
     figures = {"steps": {k: v for k, v in steps.items() if v is not None}, "rounds": repeat,
@@ -226,7 +261,8 @@ def measure(src: Path, work: Path, keep: bool, repeat: int, naive: bool) -> dict
                                for name in steps if steps[name] is not None}}
     strip = steps["strip"]
     figures["strip_over_raw"] = strip.wall_s / steps["raw"].wall_s
-    figures["copy_over_raw"] = steps["copy"].wall_s / steps["raw"].wall_s
+    if steps["copy"] is not None:
+        figures["copy_over_raw"] = steps["copy"].wall_s / steps["raw"].wall_s
     if steps["naive"] is not None:
         figures["strip_over_naive"] = strip.wall_s / steps["naive"].wall_s
     return figures
@@ -251,7 +287,8 @@ def record(case: str, f: dict, keep: bool):
                     f"{name}_peak_rss": (step.peak_rss_mb, "MB"),
                     f"{name}_peak_anon": (step.peak_anon_mb, "MB")}
     metrics["strip_over_raw"] = (f["strip_over_raw"], "ratio", "lower")
-    metrics["copy_over_raw"] = (f["copy_over_raw"], "ratio", "lower")
+    if "copy_over_raw" in f:
+        metrics["copy_over_raw"] = (f["copy_over_raw"], "ratio", "lower")
     if "strip_over_naive" in f:
         metrics["strip_over_naive"] = (f["strip_over_naive"], "ratio", "lower")
     missed = [what for what, value, goal in goals(f, keep) if value > goal]
@@ -262,7 +299,8 @@ def record(case: str, f: dict, keep: bool):
 def _print(case: str, src: Path, f: dict, keep: bool) -> None:
     from tabulate import tabulate
 
-    labels = {"naive": "naive load/filter/save", "strip": "strip (with its strict check)",
+    labels = {"naive": "naive load/filter/save", "strip": "strip (with its strict check)"
+              if "litgpt" not in case else "strip --layout litgpt (with its key/shape check)",
               "copy": "strip --no-verify (the copy alone)",
               "raw": "raw copy of the output's bytes"}
     rows = [[labels[n], f"{s.wall_s:.1f}", f"{s.peak_rss_mb:.0f}", f"{s.peak_anon_mb:.0f}"]
@@ -276,7 +314,7 @@ def _print(case: str, src: Path, f: dict, keep: bool) -> None:
 
 
 def bench_strip(folders: list[tuple[Path, str]], keeps: tuple[bool, ...], repeat: int,
-                work: Path | None, naive: bool, out: Path | None) -> int:
+                work: Path | None, naive: bool, out: Path | None, layout: str = "hf") -> int:
     records = []
     for src, name in folders:
         where = Path(work) if work else src.parent
@@ -284,10 +322,11 @@ def bench_strip(folders: list[tuple[Path, str]], keeps: tuple[bool, ...], repeat
         scratch = where / f".bench-strip-{os.getpid()}"
         scratch.mkdir()
         try:
-            for keep in keeps:
-                case = f"{name}-{'keep' if keep else 'drop'}-legacy"
+            for keep in keeps if layout == "hf" else (False,):
+                case = f"{name}-{'keep' if keep else 'drop'}-legacy" if layout == "hf" \
+                    else f"{name}-litgpt"
                 try:
-                    figures = measure(src, scratch, keep, repeat, naive)
+                    figures = measure(src, scratch, keep, repeat, naive, layout)
                 except BenchError as exc:  # record it and go on with the other cases
                     print(f"\n{case}: {exc}", file=sys.stderr)
                     records.append(_error_record(case, str(exc)))

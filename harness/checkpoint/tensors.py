@@ -39,6 +39,7 @@ class Piece:
     offset: int
     nbytes: int
     data: bytes | None = None
+    crc: int | None = None  # CRC-32 of these bytes, when a stored record already states it
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,10 @@ Chunks = Callable[[Entry], Iterable[bytes | memoryview]]
 Progress = Callable[[int], None]
 
 _STORAGE_TYPES = {"float16": torch.HalfStorage, "bfloat16": torch.BFloat16Storage,
-                  "float32": torch.FloatStorage}
+                  "float32": torch.FloatStorage,
+                  # pre-quantized layouts: packed codes, LLM.int8 weights, GPTQ/AWQ integers
+                  "uint8": torch.ByteStorage, "int8": torch.CharStorage,
+                  "int32": torch.IntStorage}
 
 
 

@@ -12,7 +12,8 @@ import argparse
 from pathlib import Path
 
 from ..synth.presets import PRESET_NAMES, build_spec
-from ..synth.specs import DTYPES, FORMATS, PLACEMENTS, SpecError, check_projector_type, parse_size
+from ..synth.specs import (DTYPES, FORMATS, PLACEMENTS, QUANTIZATIONS, SpecError,
+                           check_projector_type, parse_size)
 
 STDOUT = "-"
 
@@ -95,6 +96,13 @@ def add_spec_options(p: argparse.ArgumentParser) -> None:
                    help="leave out the per-layer rotary_emb.inv_freq buffers")
     p.add_argument("--with-vision-tower", action="store_true",
                    help="also build a local CLIP tower (always on for tiny)")
+    p.add_argument("--quantization", choices=QUANTIZATIONS,
+                   help="store the decoder linears pre-quantized: bitsandbytes nf4 / nf4-dq / "
+                        "fp4 / int8 as transformers saves them, or key-level gptq / awq")
+    p.add_argument("--quant-bits", type=positive_int,
+                   help="gptq / awq: bits per value, 2, 4 or 8 (default 4)")
+    p.add_argument("--quant-group-size", type=positive_int,
+                   help="gptq / awq: input features per scale group (default 128)")
 
 
 def spec_from_args(args: argparse.Namespace):
@@ -103,7 +111,8 @@ def spec_from_args(args: argparse.Namespace):
         model["projector_type"] = args.projector
     if args.dtype:
         model["dtype"] = args.dtype
-    for name in ("format", "placement", "seed", "shards", "max_shard_size"):
+    for name in ("format", "placement", "seed", "shards", "max_shard_size", "quantization",
+                 "quant_bits", "quant_group_size"):
         if getattr(args, name) is not None:
             ck[name] = getattr(args, name)
     if args.no_legacy_buffers:

@@ -48,6 +48,8 @@ SUITES = {
     "figures": "test_figures.py",
     "architecture": "test_architecture.py",
     "hostile": "test_hostile_inputs.py",
+    "prequantized": "test_prequantized.py",
+    "litgpt": "test_litgpt_export.py",
 }
 # The default: what a user means by "check the tiny default end to end" and what CI can afford
 # before the full `pytest suites` (which runs everything anyway): the builder (build, layout,

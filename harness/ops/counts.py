@@ -14,11 +14,13 @@ model has unfrozen, for comparing against `projector_params(...)`.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..checkpoint.formats import shape_numel
+from ..checkpoint.quantized import logical_shapes, quantized_linears, scheme_of, stored_keys
 from ..checkpoint.reader import CheckpointError, open_folder
 from ..synth.layout import IMAGE_NEWLINE, VISION_PREFIX, model_tensors
 from ..synth.specs import SpecError, check_projector_type, mlp_depth
@@ -138,6 +140,8 @@ class Counts:
     tensors_from: str
     params: dict[str, int] = field(default_factory=dict)
     buffer_elements: int = 0
+    # A pre-quantized checkpoint: its scheme and stored bytes (params above are logical).
+    quantization: dict | None = None
 
     @property
     def agree(self) -> bool:
@@ -160,6 +164,7 @@ class Counts:
                 "params": {**self.params, "total": self.total_params},
                 "buffer_elements": self.buffer_elements,
                 "trainable_stage1": self.trainable_stage1,
+                "quantization": self.quantization,
                 "agree": self.agree}
 
 
@@ -222,18 +227,41 @@ def _read_config(path: Path) -> dict:
     return read_json(found, path)
 
 
+def quantization_summary(scheme, linears: dict, sources: dict) -> dict:
+    """Stored bytes of a pre-quantized checkpoint by what they are, and its logical size."""
+    stored = stored_keys(linears)
+    packed = sum(q.packed_bytes for q in linears.values())
+    state = sum(q.stored_bytes for q in linears.values()) - packed
+    plain = sum(s.nbytes for k, s in sources.items() if k not in stored)
+    return {"scheme": scheme.name, "quantized_linears": len(linears),
+            "quantized_params": sum(shape_numel(q.shape) for q in linears.values()),
+            "stored_bytes": {"packed_weights": packed, "quant_state": state,
+                             "unquantized": plain, "total": packed + state + plain}}
+
+
 def count_checkpoint(path: Path) -> Counts:
-    """Counts for a checkpoint folder: tensor shapes from the file headers, no data read."""
+    """Counts for a checkpoint folder: tensor shapes from the file headers, no data read
+    (a bitsandbytes 4-bit checkpoint's small quant-state JSON tensors excepted: they hold the
+    logical shapes). A pre-quantized checkpoint counts its logical parameters, those of the
+    unquantized model, and reports its stored bytes per kind."""
     folder = open_folder(path)
     # An index that lies about its shards is bad input, not a count; its total_size is
     # checked last, so that a tensor of the wrong shape is named for what it is.
     folder.check(total_size=False)
-    shapes = {key: meta.shape for key, meta in folder.tensors.items()}
+    config_path = folder.path / "config.json"
+    config = _read_config(config_path)
+    sources = folder.tensors
+    scheme = scheme_of(config, config_path)
+    shapes = {key: meta.shape for key, meta in sources.items()}
+    summary = None
+    if scheme is not None:
+        linears = quantized_linears(scheme, sources, folder.path)
+        shapes = logical_shapes(sources, linears)
+        summary = quantization_summary(scheme, linears, sources)
     where = str(folder.path / (folder.index_file or folder.files[0]))
-    counts = count(_read_config(folder.path / "config.json"), shapes, str(folder.path),
-                   str(folder.path / "config.json"), where, "file_headers")
+    counts = count(config, shapes, str(folder.path), str(config_path), where, "file_headers")
     folder.check()
-    return counts
+    return dataclasses.replace(counts, quantization=summary)
 
 
 def count_preset(name: str) -> Counts:

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.paths import check_side_files, inside
+from ..checkpoint.quantized import quantized_linears, scheme_of
 from ..checkpoint.reader import open_folder, read_file
 from ..errors import HarnessError
 from ..model.config import architecture_of, llava_config, read_config_json
@@ -399,6 +400,26 @@ def _choose_kind(model_path: Path, model_base, model_name: str, detect: str) -> 
     return found.kind, notes
 
 
+def _prequantized(path: Path, kind: str, quantize: bool) -> str | None:
+    """The scheme of a pre-quantized LLaVA folder (its config.json's quantization_config,
+    which transformers then loads it with), its stored layout validated first; None for a
+    float folder."""
+    if kind != "llava":
+        return None
+    scheme = scheme_of(read_config_json(path), path / "config.json")
+    if scheme is None:
+        return None
+    quantized_linears(scheme, open_folder(path).tensors, path)
+    if scheme.method != "bitsandbytes":
+        raise LoadError(f"{path}: a {scheme.name} checkpoint; running it needs {scheme.method}"
+                        " kernels (optimum with auto-gptq / autoawq), which the harness does "
+                        "not install: count, verify, extract and strip read it")
+    if quantize:
+        raise LoadError(f"{path}: already quantized ({scheme.name}, from config.json's "
+                        "quantization_config); load it without --4bit/--8bit")
+    return scheme.name
+
+
 def load(model_path, model_base=None, model_name: str | None = None, *, load_8bit=False,
          load_4bit=False, device_map="auto", device="cuda", use_flash_attn=False,
          dtype=None, detect="files", vision_tower=None, vision_tower_dtype=None,
@@ -410,6 +431,7 @@ def load(model_path, model_base=None, model_name: str | None = None, *, load_8bi
     kind, notes = _choose_kind(path, base, model_name or path.name, detect)
     if load_8bit and load_4bit:
         raise LoadError("choose one of load_8bit and load_4bit")
+    prequantized = _prequantized(path, kind, load_8bit or load_4bit)
     dtype = as_dtype(dtype or kwargs.pop("torch_dtype", None) or torch.float16)
     kwargs.pop("torch_dtype", None)
     if use_flash_attn:
@@ -431,7 +453,7 @@ def load(model_path, model_base=None, model_name: str | None = None, *, load_8bi
                          "checkpoint replaces the one in its folder, as the original loads it")
     model.eval()
     context_len = getattr(model.config, "max_sequence_length", None) or DEFAULT_CONTEXT_LEN
-    quant = "int8" if load_8bit else "nf4-dq" if load_4bit else None
+    quant = "int8" if load_8bit else "nf4-dq" if load_4bit else prequantized
     return Loaded(kind, arch, model, tokenizer, processor, context_len, dtype, quant,
                   time.perf_counter() - start, notes)
 

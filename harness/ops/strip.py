@@ -20,6 +20,9 @@ from pathlib import Path
 from ..checkpoint.atomic import atomic_dir
 from ..checkpoint.files import copy_files
 from ..checkpoint.paths import check_output
+from ..checkpoint.formats import shape_numel
+from ..checkpoint.quantized import (Scheme, logical_shapes, quantized_linears, scheme_of,
+                                    split_key, stored_layout)
 from ..checkpoint.reader import CheckpointError, scan_folder
 from ..checkpoint.shards import plan_shards, write_shards
 from ..checkpoint.tensors import Source
@@ -68,7 +71,7 @@ def plain_config(config: dict, layout: str, arch: str) -> dict:
     """The language model's config.json: LLaVA fields out, Llama/Mistral identity in."""
     if layout == "hf":
         fields = dict(config["text_config"])
-        for name in ("torch_dtype", "dtype", "transformers_version"):
+        for name in ("torch_dtype", "dtype", "transformers_version", "quantization_config"):
             if name in config and name not in fields:
                 fields[name] = config[name]
     else:
@@ -94,13 +97,25 @@ class StripResult:
 
 
 def strip_mapper(layout: str, keep_legacy_buffers: bool, folder: Path,
-                 dropped: list[str]):
-    """layout -> canonical -> plain; appends every dropped source key to `dropped`."""
+                 dropped: list[str], scheme: Scheme | None = None):
+    """layout -> canonical -> plain; appends every dropped source key to `dropped`. In a
+    pre-quantized checkpoint a linear's stored tensors (`weight.absmax`, `SCB`, `qweight`, ...)
+    go where its `weight` goes: the key map names float weights, the suffix rides along."""
     to_canonical = keys.LAYOUT_MAPS[layout]
 
+    def plain(key: str, where: str) -> str | None:
+        return keys.PLAIN(to_canonical(key, where=where), where=where)
+
+    def target_of(key: str, where: str) -> str | None:
+        split = split_key(scheme, key) if scheme is not None else None
+        if split is None or split[1] == "weight":
+            return plain(key, where)
+        module, suffix = split
+        weight = plain(module + ".weight", where)
+        return None if weight is None else weight.removesuffix("weight") + suffix
+
     def mapper(file: str, source: Source) -> Source | None:
-        canonical = to_canonical(source.key, where=str(folder / file))
-        target = keys.PLAIN(canonical, where=str(folder / file))
+        target = target_of(source.key, str(folder / file))
         if target is None or (keys.is_legacy_buffer(target) and not keep_legacy_buffers):
             dropped.append(source.key)
             return None
@@ -118,10 +133,15 @@ def strip(ckpt: Path, out: Path, *, keep_legacy_buffers: bool = False,
     config = _read_config(folder.path)
     layout = keys.layout_of(config, scanned.tensors, where=str(folder.path))
     arch = arch_of(config, layout, folder.path / "config.json")
+    scheme = scheme_of(config, folder.path / "config.json")
+    if scheme is not None:
+        # Every packed weight with all of its state, every shape as its logical shape implies:
+        # a broken quantized linear is refused here, not written out.
+        quantized_linears(scheme, scanned.tensors, folder.path)
     fmt = to_format or folder.format
     dropped: list[str] = []
     shards = plan_shards(scanned, strip_mapper(layout, keep_legacy_buffers, folder.path,
-                                               dropped), fmt)
+                                               dropped, scheme), fmt)
     if not shards:
         raise StripError(f"{folder.path}: no language-model tensor left after stripping")
     folder.check()
@@ -257,6 +277,13 @@ def strict_problems(folder: Path, allow_legacy: bool = False,
     if problems:
         return problems
     expected = expected if expected is not None else expected_state(folder)
+    scheme = scheme_of(config, folder / "config.json")
+    if scheme is not None:
+        try:
+            quantized_linears(scheme, found, folder)
+        except CheckpointError as exc:
+            return [str(exc)]
+        expected = quantized_expected(expected, scheme)
     legacy = {k: s for k, s in found.items() if keys.is_legacy_buffer(k)} if allow_legacy else {}
     problems += _legacy_problems(folder, legacy, config)
     for key in sorted(expected.keys() - found.keys()):
@@ -266,13 +293,35 @@ def strict_problems(folder: Path, allow_legacy: bool = False,
     for key in sorted(expected.keys() & found.keys()):
         shape, dtype = expected[key]
         got = found[key]
+        if shape is None:  # a quant_state JSON: any length, checked by quantized_linears
+            shape = got.shape if len(got.shape) == 1 else (0,)
         if (got.shape, got.dtype) != (shape, dtype):
             problems.append(f"{folder}: {key} is {got.dtype}{list(got.shape)}, the model "
                             f"expects {dtype}{list(shape)}")
     return problems
 
 
+def quantized_expected(expected: dict, scheme: Scheme) -> dict:
+    """The float model's state with every decoder linear's weight replaced by what `scheme`
+    stores for it (lm_head, embeddings and norms stay float, as every scheme leaves them)."""
+    out = {}
+    for key, (shape, dtype) in expected.items():
+        if not (key.startswith("model.layers.") and key.endswith("_proj.weight")):
+            out[key] = (shape, dtype)
+            continue
+        module = key.removesuffix(".weight")
+        for suffix, stored in stored_layout(scheme, shape[0], shape[1], dtype).items():
+            out[f"{module}.{suffix}"] = stored
+    return out
+
+
 def parameter_count(folder: Path) -> int:
-    """Parameters from headers alone (legacy buffers are not parameters)."""
-    return sum(s.numel for k, s in scan_folder(Path(folder)).tensors.items()
+    """Parameters from headers alone (legacy buffers are not parameters); a pre-quantized
+    folder counts its logical parameters, those of the float model."""
+    folder = Path(folder)
+    tensors = scan_folder(folder).tensors
+    scheme = scheme_of(_read_config(folder), folder / "config.json")
+    shapes = {k: s.shape for k, s in tensors.items()} if scheme is None else \
+        logical_shapes(tensors, quantized_linears(scheme, tensors, folder))
+    return sum(shape_numel(shape) for k, shape in shapes.items()
                if not keys.is_legacy_buffer(k))

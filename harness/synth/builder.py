@@ -16,6 +16,7 @@ from ..checkpoint.writers import WRITERS
 from . import configs
 from .fill import tensor_chunks
 from .plan import CheckpointPlan, index_json, make_plan
+from .quantize import quantization_config
 from .specs import BuildSpec
 
 VISION_TOWER_DIR = "vision_tower"
@@ -50,8 +51,11 @@ def write_tensors(spec: BuildSpec, plan: CheckpointPlan, folder: Path) -> None:
 
 
 def write_configs(spec: BuildSpec, folder: Path, vision_tower: str) -> None:
-    (folder / "config.json").write_text(configs.dump(configs.llava_config(spec.model,
-                                                                          vision_tower)))
+    config = configs.llava_config(spec.model, vision_tower)
+    quantization = quantization_config(spec.checkpoint, spec.model)
+    if quantization is not None:
+        config["quantization_config"] = quantization
+    (folder / "config.json").write_text(configs.dump(config))
     (folder / "generation_config.json").write_text(
         configs.dump(configs.generation_config(spec.model)))
 

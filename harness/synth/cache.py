@@ -33,9 +33,17 @@ def cache_root() -> Path:
     return Path(os.environ.get(ENV_VAR) or default)
 
 
+# CheckpointSpec fields added after builds were cached: left out of the hash while they hold
+# their float default, so every float build keeps the folder (and hash) it always had.
+_LATER_FIELDS = ("quantization", "quant_bits", "quant_group_size")
+
+
 def spec_hash(spec: BuildSpec) -> str:
-    payload = json.dumps({"spec": dataclasses.asdict(spec), "fill": FILL_VERSION},
-                         sort_keys=True)
+    data = dataclasses.asdict(spec)
+    if spec.checkpoint.quantization is None:
+        for name in _LATER_FIELDS:
+            data["checkpoint"].pop(name)
+    payload = json.dumps({"spec": data, "fill": FILL_VERSION}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 

@@ -16,16 +16,21 @@ from functools import lru_cache
 
 import torch
 
+from ..checkpoint.formats import DTYPE_BYTES
 from .layout import TensorInfo, inv_freq_values
 
 BLOCK_ELEMENTS = 4_194_301  # the largest prime below 2**22
 
 # (mean, std) per kind: weights like a 0.02 init; norms near 1 but not constant.
-KIND_STATS = {"weight": (0.0, 0.02), "bias": (0.0, 0.02), "norm": (1.0, 0.05)}
+KIND_STATS = {"weight": (0.0, 0.02), "bias": (0.0, 0.02), "norm": (1.0, 0.05),
+              "scale": (0.01, 0.001)}
+# Integer tensors of key-level quantized layouts (GPTQ / AWQ qweight, qzeros) take the block's
+# raw bits: every bit pattern is a valid integer, and no two rows repeat.
+RAW_BITS = "bits"
 
 
 def _torch_dtype(name: str) -> torch.dtype:
-    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+    return getattr(torch, name)
 
 
 @lru_cache(maxsize=2)
@@ -37,6 +42,8 @@ def _normal_block(seed: int):
 @lru_cache(maxsize=8)
 def _block_bytes(seed: int, kind: str, dtype: str) -> memoryview:
     """The block scaled for a kind and cast to a dtype, as raw bytes, made once per build."""
+    if kind == RAW_BITS:
+        return memoryview(_normal_block(seed).view(torch.uint8).numpy())
     mean, std = KIND_STATS[kind]
     values = (_normal_block(seed) * std + mean).to(_torch_dtype(dtype))
     return memoryview(values.view(torch.uint8).numpy())
@@ -61,8 +68,13 @@ def tensor_chunks(seed: int, info: TensorInfo, model, max_chunk: int = 1 << 24
     if info.kind == "inv_freq":
         yield _computed_bytes(info, model)
         return
+    if info.kind == "quant":
+        from .quantize import stored_bytes  # quantize.py builds on this module
+
+        yield stored_bytes(seed, info, model)
+        return
     block = _block_bytes(seed, info.kind, info.dtype)
-    item = len(block) // BLOCK_ELEMENTS
+    item = len(block) // BLOCK_ELEMENTS if info.kind != RAW_BITS else DTYPE_BYTES[info.dtype]
     start = key_offset(seed, info.key) * item
     left = info.nbytes
     while left:

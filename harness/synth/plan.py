@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from ..checkpoint.formats import INDEX_NAMES, shard_name
 from .layout import TensorInfo, model_tensors
+from .quantize import quantized_tensors
 from .specs import BuildSpec, SpecError
 
 
@@ -129,7 +130,7 @@ def _place_projector(shards: list[list[TensorInfo]], projector: list[TensorInfo]
 
 def make_plan(spec: BuildSpec) -> CheckpointPlan:
     ck = spec.checkpoint
-    tensors = model_tensors(spec.model, ck.legacy_buffers)
+    tensors = quantized_tensors(model_tensors(spec.model, ck.legacy_buffers), ck, spec.model)
     projector = [t for t in tensors if t.group == "projector"]
     rest = [t for t in tensors if t.group != "projector"]
     groups = _by_count(rest, ck.shards) if ck.shards else _by_max_size(rest, ck.max_shard_size)

@@ -19,6 +19,8 @@ ARCHS = ("llama", "mistral")
 FORMATS = ("bin", "safetensors")
 PLACEMENTS = ("last", "first", "middle", "split")
 ASPECT_RATIOS = ("pad", "square", "anyres")
+# Pre-quantized checkpoints: bitsandbytes as transformers saves it, and key-level GPTQ / AWQ.
+QUANTIZATIONS = ("nf4", "nf4-dq", "fp4", "int8", "gptq", "awq")
 _MLP_GELU = re.compile(r"^mlp(\d+)x_gelu$")
 
 
@@ -176,9 +178,22 @@ class CheckpointSpec:
     placement: str = "last"
     legacy_buffers: bool = True
     seed: int = 0
+    # None: float weights. Otherwise the language model's decoder linears are stored
+    # quantized (harness/checkpoint/quantized.py); embeddings, norms, lm_head and the
+    # projector stay float, as bitsandbytes, GPTQ and AWQ leave them.
+    quantization: str | None = None
+    # GPTQ / AWQ only: bits per value and input features per scale group.
+    quant_bits: int = 4
+    quant_group_size: int = 128
 
     def __post_init__(self) -> None:
         _one_of("CheckpointSpec", "format", self.format, FORMATS)
+        if self.quantization is not None:
+            _one_of("CheckpointSpec", "quantization", self.quantization, QUANTIZATIONS)
+        _positive("CheckpointSpec", self, "quant_group_size")
+        if self.quant_bits not in (2, 4, 8):
+            _fail("CheckpointSpec", "quant_bits", self.quant_bits,
+                  "must be 2, 4 or 8 (values that pack evenly into int32)")
         _one_of("CheckpointSpec", "placement", self.placement, PLACEMENTS)
         if (self.shards is None) == (self.max_shard_size is None):
             _fail("CheckpointSpec", "shards", self.shards,

@@ -55,10 +55,27 @@ def data_problems(spec: BuildSpec, folder: CheckpointFolder) -> list[str]:
     return problems
 
 
+def check_quantized(folder: CheckpointFolder) -> None:
+    """A pre-quantized folder's linears all whole (CheckpointError otherwise), whatever the
+    spec says: its config's quantization_config is read as transformers would read it."""
+    from ..checkpoint.paths import inside
+    from ..checkpoint.quantized import quantized_linears, scheme_of
+    from ..checkpoint.reader import read_json
+
+    config_path = folder.path / "config.json"
+    found = inside(folder.path, "config.json", must_exist=False)  # a link out is refused
+    if found is None:
+        return
+    scheme = scheme_of(read_json(found, config_path), config_path)
+    if scheme is not None:
+        quantized_linears(scheme, folder.tensors, folder.path)
+
+
 def verify(spec: BuildSpec, folder_path: Path, data: bool = True) -> list[str]:
     """Every problem found, one line each; the folder's headers are read once."""
     try:
         folder = open_folder(folder_path)
+        check_quantized(folder)
     except CheckpointError as exc:
         return [str(exc)]
     problems = layout_problems(spec, folder)

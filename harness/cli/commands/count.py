@@ -36,6 +36,12 @@ def _table(counts) -> str:
     rows += [[f"params: {group}", f"{n:,}"] for group, n in d["params"].items()]
     rows += [["buffer elements (not parameters)", f"{counts.buffer_elements:,}"],
              ["trainable in stage 1 (projector only)", f"{counts.trainable_stage1:,}"]]
+    quant = counts.quantization
+    if quant:
+        rows.append(["quantization (params above are logical)",
+                     f"{quant['scheme']}: {quant['quantized_linears']} linears, "
+                     f"{quant['quantized_params']:,} params"])
+        rows += [[f"stored bytes: {kind}", f"{n:,}"] for kind, n in quant["stored_bytes"].items()]
     return tabulate(rows, tablefmt="github", headers=[counts.source, ""])
 
 

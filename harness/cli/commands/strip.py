@@ -28,6 +28,9 @@ def register(sub, bench) -> None:
                    help="keep the per-layer rotary_emb.inv_freq buffers (then shards holding "
                         "only language-model tensors are hard-linked, not rewritten)")
     p.add_argument("--to-format", choices=FORMATS, help="default: the checkpoint's own")
+    p.add_argument("--layout", choices=("hf", "litgpt"), default="hf",
+                   help="hf (default): a transformers Llama/Mistral folder; litgpt: "
+                        "lit_model.pth + model_config.yaml as litgpt.GPT loads them, streamed")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the strict check against the target class (meta device)")
@@ -44,6 +47,8 @@ def register(sub, bench) -> None:
                    metavar="DIR", help="benchmark this folder instead of a preset (repeatable)")
     b.add_argument("--legacy", choices=("drop", "keep", "both"), default="both",
                    help="run without and/or with --keep-legacy-buffers (default both)")
+    b.add_argument("--layout", choices=("hf", "litgpt"), default="hf",
+                   help="benchmark strip's hf output (default) or the litgpt export")
     b.add_argument("--work", type=Path, metavar="DIR",
                    help="where outputs are written and deleted (default: beside the input)")
     b.add_argument("--repeat", type=positive_int, default=1,
@@ -54,8 +59,30 @@ def register(sub, bench) -> None:
     b.set_defaults(func=cmd_bench_strip)
 
 
+def cmd_export_litgpt(args: argparse.Namespace) -> int:
+    from ...ops.litgpt import export_litgpt
+    from ...ops.strip import StripError
+
+    if args.keep_legacy_buffers or args.to_format:
+        raise StripError("--keep-legacy-buffers and --to-format are for --layout hf; a litgpt "
+                         "export is lit_model.pth without legacy buffers")
+    r = export_litgpt(args.checkpoint, args.output, force=args.force)
+    print(f"exported {r.layout} {r.arch} checkpoint to litgpt: {r.tensors} tensors "
+          f"({r.total_size:,} bytes); key set and shapes checked against litgpt's GPT -> {r.out}")
+    if args.json:
+        from ...console import print_json
+
+        print_json({"output": str(r.out), "layout": "litgpt", "source_layout": r.layout,
+                    "architecture": r.arch, "tensors": r.tensors, "total_size": r.total_size,
+                    "files": r.files})
+    return 0
+
+
 def cmd_strip(args: argparse.Namespace) -> int:
     from ...ops.strip import strip
+
+    if args.layout == "litgpt":
+        return cmd_export_litgpt(args)
 
     r = strip(args.checkpoint, args.output, keep_legacy_buffers=args.keep_legacy_buffers,
               to_format=args.to_format, force=args.force, verify=args.verify)
@@ -100,4 +127,4 @@ def cmd_bench_strip(args: argparse.Namespace) -> int:
 
     keeps = {"drop": (False,), "keep": (True,), "both": (False, True)}[args.legacy]
     return bench_strip(_bench_folders(args), keeps, args.repeat, args.work, args.naive,
-                       results_target(args))
+                       results_target(args), args.layout)

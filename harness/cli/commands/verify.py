@@ -25,11 +25,12 @@ def register(sub, bench) -> None:
 def cmd_verify(args: argparse.Namespace) -> int:
     from ...checkpoint.reader import open_folder
     from ...console import print_json
-    from ...synth.verify import data_problems, layout_problems
+    from ...synth.verify import check_quantized, data_problems, layout_problems
 
     spec = spec_from_args(args)
     folder = open_folder(args.folder)
     folder.check()  # unreadable or inconsistent input: CheckpointError, one line, exit 2
+    check_quantized(folder)  # a broken pre-quantized layout is bad input too
     problems = layout_problems(spec, folder)
     if not problems and not args.layout_only:
         problems = data_problems(spec, folder)
