@@ -71,8 +71,13 @@ IMAGE_SIZES = {"A": (37, 23), "B": (19, 31)}
 # [width, height]). Between them LLaVA picks every pinpoint; `small` ties between 28x56 and
 # 56x28 (the first listed wins); `wide` leaves an odd padding, where the original's unpad keeps
 # one row more than the image fills; `landscape` and `portrait` unpad rows and columns.
+# `rounding` and `sliver` are sizes where the original's int() truncation of a float product
+# just under an integer (2.9999999999999996, 0.9999999999999999) unpads a column pair that
+# llava-hf's LlavaNext, rounding first, keeps; `sliver` keeps no grid column at all, only the
+# newline ends.
 NEXT_IMAGE_SIZES = {"wide": (80, 20), "tall": (20, 80), "square": (60, 60), "small": (20, 15),
-                    "two_by_one": (50, 26), "landscape": (60, 40), "portrait": (40, 60)}
+                    "two_by_one": (50, 26), "landscape": (60, 40), "portrait": (40, 60),
+                    "rounding": (147, 196), "sliver": (49, 294)}
 IMAGE_RECIPE = ("pixel (x, y) of image A = ((3x + 5y) % 256, (7xy + 11) % 256, (x*x + 2y*y) % 256), "
                 "of image B the same with x and y swapped in each channel formula, of the k-th "
                 "anyres image (NEXT_IMAGE_SIZES order, k from 1) that of A with 29k added to "
