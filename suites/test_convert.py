@@ -693,6 +693,15 @@ def test_llava_hf_unpads_some_sizes_unlike_the_original(size, crop):
     assert ours.numel() < theirs.numel()
 
 
+@pytest.mark.parametrize("pinpoints", [None, "[[28, 56], [56]]", [[0, 28]]])
+def test_malformed_pinpoints_are_refused_by_name(tmp_path, pinpoints):
+    src = next_build(tmp_path / "src")
+    edit_config(src, image_grid_pinpoints=pinpoints)
+    with pytest.raises(ConvertError, match="image_grid_pinpoints"):
+        convert(src, tmp_path / "hf", "hf")
+    assert not (tmp_path / "hf").exists()
+
+
 def test_a_partial_stored_tower_is_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -38,6 +38,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 from ..checkpoint.atomic import atomic_dir
 from ..checkpoint.files import copy_files
@@ -206,7 +207,7 @@ def check_original_supported(config: dict, where: Path) -> None:
         from ..model.anyres import AnyresError, pinpoints_of
 
         try:
-            pinpoints_of(type("Config", (), config)())
+            pinpoints_of(SimpleNamespace(**config))
         except AnyresError as exc:
             raise ConvertError(f"{where}: {exc}") from None
         images = (("mm_patch_merge_type", ("spatial_unpad",)),)
