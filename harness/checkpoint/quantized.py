@@ -29,6 +29,10 @@ BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 FLOAT_DTYPES = ("float16", "bfloat16", "float32")
 PACKED_BITS = (2, 4, 8)          # GPTQ / AWQ bit widths that pack evenly into int32
 MAX_STATE_JSON = 4096            # a real quant_state JSON is ~170 bytes
+# `llm_int8_skip_modules` of a quantized LLaVA: the projector and lm_head stay float (the vision
+# tower is loaded apart and never quantized). transformers 5 matches these from the start of
+# the module name or as a suffix (4.x: as a substring), so the projector is named in full.
+UNQUANTIZED_MODULES = ("model.mm_projector", "mm_projector", "lm_head")
 
 
 @dataclass(frozen=True)

@@ -268,13 +268,6 @@ def hf_config(config: dict, arch: str, vision: dict, vocab: int) -> dict:
     return out
 
 
-def runs_stored_tower(config: dict, scanned: ScannedFolder) -> bool:
-    """Whether the original runs the tower stored in the checkpoint (LLaVA-1.6: it builds the
-    tower at init when `unfreeze_mm_vision_tower`, and the stored tensors load over it)."""
-    return bool(config.get("unfreeze_mm_vision_tower")) and any(
-        k.startswith("model.vision_tower.") for k in scanned.tensors)
-
-
 def check_stored_tower(scanned: ScannedFolder, tower: Path) -> None:
     """The stored tower must be the whole tower its folder describes, tensor for tensor."""
     stored = {}
@@ -331,7 +324,7 @@ def _to_hf(scanned: ScannedFolder, config: dict, out: Path, vision_tower, fmt: s
     vision = vision_config_of(tower)
     vocab = config["vocab_size"]
     dropped: list[str] = []
-    stored_tower = runs_stored_tower(config, scanned)
+    stored_tower = keys.runs_stored_tower(config, scanned.tensors)
     if stored_tower:
         check_stored_tower(scanned, tower)
     shards = plan_shards(scanned, _hf_mapper(folder, vocab, dropped, stored_tower), fmt)

@@ -214,6 +214,19 @@ LAYOUT_MAPS = {"original": ORIGINAL, "hf": HF_READ}
 
 
 _LEGACY_PATTERN = _compile(LEGACY_BUFFER)
+# Where an original-layout checkpoint stores a tuned tower (LLaVA-1.6): CLIPVisionModel's
+# in-memory names follow (transformers 5 has no `vision_model.` level there).
+STORED_TOWER = TOWER_MODEL.removesuffix("*")
+
+
+def runs_stored_tower(config, tensor_keys: Iterable[str]) -> bool:
+    """Whether the original runs the tower stored in the checkpoint: with
+    `unfreeze_mm_vision_tower` (every LLaVA-1.6) it builds the tower at init, so
+    `from_pretrained` loads the stored tensors over the folder's. `config`: a dict or a
+    config object."""
+    unfreeze = (config.get("unfreeze_mm_vision_tower") if isinstance(config, dict)
+                else getattr(config, "unfreeze_mm_vision_tower", False))
+    return bool(unfreeze) and any(k.startswith(STORED_TOWER) for k in tensor_keys)
 
 
 def is_legacy_buffer(canonical_key: str) -> bool:

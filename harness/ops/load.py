@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.paths import check_side_files, inside
-from ..checkpoint.quantized import quantized_linears, scheme_of
+from ..checkpoint.quantized import UNQUANTIZED_MODULES, quantized_linears, scheme_of
 from ..checkpoint.reader import open_folder, read_file
 from ..errors import HarnessError
 from ..model.config import architecture_of, llava_config, read_config_json
@@ -77,9 +77,7 @@ def quantization_config(load_8bit: bool, load_4bit: bool, compute_dtype: torch.d
         return None
     from transformers import BitsAndBytesConfig
 
-    # transformers 5 matches these from the start of the module name or as a suffix (4.x: as a
-    # substring), so the projector is named in full; `_check_unquantized` verifies the result.
-    skip = ["model.mm_projector", "mm_projector", "lm_head"]
+    skip = list(UNQUANTIZED_MODULES)  # `_check_unquantized` verifies the result
     if load_8bit:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute_dtype,
@@ -333,33 +331,28 @@ def _finish_llava(model, tokenizer, opts: _Options):
     return tower.image_processor
 
 
-# Where an original-layout checkpoint stores a tuned tower (LLaVA-1.6), and where CLIP keeps
-# those tensors in memory (transformers 5's CLIPVisionModel has no `vision_model.` level).
-STORED_TOWER_PREFIX = "model.vision_tower.vision_tower.vision_model."
-
-
 def _load_stored_tower(model, folder: Path) -> bool:
     """LLaVA-1.6 tunes the tower and stores it in the checkpoint. With
     `unfreeze_mm_vision_tower` the original builds the tower from its folder at init, so
     `from_pretrained` then loads the stored tensors over it: the stored tower is the one that
     runs. Same here, strictly: the stored tensors must be exactly the tower's. Returns whether
     a stored tower was loaded."""
-    if not getattr(model.config, "unfreeze_mm_vision_tower", False):
-        return False
+    from . import keys
+
     checkpoint = open_folder(folder)
-    stored = [k for k in checkpoint.tensors if k.startswith(STORED_TOWER_PREFIX)]
-    if not stored:
+    if not keys.runs_stored_tower(model.config, checkpoint.tensors):
         return False
+    stored = [k for k in checkpoint.tensors if k.startswith(keys.STORED_TOWER)]
     clip = model.get_vision_tower().vision_tower
     state = clip.state_dict()
-    names = {k: k.removeprefix(STORED_TOWER_PREFIX) for k in stored}
+    names = {k: k.removeprefix(keys.STORED_TOWER) for k in stored}
     unknown = sorted(k for k, name in names.items() if name not in state)
     if unknown:
         raise LoadError(f"{folder}: {unknown[0]} is no tensor of the vision tower "
                         f"({model.get_vision_tower().tower_path})")
     lacking = sorted(set(state) - set(names.values()))
     if lacking:
-        raise LoadError(f"{folder}: stores a vision tower without {STORED_TOWER_PREFIX}"
+        raise LoadError(f"{folder}: stores a vision tower without {keys.STORED_TOWER}"
                         f"{lacking[0]}")
     weights = checkpoint.read(stored)
     with torch.no_grad():

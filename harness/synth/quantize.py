@@ -22,13 +22,12 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 
-from ..checkpoint.quantized import Scheme, layout_problem, stored_layout
+from ..checkpoint.quantized import UNQUANTIZED_MODULES, Scheme, layout_problem, stored_layout
 from .layout import TensorInfo
 from .specs import CheckpointSpec, ModelSpec, SpecError
 
-# The harness loader's skip list (harness/ops/load.py): what transformers writes in
-# `llm_int8_skip_modules` when it quantizes a LLaVA with the projector and lm_head left float.
-SKIP_MODULES = ["model.mm_projector", "mm_projector", "lm_head"]
+# What transformers writes in `llm_int8_skip_modules` when the harness loader quantizes a LLaVA.
+SKIP_MODULES = list(UNQUANTIZED_MODULES)
 _QUANTIZED_SUFFIX = "_proj.weight"      # the seven decoder linears of a Llama/Mistral layer
 
 
