@@ -500,7 +500,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
         from .report.gate import evaluate
 
         gate = evaluate(checks, results, config.getoption("--llava-baseline"), outcomes=False)
-        config.stash[_GATE_LINES] = [f"warning: {w}" for w in gate.warnings] + gate.lines()
+        config.stash[_GATE_LINES] = ([f"warning: {w}" for w in gate.warnings]
+                                      + [f"gate: {n}" for n in gate.notes] + gate.lines())
         if not gate.ok and session.exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 

@@ -1,6 +1,8 @@
 """The default run's figures: every operation the harness checks, timed over repeated rounds on
 the tiny default through pytest-benchmark, so a report, a comparison and a gate see each one's
 median and its spread (build, extraction, stripping, counting, and a 4-bit load on CPU).
+Each figure's case also carries the machine-speed probe, timed right before and after it, so
+a gate can judge the figure at the speed of the machine it ran on (harness/report/speed.py).
 
 These are figures, not checks of speed: nothing here asserts a duration. Each test still
 asserts that the operation did its work, so a figure is never that of a failing operation.
@@ -19,6 +21,7 @@ from harness.checkpoint.reader import open_folder
 from harness.ops.counts import count_checkpoint
 from harness.ops.extract import extract
 from harness.ops.strip import strip
+from harness.report.speed import PROBE_METRIC, probe_times
 from harness.synth.builder import build
 from harness.synth.presets import build_spec
 
@@ -30,6 +33,18 @@ from harness.synth.presets import build_spec
 ROUNDS = 7
 LOAD_ROUNDS = 4
 FAST_CALLS = 10
+
+
+@pytest.fixture(autouse=True)
+def machine_probe(llava_record, tmp_path_factory):
+    """The machine-speed probe right before and right after each figure, recorded on the
+    figure's case: a gate judges the figure at the speed this machine ran the probe, against
+    the baseline's (harness/report/speed.py)."""
+    scratch = tmp_path_factory.mktemp("probe")
+    times = probe_times(scratch)
+    yield
+    times += probe_times(scratch)
+    llava_record(PROBE_METRIC, times, "s")
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from harness.cli.app import main
 from harness.report.environment import Environment
 from harness.report.gate import GateError, evaluate, parse_check, write_baseline
 from harness.report.results import Metric, Record, Results, load_results, write_results
+from harness.report.speed import PROBE_METRIC
 
 ENV = Environment(hostname="ci", cpu_model="Test CPU", cpu_count=2, python="3.11.7",
                   libraries={"torch": "2.13.0"}, git_commit="a" * 40, git_dirty=False)
@@ -382,6 +383,105 @@ def test_the_range_widens_by_the_baselines_spread_not_the_runs():
     assert noise_of(wide, Metric(1.0, "s")) == pytest.approx(0.25 + floor * 1.0)
     counts = Metric(7, "count")
     assert noise_of(counts, counts) == 0.0  # an exact figure has no noise
+
+
+# --- machine speed ----------------------------------------------------------------------------
+
+def probed(values, probe, name="bench_s", unit="s", case="c1") -> Results:
+    """A figure with the machine-speed probe measured around it (speed.py)."""
+    metrics = {name: Metric.of(values, unit)}
+    if probe is not None:
+        metrics[PROBE_METRIC] = Metric.of(probe, "s")
+    return Results("run-1", ENV, (Record("figures", case, "passed", None, metrics, "t"),), "t")
+
+
+BASE_FIGURE = [1.00, 1.02, 0.98, 1.01, 0.99, 1.03, 0.97]
+BASE_PROBE = [0.0040, 0.0041, 0.0039, 0.0040]
+
+
+def times(values, factor):
+    return [v * factor for v in values]
+
+
+def test_a_slower_machine_is_judged_at_the_speed_it_ran_the_probe():
+    """What CI met: the same code on a VM of the same class, every figure ~1.78x the
+    baseline's. Unscaled, `+20%` fails it; with the probe measured 1.75x slower around the
+    figure, the baseline is taken at that speed and it passes, saying so."""
+    check = [parse_check("bench_s:+20%")]
+    base = probed(BASE_FIGURE, BASE_PROBE)
+    slow_machine = probed(times(BASE_FIGURE, 1.78), times(BASE_PROBE, 1.75))
+    assert not evaluate(check, probed(times(BASE_FIGURE, 1.78), None), base).ok
+    gate = evaluate(check, slow_machine, base)
+    assert gate.ok, gate.lines()
+    assert gate.scales == {"figures::c1": pytest.approx(1.75)}
+    assert gate.notes == ["timings of 1 case(s) judged at this machine's speed: the probe "
+                          "took x1.75 the baseline's time"]
+
+
+def test_a_regression_still_fails_at_full_size_on_any_machine():
+    """The probe does none of the harness's work, so a code change does not move it: twice
+    the time fails on the baseline's machine, on a machine 1.75x slower, and on one 2x
+    faster, and the failure names the scale it was judged at."""
+    check = [parse_check("bench_s:+20%")]
+    base = probed(BASE_FIGURE, BASE_PROBE)
+    for speed in (1.0, 1.75, 0.5):
+        run = probed(times(BASE_FIGURE, 2 * speed), times(BASE_PROBE, speed))
+        lines = evaluate(check, run, base).lines()
+        assert len(lines) == 1 and f"probe x{speed:.3g}" in lines[0], (speed, lines)
+    # A faster machine is no cover either: the same time as the baseline on a machine that
+    # runs the probe in half the time is a 2x regression.
+    assert not evaluate(check, probed(BASE_FIGURE, times(BASE_PROBE, 0.5)), base).ok
+
+
+def test_a_rate_is_divided_by_the_scale_and_other_figures_are_left_alone():
+    """tokens/s fall on a slower machine: a third of the rate at three times the probe time
+    passes; a third of the rate at the same probe time fails. Memory does not move with
+    speed."""
+    check = [parse_check("decode_tokens_per_s:-20%")]
+    base = probed([100.0, 101, 99, 100], BASE_PROBE, "decode_tokens_per_s", "tokens/s")
+    third = [33.3, 33.6, 33.0, 33.3]
+    assert evaluate(check, probed(third, times(BASE_PROBE, 3), "decode_tokens_per_s",
+                                  "tokens/s"), base).ok
+    assert not evaluate(check, probed(third, BASE_PROBE, "decode_tokens_per_s", "tokens/s"),
+                        base).ok
+    memory = [parse_check("peak_rss:+5%")]
+    base = probed([100.0] * 4, BASE_PROBE, "peak_rss", "MiB")
+    assert not evaluate(memory, probed([110.0] * 4, times(BASE_PROBE, 2), "peak_rss", "MiB"),
+                        base).ok
+
+
+def test_the_probe_is_not_judged_at_its_own_scale():
+    """A check that matches the probe compares it raw (at its own scale it would always
+    pass)."""
+    check = [parse_check(f"{PROBE_METRIC}:+20%")]
+    base = probed(BASE_FIGURE, BASE_PROBE)
+    assert not evaluate(check, probed(BASE_FIGURE, times(BASE_PROBE, 2)), base).ok
+
+
+def test_a_baseline_without_the_probe_is_compared_unscaled_with_a_warning():
+    check = [parse_check("bench_s:+20%")]
+    gate = evaluate(check, probed(BASE_FIGURE, BASE_PROBE), probed(BASE_FIGURE, None))
+    assert gate.ok and not gate.scales and not gate.notes
+    assert any("compared unscaled" in w for w in gate.warnings), gate.warnings
+
+
+def test_the_probe_does_the_same_work_every_call_and_leaves_no_trace(tmp_path):
+    """Seconds per call, one per round; torch's thread count restored; the scratch file gone;
+    and its work touches nothing of the harness (names it uses: stdlib and torch only)."""
+    import torch
+
+    from harness.report import speed
+
+    threads = torch.get_num_threads()
+    values = speed.probe_times(tmp_path, rounds=3, calls=2)
+    assert len(values) == 3 and all(0 < v < 5 for v in values)
+    assert torch.get_num_threads() == threads and not list(tmp_path.iterdir())
+    assert speed._work(tmp_path) == speed._work(tmp_path)
+    used = set(speed._work.__code__.co_names)
+    assert used <= {"torch", "json", "os", "open", "sorted", "bytes", "bytearray", "float",
+                    "range", "enumerate", "len", "_KEYS", "_BLOCK", "loads", "dumps", "write",
+                    "read_bytes", "stat", "frombuffer", "uint8", "reshape", "to", "float32",
+                    "tanh", "sum"}, used
 
 
 @pytest.mark.parametrize("limit", ["+1001%", "+" + "9" * 400 + "%", "±12345%"])

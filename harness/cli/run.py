@@ -284,6 +284,8 @@ def _gate(opts: RunOptions, results, baseline) -> bool:
     gate = evaluate(opts.checks, results, baseline, outcomes=False)
     for warning in gate.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    for line in gate.notes:
+        print(f"gate: {line}")
     for line in gate.lines():
         print(line)
     if gate.ok:

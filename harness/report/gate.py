@@ -15,6 +15,11 @@ Relative limits apply beyond the noise: the range widens by the baseline's measu
 shift stated in tolerances.toml (one run's rounds do not show the noise between runs). So two runs of the same code on the
 same machine pass a `±5%` gate and a 2x regression still fails it. A percentage above 1000% is refused (a limit that cannot fail is no limit).
 
+Timings of a case that carries the machine-speed probe (the figures suite measures it around
+each figure; speed.py), as its baseline record does, are judged at this machine's speed: the
+baseline's value and noise times the ratio of the two probes. Two VMs of one class differ by
+up to 1.8x; the code does not change the probe, so a regression still shows at full size.
+
 Checks are parsed when the arguments are (argparse and pytest `type=`), so a typo fails
 before any work, naming the bad text. Evaluation gives one failure line per (check, case,
 metric) with the baseline, the value and the limit.
@@ -25,13 +30,15 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import statistics
 import subprocess
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 
 from ..errors import HarnessError
-from .results import Metric, Record, Results
+from .results import Metric, Record, Results, is_timing
+from .speed import PROBE_METRIC, at_scale, speed_scale
 
 _RELATIVE = re.compile(r"^(?P<sign>[+\-±~]?)(?P<num>\d{1,4}(?:\.\d{1,6})?)%$")
 MAX_PERCENT = 1000
@@ -196,6 +203,18 @@ class GateResult:
     checked: int = 0
     # check text -> "case metric" values a relative check could not compare (new cases).
     unchecked: dict[str, list[str]] = field(default_factory=dict)
+    # case -> machine-speed scale its timings were judged at (speed.py).
+    scales: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def notes(self) -> list[str]:
+        """What the verdict rests on, beyond the checks: the machine-speed scales applied."""
+        if not self.scales:
+            return []
+        values = sorted(self.scales.values())
+        spread = "" if len(values) == 1 else f", {values[0]:.3g}-{values[-1]:.3g} by case"
+        return [f"timings of {len(values)} case(s) judged at this machine's speed: the probe "
+                f"took x{statistics.median(values):.3g} the baseline's time{spread}"]
 
     @property
     def ok(self) -> bool:
@@ -206,7 +225,10 @@ class GateResult:
 
 
 def _check_record(check: Check, record: Record, base: Record | None, out: GateResult) -> int:
-    """Apply one check to one record's matching metrics; returns how many it matched."""
+    """Apply one check to one record's matching metrics; returns how many it matched. A
+    timing of a record that carries the machine-speed probe, as its baseline record does, is
+    judged at this machine's speed (speed.py)."""
+    scale = speed_scale(record, base)
     names = [n for n in record.metrics if check.matches(record, n)]
     if base is not None:
         # A metric the baseline had and this run lost (a skipped case, a dropped figure).
@@ -225,10 +247,17 @@ def _check_record(check: Check, record: Record, base: Record | None, out: GateRe
         out.checked += 1
         base_value = base_metric.value if base_metric is not None else None
         noise = noise_of(metric, base_metric) if check.needs_baseline else 0.0
+        note = ""
+        if check.needs_baseline and name != PROBE_METRIC and scale is not None \
+                and is_timing(metric.unit):
+            base_value, noise = at_scale(metric, base_value, noise, scale)
+            out.scales[record.id] = scale
+            note = f"baseline at this machine's speed: probe x{scale:.3g}"
         if not check.passes(metric, base_value, noise):
             out.failures.append(Failure(check, record.id, name, metric.value, base_value,
                                         metric.unit,
-                                        _limit_text(check, metric, base_value, noise)))
+                                        _limit_text(check, metric, base_value, noise),
+                                        note=note))
     return len(names)
 
 
@@ -263,10 +292,24 @@ def evaluate(checks: list[Check], results: Results, baseline: Results | None = N
             matched += _check_record(check, record, base, out)
         if not matched:
             out.failures.append(f"FAIL {check.text}: matches no metric in the results")
+    if baseline is not None:
+        unscaled = _unscaled_timings(checks, results, baseline)
+        if unscaled:
+            out.warnings.append(f"{unscaled} case(s) carry the machine-speed probe but their "
+                                "baseline records do not: their timings are compared unscaled "
+                                "(record a new baseline)")
     for text, values in out.unchecked.items():
         out.warnings.append(f"{text}: {len(values)} value(s) not in the baseline, not checked "
                             f"(e.g. {values[0]})")
     return out
+
+
+def _unscaled_timings(checks: list[Check], results: Results, baseline: Results) -> int:
+    """Cases whose probe has no counterpart in the baseline, under a relative check."""
+    if not any(c.needs_baseline for c in checks):
+        return 0
+    return sum(1 for r in results.records if PROBE_METRIC in r.metrics
+               and speed_scale(r, baseline.record(*r.key)) is None)
 
 
 # -- baselines ---------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ def cmd_gate(args: argparse.Namespace) -> int:
     outcome = evaluate(args.fail, results, baseline, outcomes=not args.ignore_outcomes)
     for warning in outcome.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    for line in outcome.notes:
+        print(f"gate: {line}")
     for line in outcome.lines():
         print(line)
     if outcome.ok:
@@ -30,7 +32,8 @@ def cmd_gate(args: argparse.Namespace) -> int:
     if args.json:
         print_json({"ok": outcome.ok, "checks": [c.text for c in args.fail],
                     "checked": outcome.checked, "failures": outcome.lines(),
-                    "warnings": outcome.warnings, "unchecked": outcome.unchecked})
+                    "warnings": outcome.warnings, "unchecked": outcome.unchecked,
+                    "speed_scales": outcome.scales})
     return 0 if outcome.ok else 1
 
 

@@ -1,0 +1,98 @@
+"""The machine-speed probe: a fixed piece of work timed around each CPU figure, so a gate can
+tell "this machine is slower today" from "this code got slower".
+
+Two VMs of one machine class (same CPU model, same cores) are not equally fast: CI ran the
+figures 1.7-1.8x slower than the committed baseline's machine with no change to the code
+(count 2.82 vs 1.58 ms, the 4-bit load 67 vs 39 ms; see fixtures/tolerances.toml). No
+percentage both passes that and fails a 2x regression. So each figure carries the time of
+this probe, measured right before and right after it in the same process, and a relative
+gate judges a timing against the baseline's at the ratio of the two probes
+(`speed_scale`): a machine at 1.7x the probe's time is allowed 1.7x the baseline's time.
+
+The probe does none of the harness's own work (stdlib and plain torch only), so a code
+change cannot slow it, and a regression in the harness still shows at full size. It mixes
+what the CPU figures spend their time on: Python dicts and JSON (headers, key maps), memory
+copies (tensor bytes), small-file writes and reads through the page cache (checkpoints), and
+small torch ops. torch runs single-threaded here: under contention two OpenMP threads on two
+busy cores slow down 15-30x, far beyond what the figures see (measured 2-2.7x).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from .results import Metric, Record, is_timing
+
+PROBE_METRIC = "machine_probe_s"
+PROBE_ROUNDS = 7   # per side (before and after the figure): 14 rounds pooled, quartiles solid
+PROBE_CALLS = 5    # calls per round; one call is ~3.5 ms on a 2-core AMD EPYC (Zen 5)
+
+_KEYS = tuple(f"model.layers.{i % 40}.mlp.proj_{i}.weight" for i in range(1500))
+_BLOCK = bytes(range(256)) * 4096   # 1 MiB of fixed bytes
+
+
+def _work(folder: Path) -> float:
+    import torch
+
+    header = {key: {"dtype": "F16", "shape": [i, 64], "data_offsets": [i, i + 64]}
+              for i, key in enumerate(_KEYS)}
+    parsed = json.loads(json.dumps(header))
+    sorted(parsed, key=lambda k: (len(k), k))
+    path = folder / "machine-probe.bin"
+    with open(path, "wb") as f:
+        f.write(_BLOCK[: 256 << 10])
+    data = path.read_bytes()
+    os.stat(path)
+    bytes(bytearray(_BLOCK))
+    # A bounded recurrence on fixed numbers: the same work every call, no NaN or overflow path.
+    a = torch.frombuffer(bytearray(data[: 64 * 64]), dtype=torch.uint8).reshape(64, 64)
+    a = a.to(torch.float32) / 255
+    for _ in range(8):
+        a = torch.tanh(a @ a * 0.01 + 0.5)
+    return float(a.sum())
+
+
+def probe_times(folder: Path, rounds: int = PROBE_ROUNDS, calls: int = PROBE_CALLS
+                ) -> list[float]:
+    """Seconds per call of the probe, one value per round, after one unrecorded round (first
+    calls pay for imports and allocator warm-up). `folder` takes its one scratch file."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _work(folder)
+        times = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for _ in range(calls):
+                _work(folder)
+            times.append((time.perf_counter() - start) / calls)
+        return times
+    finally:
+        torch.set_num_threads(threads)
+        (folder / "machine-probe.bin").unlink(missing_ok=True)
+
+
+def speed_scale(record: Record, base: Record | None) -> float | None:
+    """How much slower this record's machine ran the probe than the baseline record's
+    (2.0: twice the time); None when either side has no probe."""
+    if base is None:
+        return None
+    ours, theirs = record.metrics.get(PROBE_METRIC), base.metrics.get(PROBE_METRIC)
+    if ours is None or theirs is None or not ours.value > 0 or not theirs.value > 0:
+        return None
+    return ours.value / theirs.value
+
+
+def at_scale(metric: Metric, baseline: float, noise: float, scale: float | None
+             ) -> tuple[float, float]:
+    """(baseline, noise) as they would be on this run's machine: a duration times the scale,
+    a rate (per second) divided by it; other metrics unchanged."""
+    if scale is None or not is_timing(metric.unit):
+        return baseline, noise
+    factor = 1 / scale if metric.unit.endswith("/s") else scale
+    return baseline * factor, noise * factor
