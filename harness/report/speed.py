@@ -58,11 +58,20 @@ def _work(folder: Path) -> float:
 def probe_times(folder: Path, rounds: int = PROBE_ROUNDS, calls: int = PROBE_CALLS
                 ) -> list[float]:
     """Seconds per call of the probe, one value per round, after one unrecorded round (first
-    calls pay for imports and allocator warm-up). `folder` takes its one scratch file."""
+    calls pay for imports and allocator warm-up). `folder` takes its one scratch file.
+
+    The cyclic garbage collector is off while it runs (as in `timeit`): its pauses grow with
+    the heap the process has built up, not with the machine, and in the default run's
+    process one round in six took 50 ms a call instead of 3.5 ms when a collection fell in it.
+    """
+    import gc
+
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    collecting = gc.isenabled()
+    gc.disable()
     try:
         _work(folder)
         times = []
@@ -73,6 +82,8 @@ def probe_times(folder: Path, rounds: int = PROBE_ROUNDS, calls: int = PROBE_CAL
             times.append((time.perf_counter() - start) / calls)
         return times
     finally:
+        if collecting:
+            gc.enable()
         torch.set_num_threads(threads)
         (folder / "machine-probe.bin").unlink(missing_ok=True)
 
