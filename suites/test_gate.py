@@ -466,8 +466,11 @@ def test_a_baseline_without_the_probe_is_compared_unscaled_with_a_warning():
 
 
 def test_the_probe_does_the_same_work_every_call_and_leaves_no_trace(tmp_path):
-    """Seconds per call, one per round; torch's thread count restored; the scratch file gone;
-    and its work touches nothing of the harness (names it uses: stdlib and torch only)."""
+    """Seconds per call, one per round; torch's thread count and the garbage collector
+    restored; the scratch file gone; and its work touches nothing of the harness (the names
+    it uses: stdlib and torch only)."""
+    import gc
+
     import torch
 
     from harness.report import speed
@@ -476,6 +479,7 @@ def test_the_probe_does_the_same_work_every_call_and_leaves_no_trace(tmp_path):
     values = speed.probe_times(tmp_path, rounds=3, calls=2)
     assert len(values) == 3 and all(0 < v < 5 for v in values)
     assert torch.get_num_threads() == threads and not list(tmp_path.iterdir())
+    assert gc.isenabled()
     assert speed._work(tmp_path) == speed._work(tmp_path)
     used = set(speed._work.__code__.co_names)
     assert used <= {"torch", "json", "os", "open", "sorted", "bytes", "bytearray", "float",
