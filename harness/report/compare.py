@@ -6,7 +6,7 @@ run id and hardware (GPU, or CPU model with ISA level and cores). The markdown s
 changed in outcome (a case that passed in one run and failed in another), then which cases
 every run failed, then each metric with each run's value (median ± half the IQR, and n, for a
 repeated measurement) and a verdict against A: "same, within noise" unless the difference
-exceeds the noise the gate allows for too (run A's measured spread, plus for timings the
+exceeds the noise the gate allows for too (run A's measured spread, for timings at least the
 run-to-run shift of tolerances.toml), else the ratio, better or worse by the metric's
 direction. A figure measured once carries no noise and is marked so. Cost is linear in the
 number of records. The chart is in chart.py.
@@ -181,7 +181,7 @@ def _metrics(runs: list[Results], names: list[str], keys) -> list[str]:
     lines = ["## Metrics", "",
              f"Values are medians ± half the IQR over n rounds where a figure was measured "
              f"repeatedly. Against run {names[0]}: {counts['same']} same (equal, or within "
-             f"the noise: run {names[0]}'s measured spread (IQR), plus for timings the "
+             f"the noise: run {names[0]}'s measured spread (IQR), for timings at least the "
              f"run-to-run shift "
              f"of {run_to_run_noise():.0%} stated in tolerances.toml), {counts['differ']} "
              "different. ↓: lower is better, ↑: higher is better.", ""]

@@ -11,8 +11,9 @@ A check is `METRIC[@CASE]:LIMIT`; METRIC and CASE are shell-style globs (CASE ma
     <=0.5   absolute (also <, >=, >, ==): needs no baseline
 
 Relative limits apply beyond the noise: the range widens by the baseline's measured spread
-(its IQR; the run's where the baseline has no sample) and, for timings, by the run-to-run
-shift stated in tolerances.toml (one run's rounds do not show the noise between runs). So two runs of the same code on the
+(its IQR; the run's where the baseline has no sample), for timings at least the run-to-run
+shift stated in tolerances.toml (one run's rounds do not show the noise between runs; a
+baseline pooled from several runs does, and its IQR counts where it is the larger). So two runs of the same code on the
 same machine pass a `±5%` gate and a 2x regression still fails it. A percentage above 1000% is refused (a limit that cannot fail is no limit).
 
 Timings of a case that carries the machine-speed probe (the figures suite measures it around
@@ -153,10 +154,12 @@ def _limit_text(check: Check, metric: Metric, baseline: float | None,
 
 
 def noise_of(metric: Metric, base: Metric | None) -> float:
-    """How far two figures may differ by noise alone. The reference's measured spread (IQR;
-    the new figure's where the reference has none), plus, for a timing, the run-to-run shift stated in tolerances.toml
-    ([noise.run_to_run.timing]) times the reference value: a single run's rounds do not show
-    the noise between runs."""
+    """How far two figures may differ by noise alone: the reference's measured spread (IQR;
+    the new figure's where the reference has none), for a timing at least the run-to-run
+    shift stated in tolerances.toml ([noise.run_to_run.timing]) times the reference value.
+    A single run's rounds do not show the noise between runs, so the floor; a baseline pooled
+    from several runs shows it in its IQR, and adding the floor on top would count it twice
+    (a planted 2x build regression passed the gate that way: 14.4 ms, IQR 7.9 ms)."""
     from .results import is_timing
 
     # The reference's own spread where it has one: a regression that also makes the new run
@@ -166,7 +169,7 @@ def noise_of(metric: Metric, base: Metric | None) -> float:
     noise = max(spreads, default=0.0)
     reference = base if base is not None else metric
     if is_timing(metric.unit) and math.isfinite(reference.value):
-        noise += run_to_run_noise() * abs(reference.value)
+        noise = max(noise, run_to_run_noise() * abs(reference.value))
     return noise
 
 
