@@ -426,17 +426,30 @@ def test_a_slower_machine_is_judged_at_the_speed_it_ran_the_probe():
 
 def test_a_regression_still_fails_at_full_size_on_any_machine():
     """The probe does none of the harness's work, so a code change does not move it: twice
-    the time fails on the baseline's machine, on a machine 1.75x slower, and on one 2x
-    faster, and the failure names the scale it was judged at."""
+    the time fails on the baseline's machine, on a machine 1.75x slower and on one 3x slower,
+    and the failure names the scale it was judged at."""
     check = [parse_check("bench_s:+20%")]
     base = probed(BASE_FIGURE, BASE_PROBE)
-    for speed in (1.0, 1.75, 0.5):
+    for speed in (1.0, 1.75, 3.0):
         run = probed(times(BASE_FIGURE, 2 * speed), times(BASE_PROBE, speed))
         lines = evaluate(check, run, base).lines()
         assert len(lines) == 1 and f"probe x{speed:.3g}" in lines[0], (speed, lines)
-    # A faster machine is no cover either: the same time as the baseline on a machine that
-    # runs the probe in half the time is a 2x regression.
-    assert not evaluate(check, probed(BASE_FIGURE, times(BASE_PROBE, 0.5)), base).ok
+
+
+def test_a_faster_probe_does_not_tighten_the_range():
+    """Where the machine ran the probe faster, the baseline is taken as measured: a writer
+    figure's process-to-process shift (1.4-1.75x on one VM) does not follow the probe, and a
+    shrunk baseline would fail unchanged code. So unchanged code passes on a machine that
+    runs the probe in half the time; twice the baseline's time still fails there."""
+    check = [parse_check("bench_s:+20%")]
+    base = probed(BASE_FIGURE, BASE_PROBE)
+    gate = evaluate(check, probed(times(BASE_FIGURE, 1.3), times(BASE_PROBE, 0.5)), base)
+    assert gate.ok, gate.lines()
+    assert gate.notes == ["timings of 1 case(s) judged at this machine's speed: the probe "
+                          "took x0.5 the baseline's time; 1 case(s) where it ran faster are "
+                          "held to the baseline as measured"]
+    lines = evaluate(check, probed(times(BASE_FIGURE, 2), times(BASE_PROBE, 0.5)), base).lines()
+    assert len(lines) == 1 and "probe x0.5, applied as x1" in lines[0], lines
 
 
 def test_a_rate_is_divided_by_the_scale_and_other_figures_are_left_alone():

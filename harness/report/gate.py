@@ -18,8 +18,9 @@ same machine pass a `±5%` gate and a 2x regression still fails it. A percentage
 
 Timings of a case that carries the machine-speed probe (the figures suite measures it around
 each figure; speed.py), as its baseline record does, are judged at this machine's speed: the
-baseline's value and noise times the ratio of the two probes. Two VMs of one class differ by
-up to 1.8x; the code does not change the probe, so a regression still shows at full size.
+baseline's value and noise times the ratio of the two probes where this machine ran it slower
+(never below the baseline as measured). Two VMs of one class differ by up to 1.8x; the code
+does not change the probe, so a regression still shows at full size.
 
 Checks are parsed when the arguments are (argparse and pytest `type=`), so a typo fails
 before any work, naming the bad text. Evaluation gives one failure line per (check, case,
@@ -39,7 +40,7 @@ from pathlib import Path
 
 from ..errors import HarnessError
 from .results import Metric, Record, Results, is_timing
-from .speed import PROBE_METRIC, at_scale, speed_scale
+from .speed import PROBE_METRIC, allowance, at_scale, speed_scale
 
 _RELATIVE = re.compile(r"^(?P<sign>[+\-±~]?)(?P<num>\d{1,4}(?:\.\d{1,6})?)%$")
 MAX_PERCENT = 1000
@@ -216,8 +217,11 @@ class GateResult:
             return []
         values = sorted(self.scales.values())
         spread = "" if len(values) == 1 else f", {values[0]:.3g}-{values[-1]:.3g} by case"
+        faster = sum(1 for v in values if v < 1)
+        held = (f"; {faster} case(s) where it ran faster are held to the baseline as measured"
+                if faster else "")
         return [f"timings of {len(values)} case(s) judged at this machine's speed: the probe "
-                f"took x{statistics.median(values):.3g} the baseline's time{spread}"]
+                f"took x{statistics.median(values):.3g} the baseline's time{spread}{held}"]
 
     @property
     def ok(self) -> bool:
@@ -253,9 +257,11 @@ def _check_record(check: Check, record: Record, base: Record | None, out: GateRe
         note = ""
         if check.needs_baseline and name != PROBE_METRIC and scale is not None \
                 and is_timing(metric.unit):
-            base_value, noise = at_scale(metric, base_value, noise, scale)
+            applied = allowance(scale)
+            base_value, noise = at_scale(metric, base_value, noise, applied)
             out.scales[record.id] = scale
-            note = f"baseline at this machine's speed: probe x{scale:.3g}"
+            note = f"baseline at this machine's speed: probe x{scale:.3g}" + (
+                "" if applied == scale else f", applied as x{applied:.3g}")
         if not check.passes(metric, base_value, noise):
             out.failures.append(Failure(check, record.id, name, metric.value, base_value,
                                         metric.unit,
