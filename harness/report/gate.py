@@ -161,8 +161,6 @@ def noise_of(metric: Metric, base: Metric | None) -> float:
     A single run's rounds do not show the noise between runs, so the floor; a baseline pooled
     from several runs shows it in its IQR, and adding the floor on top would count it twice
     (a planted 2x build regression passed the gate that way: 14.4 ms, IQR 7.9 ms)."""
-    from .results import is_timing
-
     # The reference's own spread where it has one: a regression that also makes the new run
     # noisier must not widen the range it is judged by.
     spreads = [m.spread for m in ((base,) if base is not None and base.spread is not None

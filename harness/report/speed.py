@@ -26,7 +26,7 @@ import os
 import time
 from pathlib import Path
 
-from .results import Metric, Record, is_timing
+from .results import Metric, Record
 
 PROBE_METRIC = "machine_probe_s"
 PROBE_ROUNDS = 7   # per side (before and after the figure): 14 rounds pooled, quartiles solid
@@ -109,11 +109,9 @@ def allowance(scale: float) -> float:
     return max(scale, 1.0)
 
 
-def at_scale(metric: Metric, baseline: float, noise: float, scale: float | None
+def at_scale(metric: Metric, baseline: float, noise: float, scale: float
              ) -> tuple[float, float]:
-    """(baseline, noise) as they would be on this run's machine: a duration times the scale,
-    a rate (per second) divided by it; other metrics unchanged."""
-    if scale is None or not is_timing(metric.unit):
-        return baseline, noise
+    """A timing's (baseline, noise) as they would be on this run's machine: a duration times
+    the scale, a rate (per second) divided by it."""
     factor = 1 / scale if metric.unit.endswith("/s") else scale
     return baseline * factor, noise * factor
