@@ -48,6 +48,7 @@ SUITES = {
     "figures": "test_figures.py",
     "architecture": "test_architecture.py",
     "hostile": "test_hostile_inputs.py",
+    "identity": "test_identity.py",
     "prequantized": "test_prequantized.py",
     "litgpt": "test_litgpt_export.py",
 }

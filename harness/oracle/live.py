@@ -4,7 +4,7 @@
 built), writes a plan, runs `compute.py` in the oracle environment, and assembles the result
 into the same folder format as the stored fixtures (`manifest.json`, `images.safetensors`,
 `cases/`). A result is reused only when everything it depends on is unchanged: the
-checkpoints' bytes, the cases, the oracle environment, the computing script, and this
+checkpoints' identity, the cases, the oracle environment, the computing script, and this
 machine's numeric fingerprint (CPU, ISA, torch's kernels and threads) — so a cache folder
 shared between machines never hands one CPU's arithmetic to another.
 """
@@ -21,12 +21,13 @@ import time
 from pathlib import Path
 
 from ..checkpoint.atomic import atomic_dir
+from ..checkpoint.identity import folder_identity
 from ..report.environment import numeric_fingerprint
 from ..synth.cache import cache_lock
 from . import cases
 from .venv import OracleEnv, OracleEnvError, clean_env, oracle_root, require_env
 
-FORMAT_VERSION = 3  # 3: LLaVA-1.6 (anyres) cases and their grid choices
+FORMAT_VERSION = 4  # 3: LLaVA-1.6 (anyres) cases; 4: checkpoint identity, not file hashes
 MANIFEST = "manifest.json"
 COMPUTE_SCRIPT = Path(__file__).with_name("compute.py")
 COMPUTE_TIMEOUT_S = 900
@@ -42,21 +43,6 @@ def sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def folder_hashes(folder: Path) -> dict[str, str]:
-    """sha256 of every file of a checkpoint folder. config.json is hashed without
-    `mm_vision_tower`, the one field that names the folder's own absolute path."""
-    out = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        rel = str(path.relative_to(folder))
-        if rel == "config.json":
-            config = json.loads(path.read_text())
-            config.pop("mm_vision_tower", None)
-            out[rel] = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
-        else:
-            out[rel] = sha256(path)
-    return out
 
 
 def spec_of(entry: dict):
@@ -75,9 +61,9 @@ def build_checkpoints(root: Path) -> dict[str, Path]:
     return folders
 
 
-def result_key(env: OracleEnv, hashes: dict, fingerprint: dict) -> str:
+def result_key(env: OracleEnv, identities: dict, fingerprint: dict) -> str:
     payload = json.dumps({"format": FORMAT_VERSION, "env": env.info()["key"],
-                          "script": sha256(COMPUTE_SCRIPT), "checkpoints": hashes,
+                          "script": sha256(COMPUTE_SCRIPT), "checkpoints": identities,
                           "cases": cases.checkpoints(), "inputs": cases.INPUTS,
                           "next_inputs": cases.NEXT_INPUTS, "images": cases.image_sizes(),
                           "machine": fingerprint}, sort_keys=True)
@@ -109,13 +95,13 @@ def _run_compute(env: OracleEnv, plan: dict, work: Path) -> None:
         raise OracleComputeError(f"oracle compute: LLaVA's code failed: {last.strip()}")
 
 
-def _manifest(computed: dict, hashes: dict, fingerprint: dict, env: OracleEnv,
+def _manifest(computed: dict, identities: dict, fingerprint: dict, env: OracleEnv,
               seconds: float) -> dict:
     checkpoints = {}
     for entry in cases.checkpoints():
         checkpoints[entry["id"]] = {
             "id": entry["id"], "build": {k: entry[k] for k in ("preset", "model", "checkpoint")},
-            "spec": dataclasses.asdict(spec_of(entry)), "sha256": hashes[entry["id"]]}
+            "spec": dataclasses.asdict(spec_of(entry)), "identity": identities[entry["id"]]}
     return {
         "format_version": FORMAT_VERSION,
         "what": "logits and intermediates computed by haotian-liu/LLaVA's released code "
@@ -141,16 +127,16 @@ def _manifest(computed: dict, hashes: dict, fingerprint: dict, env: OracleEnv,
 
 
 def compute(out: Path, folders: dict[str, Path] | None = None, env: OracleEnv | None = None,
-            force: bool = False, hashes: dict | None = None) -> Path:
+            force: bool = False, identities: dict | None = None) -> Path:
     """Compute the oracle into `out` (atomically) with LLaVA's code on this machine;
-    `hashes`, when the caller has them, are the `folders`' file hashes."""
+    `identities`, when the caller has them, are the `folders`' identities."""
     env = require_env(env)
     out = Path(out)
     with tempfile.TemporaryDirectory(prefix="llava-oracle-") as tmp:
         work = Path(tmp)
         if folders is None:
-            folders, hashes = build_checkpoints(work / "ckpt"), None
-        hashes = hashes or {cid: folder_hashes(folders[cid]) for cid in folders}
+            folders, identities = build_checkpoints(work / "ckpt"), None
+        identities = identities or {cid: folder_identity(folders[cid]) for cid in folders}
         fingerprint = numeric_fingerprint()
         with atomic_dir(out, force=force) as staging:
             plan = {"out": str(staging), "scratch": str(work / "scratch"),
@@ -167,7 +153,7 @@ def compute(out: Path, folders: dict[str, Path] | None = None, env: OracleEnv | 
             _run_compute(env, plan, work)
             computed = json.loads((staging / "computed.json").read_text())
             (staging / "computed.json").unlink()
-            manifest = _manifest(computed, hashes, fingerprint, env,
+            manifest = _manifest(computed, identities, fingerprint, env,
                                  time.perf_counter() - start)
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
@@ -179,11 +165,11 @@ def cached(folders: dict[str, Path] | None = None, env: OracleEnv | None = None)
     with tempfile.TemporaryDirectory(prefix="llava-oracle-") as tmp:
         if folders is None:
             folders = build_checkpoints(Path(tmp) / "ckpt")
-        hashes = {cid: folder_hashes(folders[cid]) for cid in folders}
-        folder = oracle_root() / f"live-{result_key(env, hashes, numeric_fingerprint())}"
+        identities = {cid: folder_identity(folders[cid]) for cid in folders}
+        folder = oracle_root() / f"live-{result_key(env, identities, numeric_fingerprint())}"
         if not (folder / MANIFEST).is_file():
             with cache_lock(folder):  # one process computes; the others wait and reuse it
                 if not (folder / MANIFEST).is_file():
                     shutil.rmtree(folder, ignore_errors=True)
-                    compute(folder, folders, env, hashes=hashes)
+                    compute(folder, folders, env, identities=identities)
     return folder

@@ -24,7 +24,7 @@ import torch
 
 from ..checkpoint.writers import write_safetensors
 from .fill import tensor_chunks
-from .layout import clip_tensors, clip_vision_config
+from .layout import clip_tensors, clip_tower_config
 from .specs import VisionSpec
 
 # ---------------------------------------------------------------------------
@@ -316,12 +316,9 @@ def build_clip_tower(out_dir: Path, *, hidden_size: int, num_hidden_layers: int,
                         num_attention_heads=num_attention_heads,
                         intermediate_size=intermediate_size, image_size=image_size,
                         patch_size=patch_size, projection_dim=projection_dim or 768)
-    config = clip_vision_config(vision)
-    config.architectures = ["CLIPVisionModel"]
-    config.dtype = dtype
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(out_dir)
+    _write_json(out_dir / "config.json", clip_tower_config(vision, _DTYPE_NAMES[dtype]))
     # The same deterministic fill and streaming writer as the checkpoint shards: one tensor
     # window at a time, values a function of (seed, key) only.
     write_safetensors(out_dir / "model.safetensors", clip_tensors(vision, _DTYPE_NAMES[dtype]),

@@ -50,14 +50,19 @@ def write_tensors(spec: BuildSpec, plan: CheckpointPlan, folder: Path) -> None:
         (folder / plan.index_name).write_text(index_json(plan.index()))
 
 
-def write_configs(spec: BuildSpec, folder: Path, vision_tower: str) -> None:
+def config_files(spec: BuildSpec, vision_tower: str) -> dict[str, dict]:
+    """config.json and generation_config.json as the builder writes them, by file name."""
     config = configs.llava_config(spec.model, vision_tower)
     quantization = quantization_config(spec.checkpoint, spec.model)
     if quantization is not None:
         config["quantization_config"] = quantization
-    (folder / "config.json").write_text(configs.dump(config))
-    (folder / "generation_config.json").write_text(
-        configs.dump(configs.generation_config(spec.model)))
+    return {"config.json": config,
+            "generation_config.json": configs.generation_config(spec.model)}
+
+
+def write_configs(spec: BuildSpec, folder: Path, vision_tower: str) -> None:
+    for name, config in config_files(spec, vision_tower).items():
+        (folder / name).write_text(configs.dump(config))
 
 
 def write_assets(spec: BuildSpec, folder: Path) -> None:

@@ -74,18 +74,29 @@ def _layer_tensors(model: ModelSpec, i: int, legacy_buffers: bool) -> list[Tenso
     return out
 
 
+def clip_tower_config(vision: VisionSpec, dtype: str) -> dict:
+    """The tower's config.json as openai/clip-vit-large-patch14-336 has it (quick_gelu, eps
+    1e-5), with this spec's dimensions: written by the builder itself, so its bytes never
+    depend on the installed transformers (whose save_pretrained stamps its version)."""
+    return {
+        "architectures": ["CLIPVisionModel"], "attention_dropout": 0.0, "dtype": dtype,
+        "hidden_act": "quick_gelu", "hidden_size": vision.hidden_size,
+        "image_size": vision.image_size, "initializer_factor": 1.0, "initializer_range": 0.02,
+        "intermediate_size": vision.intermediate_size, "layer_norm_eps": 1e-5,
+        "model_type": "clip_vision_model", "num_attention_heads": vision.num_attention_heads,
+        "num_channels": 3, "num_hidden_layers": vision.num_hidden_layers,
+        "patch_size": vision.patch_size, "projection_dim": vision.projection_dim,
+    }
+
+
 def clip_vision_config(vision: VisionSpec):
-    """The transformers config of a CLIP ViT tower as openai/clip-vit-large-patch14-336 has it
-    (quick_gelu, eps 1e-5), with this spec's dimensions."""
+    """The transformers config of that tower."""
     from transformers import CLIPVisionConfig
 
-    return CLIPVisionConfig(hidden_size=vision.hidden_size,
-                            num_hidden_layers=vision.num_hidden_layers,
-                            num_attention_heads=vision.num_attention_heads,
-                            intermediate_size=vision.intermediate_size,
-                            image_size=vision.image_size, patch_size=vision.patch_size,
-                            projection_dim=vision.projection_dim, hidden_act="quick_gelu",
-                            layer_norm_eps=1e-5)
+    fields = clip_tower_config(vision, "float32")
+    for name in ("architectures", "dtype", "model_type"):
+        fields.pop(name)
+    return CLIPVisionConfig(**fields)
 
 
 @lru_cache(maxsize=16)

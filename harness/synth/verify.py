@@ -43,6 +43,24 @@ def layout_problems(spec: BuildSpec, folder: CheckpointFolder) -> list[str]:
     return problems
 
 
+def config_problems(spec: BuildSpec, folder: Path) -> list[str]:
+    """config.json and generation_config.json mean what the spec's build writes (what a save
+    stamps, and the absolute path of the folder's own tower, are not part of that)."""
+    from ..checkpoint.identity import differences, file_identity, json_identity
+    from .builder import config_files, vision_tower_path
+
+    problems = []
+    for name, expected in config_files(spec, vision_tower_path(spec, folder)).items():
+        try:
+            found = {name: file_identity(folder, name)}
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            continue
+        problems += [f"{folder}/{d} (the spec's build)" for d in
+                     differences({name: json_identity(expected)}, found)]
+    return problems
+
+
 def data_problems(spec: BuildSpec, folder: CheckpointFolder) -> list[str]:
     """Regenerate every tensor from (seed, key) and compare bytes, one shard at a time."""
     problems = []
@@ -81,4 +99,4 @@ def verify(spec: BuildSpec, folder_path: Path, data: bool = True) -> list[str]:
     problems = layout_problems(spec, folder)
     if not problems and data:
         problems = data_problems(spec, folder)
-    return problems
+    return problems + config_problems(spec, folder.path)
