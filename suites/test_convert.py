@@ -20,6 +20,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from harness.checkpoint.identity import meaning
 from harness.cli.app import main
 from harness.ops.convert import ConvertError, convert, padded_vocab
 from harness.ops.strip import scan_folder
@@ -31,9 +32,9 @@ MISTRAL = {"arch": "mistral", "num_key_value_heads": 2, "rope_theta": 1e6}
 VOCAB = 512
 TEXT_BEFORE, TEXT_AFTER = [1, 5, 9], [20, 30, 7]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# Fields the hf layout has no place for and the way back cannot restore. Without tokenizer files
-# LLaVA's copy of model_max_length has nowhere to live either (it comes back as 2048).
-NOT_ROUND_TRIPPED = {"mm_vision_tower", "_name_or_path", "transformers_version"}
+# A round trip keeps a config's meaning (harness.checkpoint.identity): what a save stamps and
+# the folder's own absolute paths are not compared. Without tokenizer files LLaVA's copy of
+# model_max_length has nowhere to live in the hf layout (it comes back as 2048).
 NO_TOKENIZER = {"tokenizer_model_max_length"}
 
 
@@ -153,11 +154,10 @@ def test_original_to_hf_to_original_is_byte_exact(case: Case, tmp_path):
     back = tmp_path / "back"
     assert tensor_bytes(back) == without_legacy(tensor_bytes(src))
     assert tensor_bytes(back / "vision_tower") == tensor_bytes(tower)
-    skip = NOT_ROUND_TRIPPED | NO_TOKENIZER
-    original, returned = config_of(src), config_of(back)
-    assert {k: v for k, v in returned.items() if k not in skip} == \
-        {k: v for k, v in original.items() if k not in skip}
-    assert returned["mm_vision_tower"] == str(back.absolute() / "vision_tower")
+    original, returned = meaning(config_of(src)), meaning(config_of(back))
+    assert {k: v for k, v in returned.items() if k not in NO_TOKENIZER} == \
+        {k: v for k, v in original.items() if k not in NO_TOKENIZER}
+    assert config_of(back)["mm_vision_tower"] == str(back.absolute() / "vision_tower")
 
     convert(back, tmp_path / "hf2", "hf", to_format=case.to_format)
     assert tensor_bytes(tmp_path / "hf2") == tensor_bytes(tmp_path / "hf")
@@ -381,9 +381,7 @@ def test_tokenizer_round_trip_and_image_token(pair, tmp_path):
 def test_back_converted_original_loads_in_the_original_loader(pair, tmp_path):
     src, hf = pair
     convert(hf, tmp_path / "back", "original")
-    assert {k: v for k, v in config_of(tmp_path / "back").items()
-            if k not in NOT_ROUND_TRIPPED} == \
-        {k: v for k, v in config_of(src).items() if k not in NOT_ROUND_TRIPPED}
+    assert meaning(config_of(tmp_path / "back")) == meaning(config_of(src))
     want, _ = original_logits(src, torch.float32)
     got, _ = original_logits(tmp_path / "back", torch.float32)
     assert torch.equal(got, want)
@@ -506,10 +504,9 @@ def test_llava_next_to_hf_and_back_is_byte_exact(tmp_path, model, checkpoint):
     convert(tmp_path / "hf", tmp_path / "back", "original")
     back = tmp_path / "back"
     assert tensor_bytes(back) == tensor_bytes(src)  # the stored tower and image_newline too
-    original, returned = config_of(src), config_of(back)
-    skip = NOT_ROUND_TRIPPED | NO_TOKENIZER
-    assert {k: v for k, v in returned.items() if k not in skip} == \
-        {k: v for k, v in original.items() if k not in skip}
+    original, returned = meaning(config_of(src)), meaning(config_of(back))
+    assert {k: v for k, v in returned.items() if k not in NO_TOKENIZER} == \
+        {k: v for k, v in original.items() if k not in NO_TOKENIZER}
     # The tower folder written on the way back is the tower that runs: the stored one.
     stored = {k.removeprefix("model.vision_tower.vision_tower."): v
               for k, v in tensor_bytes(src).items() if k.startswith("model.vision_tower.")}

@@ -43,6 +43,7 @@ from types import SimpleNamespace
 from ..checkpoint.atomic import atomic_dir
 from ..checkpoint.files import copy_files
 from ..checkpoint.formats import DTYPE_BYTES
+from ..checkpoint.identity import STAMPED_FIELDS
 from ..checkpoint.paths import check_output, inside
 from ..checkpoint.reader import ScannedFolder, scan_folder
 from ..checkpoint.safetensors_format import safetensors_order, write_safetensors
@@ -57,9 +58,9 @@ IMAGE_TOKEN, PAD_TOKEN = "<image>", "<pad>"
 VOCAB_MULTIPLE = 64
 TOWER_DIR = "vision_tower"
 EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
-# Fields of a config.json that say who wrote it rather than what the model is.
-_IDENTITY_FIELDS = ("_name_or_path", "architectures", "model_type", "transformers_version",
-                    "torch_dtype", "dtype")
+# Fields of a config.json that say who wrote it rather than what the model is: what every save
+# stamps, and the class and dtype the other layout names its own way.
+_IDENTITY_FIELDS = STAMPED_FIELDS | {"architectures", "model_type", "torch_dtype", "dtype"}
 # The multimodal fields of a published llava-v1.5 config that llava-hf has no place for: on the
 # way back they take the values every v1.5 release has.
 ORIGINAL_DEFAULTS = {

@@ -17,7 +17,7 @@ def register(sub, bench) -> None:
     p = sub.add_parser("verify", help="check a built folder against its spec")
     p.add_argument("folder", type=Path)
     add_spec_options(p)
-    p.add_argument("--layout-only", action="store_true", help="skip the tensor bytes")
+    p.add_argument("--layout-only", action="store_true", help="skip the tensor bytes (configs are still compared by meaning)")
     add_json(p, "the verdict and its problems")
     p.set_defaults(func=cmd_verify)
 
@@ -25,7 +25,7 @@ def register(sub, bench) -> None:
 def cmd_verify(args: argparse.Namespace) -> int:
     from ...checkpoint.reader import open_folder
     from ...console import print_json
-    from ...synth.verify import check_quantized, data_problems, layout_problems
+    from ...synth.verify import check_quantized, config_problems, data_problems, layout_problems
 
     spec = spec_from_args(args)
     folder = open_folder(args.folder)
@@ -34,7 +34,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     problems = layout_problems(spec, folder)
     if not problems and not args.layout_only:
         problems = data_problems(spec, folder)
-    checked = "layout" if args.layout_only else "layout and data"
+    problems += config_problems(spec, folder.path)
+    checked = "layout and configs" if args.layout_only else "layout, configs and data"
     for line in problems:
         print(line, file=sys.stderr)
     if not problems:
