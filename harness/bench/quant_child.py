@@ -90,6 +90,8 @@ def _prefill_decode(model, ids, pixels, new_tokens: int, cuda: _Cuda) -> tuple[f
     decode positive and exact however noisy the machine."""
     import torch
 
+    from ..model.kv_cache import carried
+
     cuda.sync()
     start = time.perf_counter()
     embeds, position_ids, mask, _ = model.prepare_multimodal(ids, None, None, None, pixels)
@@ -101,8 +103,8 @@ def _prefill_decode(model, ids, pixels, new_tokens: int, cuda: _Cuda) -> tuple[f
     for _ in range(new_tokens - 1):
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        out = model(input_ids=token, attention_mask=mask, past_key_values=out.past_key_values,
-                    use_cache=True, logits_to_keep=1)
+        out = model(input_ids=token, attention_mask=mask, **carried(out), use_cache=True,
+                    logits_to_keep=1)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
     cuda.sync()
     return prefilled - start, time.perf_counter() - prefilled

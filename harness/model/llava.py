@@ -130,17 +130,19 @@ class LlavaMixin:
         return out.inputs_embeds, out.position_ids, out.attention_mask, out.labels
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None,
-                past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
-                images=None, image_sizes=None, **kwargs):
+                inputs_embeds=None, labels=None, images=None, image_sizes=None, **kwargs):
+        """The original's forward: images spliced into the embeddings, then the language
+        model's. The KV cache, `use_cache` and the rest pass through under the names the
+        installed transformers gives them (the cache is `past_key_values` before 5.25 and
+        `cache` from then on; naming either here would be wrong for the other)."""
         if inputs_embeds is None:
             embeds, position_ids, attention_mask, labels = self.prepare_multimodal(
                 input_ids, position_ids, attention_mask, labels, images, image_sizes)
             if embeds is not None:
                 input_ids, inputs_embeds = None, embeds
         return super().forward(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids, past_key_values=past_key_values,
-                               inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
-                               **kwargs)
+                               position_ids=position_ids, inputs_embeds=inputs_embeds,
+                               labels=labels, **kwargs)
 
     @torch.no_grad()
     def generate(self, inputs=None, images=None, image_sizes=None, **kwargs):
