@@ -10,6 +10,7 @@ import csv
 import dataclasses
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -254,10 +255,13 @@ PLUGIN_TESTS = textwrap.dedent('''
 
 def run_plugin(tmp_path, *args):
     (tmp_path / "test_plugin_demo.py").write_text(PLUGIN_TESTS)
+    # A serial run of its own, even when this suite runs under xdist: a worker's variables
+    # would make pytest-benchmark in the child think it is a worker too and switch off.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            str(tmp_path / "test_plugin_demo.py"), "--rootdir", str(tmp_path),
                            "--benchmark-min-rounds=2", "--benchmark-max-time=0.01", *args],
-                          check=False, capture_output=True, text=True, cwd=tmp_path)
+                          check=False, capture_output=True, text=True, cwd=tmp_path, env=env)
 
 
 def test_plugin_collects_outcomes_metrics_and_benchmarks(tmp_path):
