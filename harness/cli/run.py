@@ -12,6 +12,7 @@ pytest-xdist processes; the plugin gathers their results in the controller.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -49,6 +50,7 @@ SUITES = {
     "architecture": "test_architecture.py",
     "hostile": "test_hostile_inputs.py",
     "identity": "test_identity.py",
+    "dependencies": "test_dependencies.py",
     "prequantized": "test_prequantized.py",
     "litgpt": "test_litgpt_export.py",
 }
@@ -217,11 +219,15 @@ def run_suites(opts: RunOptions) -> int:
     if not any(a.startswith("--benchmark-storage") for a in opts.pytest_args):
         cmd.append(f"--benchmark-storage=file://{storage.absolute()}")
     # pytest-benchmark's own JSON beside ours, so `pytest-benchmark compare` reads a run too.
+    benchmark_json = None
     if not any(a.startswith("--benchmark-json") for a in opts.pytest_args):
-        cmd.append(f"--benchmark-json={(run_folder / 'benchmark.json').absolute()}")
+        benchmark_json = run_folder / "benchmark.json"
+        cmd.append(f"--benchmark-json={benchmark_json.absolute()}")
     code, tail = _stream(cmd, Path.cwd(), run_folder / "pytest.log")
     with contextlib.suppress(OSError):
         storage.rmdir()  # only when empty: nothing was saved there
+    if benchmark_json is not None:
+        _drop_if_no_benchmarks(benchmark_json)
     try:
         results = load_results(run_folder / "results.json")
     except ResultsError:
@@ -241,6 +247,19 @@ def run_suites(opts: RunOptions) -> int:
     if opts.as_json:
         _print_verdict(verdict, code, results, run_folder, gate_failed)
     return verdict
+
+
+def _drop_if_no_benchmarks(path: Path) -> None:
+    """pytest-benchmark 4 creates its JSON file when it parses its options and leaves it empty
+    when no benchmark ran; 5 writes none. A run folder holds one only when it holds figures,
+    whichever is installed."""
+    try:
+        text = path.read_text()
+        empty = not text.strip() or not json.loads(text).get("benchmarks")
+    except (OSError, ValueError, AttributeError):
+        return
+    if empty:
+        path.unlink()
 
 
 def _print_verdict(verdict: int, code: int, results, run_folder: Path, gate_failed: bool):
