@@ -51,6 +51,7 @@ SUITES = {
     "hostile": "test_hostile_inputs.py",
     "identity": "test_identity.py",
     "dependencies": "test_dependencies.py",
+    "docs": "test_docs.py",
     "prequantized": "test_prequantized.py",
     "litgpt": "test_litgpt_export.py",
 }
