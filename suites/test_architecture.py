@@ -14,6 +14,7 @@ if not (PACKAGE / "plugin.py").is_file():  # installed: the suites sit inside th
 LAYERS = [
     {"errors", "data", "tolerances"},  # shared leaves: the error base, shipped data, tolerances
     {"checkpoint"},  # file formats and untrusted-input checks
+    {"llava"},  # what a LLaVA checkpoint is: kinds, config schema, key rules, check rules
     {"console"},  # what the terminal shows: human lines, machine output, third-party warnings
     {"synth"},  # the builder
     {"model"},  # LLaVA's model classes
@@ -78,6 +79,19 @@ def test_every_import_points_downward():
             if target != me and target in RANK and RANK[target] > RANK[me]:
                 wrong.append(f"{path.relative_to(PACKAGE)}:{line} ({me}) imports {target}")
     assert not wrong, "upward imports:\n" + "\n".join(wrong)
+
+
+# The builder is a client of the contract: what a checkpoint is comes from harness/llava/, so an
+# operation (or the model, or the contract itself) that imports the builder to learn a layout
+# has a second home for it.
+NOT_FROM_THE_BUILDER = {"llava", "model", "ops", "train"}
+
+
+def test_no_operation_imports_the_builder():
+    wrong = [f"{path.relative_to(PACKAGE)}:{line} ({_unit(path)}) imports synth"
+             for path in _modules() if _unit(path) in NOT_FROM_THE_BUILDER
+             for line, target in _imported_units(path) if target == "synth"]
+    assert not wrong, "\n".join(wrong)
 
 
 def test_the_check_catches_an_upward_import(tmp_path):

@@ -26,8 +26,8 @@ from harness.checkpoint import torch_zip
 from harness.checkpoint.atomic import OutputExistsError
 from harness.checkpoint.reader import CheckpointError
 from harness.cli.app import main
-from harness.ops import keys
-from harness.ops.keys import KeyMapError
+from harness.llava import keys
+from harness.llava.keys import KeyMapError
 from harness.ops.strip import StripError, parameter_count, scan_folder, strict_problems, strip
 from harness.synth.builder import build
 from harness.synth.presets import build_spec

@@ -19,12 +19,13 @@ from harness.checkpoint.quantized import logical_shapes, quantized_linears, sche
 from harness.checkpoint.reader import CheckpointError, consistency_problems, open_folder
 from harness.errors import HarnessError
 from harness.model.backbone import is_language_model_key, language_model_config
-from harness.model.projector import build_projector, projector_type_from_shapes
+from harness.llava.errors import ContractError
+from harness.llava.keys import PROJECTOR_PREFIX
+from harness.llava.projector import projector_type_from_shapes
+from harness.model.projector import build_projector
 from harness.ops.counts import count_checkpoint
 from harness.ops.extract import extract
 from harness.ops.strip import parameter_count, strict_problems, strip
-from harness.synth.layout import PROJECTOR_PREFIX
-from harness.synth.specs import SpecError
 
 # Loading the language model for a forward pass is only done below this size: the point of
 # this suite is to validate a real-size folder without holding it in memory.
@@ -142,7 +143,7 @@ def test_config_has_the_llava_fields(llava_config, folder):
 def test_projector_type_agrees_with_the_config(llava_config, projector_shapes, folder):
     try:
         inferred = projector_type_from_shapes(projector_shapes)
-    except SpecError as exc:
+    except ContractError as exc:
         pytest.fail(f"{folder}: {exc}", pytrace=False)
     declared = llava_config.get("mm_projector_type")
     if declared is None:
@@ -162,7 +163,7 @@ def test_projector_shapes_match_a_module_built_from_the_config(llava_config, pro
         with torch.device("meta"):
             module = build_projector(kind, llava_config["mm_hidden_size"],
                                      llava_config["hidden_size"])
-    except (SpecError, KeyError) as exc:
+    except (ContractError, KeyError) as exc:
         pytest.fail(f"{folder / 'config.json'}: cannot build its projector ({exc})",
                     pytrace=False)
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}

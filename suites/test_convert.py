@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from harness.checkpoint.identity import meaning
 from harness.cli.app import main
+from harness.llava.errors import ConfigError
 from harness.ops.convert import ConvertError, convert, padded_vocab
 from harness.ops.strip import scan_folder
 from harness.synth.builder import build
@@ -694,7 +695,7 @@ def test_llava_hf_unpads_some_sizes_unlike_the_original(size, crop):
 def test_malformed_pinpoints_are_refused_by_name(tmp_path, pinpoints):
     src = next_build(tmp_path / "src")
     edit_config(src, image_grid_pinpoints=pinpoints)
-    with pytest.raises(ConvertError, match="image_grid_pinpoints"):
+    with pytest.raises(ConfigError, match="image_grid_pinpoints"):
         convert(src, tmp_path / "hf", "hf")
     assert not (tmp_path / "hf").exists()
 

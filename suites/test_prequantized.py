@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from harness.checkpoint.reader import open_folder, read_file
+from harness.bench.quant import parts_from_spec
 from harness.ops import quant
 from harness.ops.counts import count_checkpoint
 from harness.ops.extract import extract
@@ -149,7 +150,7 @@ def test_count_is_logical_and_reports_stored_bytes(built, q):
     assert counts.agree and counts.quantization["scheme"].endswith(q)
     stored = counts.quantization["stored_bytes"]
     assert stored["total"] == open_folder(folder).total_size
-    linears = [(o, i) for o, i in quant.parts_from_spec(quant_spec(q).model).linears
+    linears = [(o, i) for o, i in parts_from_spec(quant_spec(q).model).linears
                if (o, i) != (64, 32)]  # the projector's first layer stays float
     assert counts.quantization["quantized_params"] == sum(o * i for o, i in linears)
     if q in BNB:

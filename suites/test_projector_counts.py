@@ -22,20 +22,14 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from harness.checkpoint.reader import CheckpointError
 from harness.cli.app import main
 from harness.model.projector import build_projector
-from harness.ops.counts import (
-    count_checkpoint,
-    count_preset,
-    infer_projector,
-    module_params,
-    projector_params,
-    trainable_params,
-)
+from harness.cli.commands.count import count_preset
+from harness.llava.errors import ContractError
+from harness.llava.projector import infer_projector, projector_params
+from harness.ops.counts import count_checkpoint, module_params, trainable_params
 from harness.synth.builder import build
 from harness.synth.presets import PRESET_NAMES, build_spec
-from harness.synth.specs import SpecError
 
 REFERENCE = Path(__file__).resolve().parent.parent / "fixtures" / "reference"
 # The figures the published models and LLaVA's wiki give.
@@ -98,7 +92,7 @@ def test_linear_for_common_vision_widths(m, h, expected):
 
 def test_identity_needs_equal_widths():
     assert projector_params("identity", 4096, 4096) == module_params("identity", 4096, 4096) == 0
-    with pytest.raises(SpecError, match="needs mm_hidden_size == hidden_size, got 1024 != 4096"):
+    with pytest.raises(ContractError, match="needs mm_hidden_size == hidden_size, got 1024 != 4096"):
         projector_params("identity", 1024, 4096)
 
 
@@ -251,7 +245,7 @@ def test_config_dims_disagree_with_tensors(editable, capsys):
 
 def test_missing_config(editable, capsys):
     (editable / "config.json").unlink()
-    assert "config.json: not found" in refused(capsys, editable)
+    assert "config.json: missing" in refused(capsys, editable)
 
 
 def test_a_wrong_shape_on_disk_is_named(editable, capsys):
@@ -272,7 +266,7 @@ def test_a_wrong_shape_on_disk_is_named(editable, capsys):
 ], ids=["odd-index", "gap", "linear-without-bias", "mlp-without-bias"])
 def test_inference_rejects_unknown_structures(keys, phrase):
     shapes = {f"model.mm_projector.{k}": v for k, v in keys.items()}
-    with pytest.raises(CheckpointError, match=phrase):
+    with pytest.raises(ContractError, match=phrase):
         infer_projector(shapes, "x")
 
 

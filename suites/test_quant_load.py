@@ -26,6 +26,7 @@ from harness.bench.quant import (
     cpu_4bit_problem,
     mode_record,
     required_metrics,
+    parts_from_spec,
     run,
     with_theory,
 )
@@ -39,7 +40,6 @@ from harness.ops.quant import (
     measured_footprint,
     parse_modes,
     parts_from_folder,
-    parts_from_spec,
     theoretical_footprint,
 )
 from harness.report.environment import harness_repo

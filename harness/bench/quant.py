@@ -303,3 +303,14 @@ def bench_quant(bench: QuantBench, out: Path | None = None) -> int:
         if out != "-":
             print(f"records written to {out}")
     return 1 if any(r.outcome in ("failed", "error") for r in records) else 0
+
+
+def parts_from_spec(model):
+    """Parts of the model a ModelSpec describes (a preset's, say), from its config alone: the
+    builder's config and tower config, counted by the operation."""
+    from ..ops.quant import parts_from_config
+    from ..synth import configs
+    from ..synth.layout import clip_vision_config
+
+    return parts_from_config(configs.llava_config(model, model.vision.tower_name),
+                             clip_vision_config(model.vision))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from typing import Protocol
 
 # Bytes per element of every dtype a checkpoint may hold (the reader meets more than we write).
@@ -38,6 +40,20 @@ class Shaped:
     @property
     def nbytes(self) -> int:
         return self.numel * DTYPE_BYTES[self.dtype]
+
+
+@dataclass(frozen=True)
+class Tensor(Shaped):
+    """A tensor an output will hold: its name, shape and dtype (what a writer's Entry needs)."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def index_json(index: dict) -> str:
+    """An index file's text as transformers writes it: sorted keys, two-space indent."""
+    return json.dumps(index, indent=2, sort_keys=True) + "\n"
 
 
 INDEX_NAMES = {"bin": "pytorch_model.bin.index.json", "safetensors": "model.safetensors.index.json"}

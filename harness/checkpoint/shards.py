@@ -4,13 +4,12 @@ kept whole in the same format is hard-linked, any other is rewritten from file r
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .files import link_or_copy, mode_of
-from .formats import INDEX_NAMES, shard_name
+from .formats import INDEX_NAMES, index_json, shard_name
 from .reader import ScannedFolder
 from .safetensors_format import safetensors_order, write_safetensors
 from .tensors import Source
@@ -71,5 +70,5 @@ def write_shards(out: Path, shards: list[OutShard], fmt: str, indexed: bool) -> 
         weight_map = {t.key: s.name for s in shards for t in s.tensors}
         total = sum(t.nbytes for s in shards for t in s.tensors)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (out / INDEX_NAMES[fmt]).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (out / INDEX_NAMES[fmt]).write_text(index_json(index))
     return done

@@ -18,12 +18,12 @@ row too many when the padding is odd.
 
 from __future__ import annotations
 
-import ast
 import math
 
 import torch
 
 from ..errors import HarnessError
+from ..llava.config import parse_pinpoints
 
 
 class AnyresError(HarnessError):
@@ -34,17 +34,10 @@ def pinpoints_of(config) -> list[tuple[int, int]]:
     """`image_grid_pinpoints` as (width, height) pairs; the original also accepts the list
     written as a string."""
     raw = getattr(config, "image_grid_pinpoints", None)
-    if isinstance(raw, str):
-        try:
-            raw = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            raise AnyresError(f"image_grid_pinpoints {raw!r}: not a list of [width, height]"
-                              ) from None
-    if not raw or not all(isinstance(p, (list, tuple)) and len(p) == 2 and
-                          all(isinstance(v, int) and v > 0 for v in p) for p in raw):
-        raise AnyresError(f"image_grid_pinpoints {raw!r}: anyres needs a list of "
-                          "[width, height] pairs of positive integers")
-    return [(int(w), int(h)) for w, h in raw]
+    try:
+        return parse_pinpoints(raw)
+    except ValueError as exc:
+        raise AnyresError(f"image_grid_pinpoints {raw!r}: anyres needs {exc}") from None
 
 
 def select_best_resolution(size: tuple[int, int],

@@ -6,31 +6,26 @@ main job); the strip operation builds on the same key rule.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..checkpoint.reader import open_folder
-from ..synth.layout import IMAGE_NEWLINE, PROJECTOR_PREFIX, VISION_PREFIX
+from ..llava.config import (architecture_of, checked, constructor_fields,
+                            language_model_fields, read_config)
+from ..llava.keys import is_language_model_key
 
-# LLaVA-only config fields; everything else is a plain language model's config.
-_LLAVA_ONLY_PREFIXES = ("mm_", "image_", "tune_mm_", "unfreeze_mm_", "freeze_mm_", "tokenizer_")
-_LLAVA_ONLY_FIELDS = {"use_mm_proj", "model_type", "architectures", "_name_or_path",
-                      "transformers_version"}
-
-
-def is_language_model_key(key: str) -> bool:
-    """False for the projector, the vision tower, image_newline and legacy rotary buffers."""
-    return not (key.startswith((PROJECTOR_PREFIX, VISION_PREFIX)) or key == IMAGE_NEWLINE
-                or key.endswith("rotary_emb.inv_freq"))
+__all__ = ["is_language_model_key", "language_model_config", "load_language_model"]
 
 
 def language_model_config(llava_config: dict):
+    """The plain Llama / Mistral config inside a (checked) original LLaVA config."""
     from transformers import LlamaConfig, MistralConfig
 
-    fields = {k: v for k, v in llava_config.items()
-              if not k.startswith(_LLAVA_ONLY_PREFIXES) and k not in _LLAVA_ONLY_FIELDS}
-    mistral = "mistral" in llava_config.get("model_type", "")
-    return (MistralConfig if mistral else LlamaConfig)(**fields)
+    from .config import build_config
+
+    checked(llava_config, "config.json")
+    mistral = architecture_of(llava_config) == "mistral"
+    fields = constructor_fields(language_model_fields(llava_config))
+    return build_config(MistralConfig if mistral else LlamaConfig, fields, "config.json")
 
 
 def load_language_model(folder: Path, dtype=None):
@@ -39,7 +34,7 @@ def load_language_model(folder: Path, dtype=None):
     model in memory: meant for tiny checkpoints (real-size ones are checked from headers)."""
     from transformers import AutoModelForCausalLM
 
-    config = language_model_config(json.loads((Path(folder) / "config.json").read_text()))
+    config = language_model_config(read_config(Path(folder)))
     ckpt = open_folder(folder)
     keys = [k for k in ckpt.tensors if is_language_model_key(k)]
     state = ckpt.read(keys)

@@ -1,61 +1,44 @@
-"""Reading a LLaVA folder's config.json into the harness's config classes.
+"""A LLaVA folder's config.json as the harness's config classes.
 
 The published configs say `model_type: "llava"`, which collides with transformers' own
-(different) Llava config, so the file is read as JSON and handed to our classes directly; the
-architecture comes from `model_type` / `architectures`.
+(different) Llava config, so the file is read as JSON (through the contract, which holds every
+field to its schema first) and handed to our classes directly; the architecture comes from
+`model_type` / `architectures`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import HarnessError
+from ..llava.config import CONFIG, architecture_of, constructor_fields, read_config
+from ..llava.errors import ConfigError
 
-# Saved by transformers into every config; not constructor arguments.
-_NOT_FIELDS = {"model_type", "architectures", "transformers_version"}
-
-
-class ConfigError(HarnessError):
-    pass
+__all__ = ["ConfigError", "architecture_of", "build_config", "llava_config", "read_config_json"]
 
 
 def read_config_json(folder: Path) -> dict:
-    """A model folder's config.json, resolved inside the folder (a link out is refused) and
-    size-capped, as every file of an untrusted checkpoint is read."""
-    from ..checkpoint.paths import inside
-    from ..checkpoint.reader import read_json
-
-    path = Path(folder) / "config.json"
-    found = inside(Path(folder), "config.json", must_exist=False)
-    if found is None:
-        raise ConfigError(f"{path}: missing (every model folder needs a config.json)")
-    return read_json(found, path)
-
-
-def architecture_of(data: dict, where: Path | str = "config.json") -> str:
-    """'llama' or 'mistral'; MPT and anything else are a clear error."""
-    names = " ".join([str(data.get("model_type", ""))] + list(data.get("architectures") or []))
-    names = names.lower()
-    if "mpt" in names:
-        raise ConfigError(f"{where}: MPT-based LLaVA is not supported (its modelling code is "
-                          "remote code that cannot be fetched offline)")
-    if "mistral" in names:
-        return "mistral"
-    if "llama" in names or "llava" in names:
-        return "llama"
-    raise ConfigError(f"{where}: model_type {data.get('model_type')!r} is not a Llama or "
-                      "Mistral (LLaVA) model")
+    """A model folder's config.json, read and checked by the contract."""
+    return read_config(folder)
 
 
 def llava_config(folder: Path, data: dict | None = None):
     """(arch, config) for the LLaVA model in `folder`."""
     from .llava import CONFIG_CLASSES
 
-    data = read_config_json(folder) if data is None else data
-    arch = architecture_of(data, Path(folder) / "config.json")
-    fields = {k: v for k, v in data.items() if k not in _NOT_FIELDS}
-    if fields.get("rope_scaling", 0) is None:
-        # The published configs say `rope_scaling: null`; transformers 5 warns about the key
-        # itself. Leaving it out means the same (no scaling).
-        del fields["rope_scaling"]
-    return arch, CONFIG_CLASSES[arch](**fields)
+    data = read_config(folder) if data is None else data
+    where = Path(folder) / CONFIG
+    arch = architecture_of(data, where)
+    return arch, build_config(CONFIG_CLASSES[arch], constructor_fields(data), where)
+
+
+def build_config(cls, fields: dict, where: Path | str):
+    """`cls(**fields)`, a refusal by transformers' own validation (a value the contract's
+    schema lets through) turned into one ConfigError line naming the file."""
+    from huggingface_hub.errors import StrictDataclassError  # transformers 5's field checks
+
+    try:
+        return cls(**fields)
+    except (TypeError, ValueError, KeyError, AttributeError, StrictDataclassError) as exc:
+        raise ConfigError(f"{where}: transformers refuses it: "
+                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                          ) from None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..synth.specs import check_projector_type, mlp_depth
+from ..llava.projector import DEFAULT_TYPE, check_projector_type, mlp_depth
 
 
 class IdentityProjector(nn.Module):
@@ -21,7 +21,7 @@ class IdentityProjector(nn.Module):
 
 
 def build_projector(projector_type: str, mm_hidden_size: int, hidden_size: int) -> nn.Module:
-    """The projector module for a type; an unknown type is a SpecError naming it.
+    """The projector module for a type; an unknown type is a ContractError naming it.
 
     The original builder silently defaults a missing type to `linear`; callers here must pass
     the type explicitly (see `projector_type_of_config`).
@@ -40,23 +40,4 @@ def build_projector(projector_type: str, mm_hidden_size: int, hidden_size: int) 
 def projector_type_of_config(config) -> str:
     """The config's `mm_projector_type`, defaulting to `linear` as the original does (old
     LLaVA-v1 configs have no such field)."""
-    return getattr(config, "mm_projector_type", None) or "linear"
-
-
-def projector_type_from_shapes(shapes: dict[str, tuple]) -> str:
-    """The projector type that a set of projector tensors implies, from their names (relative
-    to `mm_projector.`) and shapes: no tensors -> identity; `weight`/`bias` -> linear;
-    `0.*`, `2.*`, ... `2(N-1).*` -> mlpNx_gelu. Anything else is a SpecError naming the keys."""
-    from ..synth.specs import SpecError
-
-    names = set(shapes)
-    if not names:
-        return "identity"
-    if names <= {"weight", "bias"} and "weight" in names:
-        return "linear"
-    indices = sorted({int(n.split(".")[0]) for n in names if n.split(".")[0].isdigit()})
-    expected = {f"{i}.{p}" for i in indices for p in ("weight", "bias")}
-    if indices and indices == list(range(0, 2 * len(indices), 2)) and names == expected:
-        return f"mlp{len(indices)}x_gelu"
-    raise SpecError(f"projector tensors {sorted(names)[:6]} match no projector type "
-                    "(linear, mlpNx_gelu, identity)")
+    return getattr(config, "mm_projector_type", None) or DEFAULT_TYPE

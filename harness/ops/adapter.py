@@ -18,7 +18,7 @@ import torch
 from ..checkpoint.paths import inside
 from ..checkpoint.reader import read_file
 from ..errors import HarnessError
-from .detect import ADAPTER_CONFIG
+from ..llava.kinds import ADAPTER_CONFIG
 from .lora import PEFT_PREFIX
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")

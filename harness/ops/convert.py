@@ -1,7 +1,7 @@
 """Layout conversion: original LLaVA <-> llava-hf (transformers' LlavaForConditionalGeneration,
 and LlavaNextForConditionalGeneration for LLaVA-1.6 anyres checkpoints).
 
-Keys go through the declarative maps in harness/ops/keys.py (layout -> canonical -> layout), shards
+Keys go through the declarative maps in harness/llava/keys.py (layout -> canonical -> layout), shards
 are rewritten streaming by the checkpoint layer (harness/checkpoint/shards.py), so no shard is held in memory.
 
 What differs beyond names, and how it is bridged:
@@ -50,8 +50,9 @@ from ..checkpoint.safetensors_format import safetensors_order, write_safetensors
 from ..checkpoint.shards import plan_shards, write_shards
 from ..checkpoint.tensors import Piece, Source, piece_chunks
 from ..errors import HarnessError
-from . import keys
-from .strip import arch_of, is_llava_config_field
+from ..llava import keys
+from ..llava.config import is_llava_field, read_tower_config
+from .strip import arch_of
 
 IMAGE_TOKEN, PAD_TOKEN = "<image>", "<pad>"
 # llava-hf pads the token rows to a multiple of 64 (tensor-core friendly shapes).
@@ -238,7 +239,7 @@ def tower_folder(named, where: Path) -> Path:
 
 
 def vision_config_of(tower: Path) -> dict:
-    data = _read_json(tower / "config.json")
+    data = read_tower_config(tower)
     vision = data.get("vision_config", data) if data.get("model_type") == "clip" else data
     vision = {k: v for k, v in vision.items() if k not in _IDENTITY_FIELDS}
     return {**vision, "model_type": "clip_vision_model"}
@@ -246,7 +247,7 @@ def vision_config_of(tower: Path) -> dict:
 
 def hf_config(config: dict, arch: str, vision: dict, vocab: int) -> dict:
     text = {k: v for k, v in config.items()
-            if not is_llava_config_field(k) and k not in _IDENTITY_FIELDS}
+            if not is_llava_field(k) and k not in _IDENTITY_FIELDS}
     text.update(model_type=arch, vocab_size=padded_vocab(vocab))
     feature = config.get("mm_vision_select_feature") or "patch"
     patches = (vision["image_size"] // vision["patch_size"]) ** 2

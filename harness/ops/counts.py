@@ -15,33 +15,20 @@ model has unfrozen, for comparing against `projector_params(...)`.
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..checkpoint.formats import shape_numel
 from ..checkpoint.quantized import logical_shapes, quantized_linears, scheme_of, stored_keys
 from ..checkpoint.reader import CheckpointError, open_folder
-from ..synth.layout import IMAGE_NEWLINE, VISION_PREFIX, model_tensors
-from ..synth.specs import SpecError, check_projector_type, mlp_depth
+from ..llava.config import CONFIG, checked, read_config
+from ..llava.errors import ConfigError
+from ..llava.keys import IMAGE_NEWLINE, PROJECTOR_MARK, VISION_PREFIX
+from ..llava.projector import (DEFAULT_TYPE, ProjectorShape, infer_projector, projector_entries,
+                               projector_params)
 
-PROJECTOR_MARK = "mm_projector."
 # Persistent buffers some checkpoints carry: counted as tensors, not as parameters.
 BUFFER_SUFFIXES = ("rotary_emb.inv_freq", "embeddings.position_ids")
-_LAYER = re.compile(r"^(\d+)\.(weight|bias)$")
-
-
-def projector_params(projector_type: str, mm_hidden_size: int, hidden_size: int) -> int:
-    """The formula: linear m*h + h; mlpNx_gelu adds N-1 layers of h*h + h; identity 0."""
-    check_projector_type(projector_type)
-    if projector_type == "identity":
-        if mm_hidden_size != hidden_size:
-            raise SpecError(f"projector 'identity' needs mm_hidden_size == hidden_size, got "
-                            f"{mm_hidden_size} != {hidden_size}")
-        return 0
-    first = mm_hidden_size * hidden_size + hidden_size
-    depth = 1 if projector_type == "linear" else mlp_depth(projector_type)
-    return first + (depth - 1) * (hidden_size * hidden_size + hidden_size)
 
 
 def param_count(module) -> int:
@@ -61,69 +48,6 @@ def module_params(projector_type: str, mm_hidden_size: int, hidden_size: int) ->
 
     with torch.device("meta"):
         return param_count(build_projector(projector_type, mm_hidden_size, hidden_size))
-
-
-@dataclass(frozen=True)
-class ProjectorShape:
-    """A projector as its tensors describe it (dims are None for identity: no tensors)."""
-
-    type: str
-    mm_hidden_size: int | None
-    hidden_size: int | None
-
-
-def projector_entries(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    """The projector's own names (`0.weight`, ...), reduced as stage 2's `get_w` reduces them."""
-    return {key.split(PROJECTOR_MARK, 1)[1]: shape for key, shape in shapes.items()
-            if PROJECTOR_MARK in key}
-
-
-def infer_projector(shapes: dict[str, tuple[int, ...]], where: str) -> ProjectorShape:
-    """The type and dims from keys and shapes: `weight`/`bias` is linear; `0.`, `2.`, ...
-    `2(N-1).` is mlpNx_gelu; none is identity. Any other key or shape is an error."""
-    own = projector_entries(shapes)
-    if not own:
-        return ProjectorShape("identity", None, None)
-    if set(own) == {"weight", "bias"}:
-        layers = {0: own}
-        kind = "linear"
-    else:
-        layers = _mlp_layers(own, where)
-        kind = f"mlp{len(layers)}x_gelu"
-    first = layers[0].get("weight", ())
-    if len(first) != 2:
-        raise CheckpointError(f"{where}: the projector's first weight has shape {list(first)}, "
-                              "expected [hidden_size, mm_hidden_size]")
-    h, m = first
-    for i, layer in layers.items():
-        _check_layer(where, kind, i, layer, (h, m if i == 0 else h))
-    return ProjectorShape(kind, m, h)
-
-
-def _mlp_layers(own: dict, where: str) -> dict[int, dict[str, tuple[int, ...]]]:
-    layers: dict[int, dict[str, tuple[int, ...]]] = {}
-    for name, shape in own.items():
-        match = _LAYER.match(name)
-        if not match or int(match.group(1)) % 2:
-            raise CheckpointError(f"{where}: projector tensor {name!r} fits no known projector "
-                                  "(linear: weight/bias; mlpNx_gelu: 0., 2., 4., ...)")
-        layers.setdefault(int(match.group(1)) // 2, {})[match.group(2)] = shape
-    expected = set(range(len(layers)))
-    if set(layers) != expected:
-        missing = min(expected - set(layers))
-        raise CheckpointError(f"{where}: projector layer {2 * missing} is missing (an "
-                              f"mlp{len(layers)}x_gelu has Linear layers at 0, 2, ...)")
-    return layers
-
-
-def _check_layer(where: str, kind: str, i: int, layer: dict, weight: tuple[int, int]) -> None:
-    prefix = "" if kind == "linear" else f"{2 * i}."
-    for name, want in (("weight", weight), ("bias", weight[:1])):
-        got = layer.get(name)
-        if got != want:
-            what = "is missing" if got is None else f"has shape {list(got)}"
-            raise CheckpointError(f"{where}: {PROJECTOR_MARK}{prefix}{name} {what}; an {kind} "
-                                  f"layer mapping {weight[1]} -> {weight[0]} needs {list(want)}")
 
 
 @dataclass(frozen=True)
@@ -179,20 +103,20 @@ def _group(key: str) -> str:
 
 
 def _config_int(config: dict, name: str, where: str) -> int:
-    value = config.get(name)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise CheckpointError(f"{where}: {name} is {value!r}, not a positive integer (not a "
-                              "LLaVA config?)")
-    return value
+    """A dimension the counts need (the schema has checked any value that is present)."""
+    if name not in config:
+        raise ConfigError(f"{where}: has no {name} (not a LLaVA config?)")
+    return config[name]
 
 
 def count(config: dict, shapes: dict[str, tuple[int, ...]], source: str, config_where: str,
           tensors_where: str, tensors_from: str) -> Counts:
     """Counts from a LLaVA config and every tensor's shape; a disagreement between the config
     and the tensors (type or dims) is a CheckpointError naming both."""
+    checked(config, config_where)
     inferred = infer_projector(shapes, tensors_where)
     config_type = config.get("mm_projector_type")
-    built = config_type or "linear"  # what LLaVA's build_vision_projector falls back to
+    built = config_type or DEFAULT_TYPE  # what LLaVA's build_vision_projector falls back to
     if built != inferred.type:
         said = f"says {config_type!r}" if config_type else \
             "has no mm_projector_type, so LLaVA's builder silently builds 'linear'"
@@ -217,16 +141,6 @@ def count(config: dict, shapes: dict[str, tuple[int, ...]], source: str, config_
                   params.get("projector", 0), tensors_from, params, buffers)
 
 
-def _read_config(path: Path) -> dict:
-    from ..checkpoint.paths import inside
-    from ..checkpoint.reader import read_json
-
-    found = inside(path.parent, path.name, must_exist=False)
-    if found is None:
-        raise CheckpointError(f"{path}: not found; the projector type and dims come from it")
-    return read_json(found, path)
-
-
 def quantization_summary(scheme, linears: dict, sources: dict) -> dict:
     """Stored bytes of a pre-quantized checkpoint by what they are, and its logical size."""
     stored = stored_keys(linears)
@@ -248,8 +162,8 @@ def count_checkpoint(path: Path) -> Counts:
     # An index that lies about its shards is bad input, not a count; its total_size is
     # checked last, so that a tensor of the wrong shape is named for what it is.
     folder.check(total_size=False)
-    config_path = folder.path / "config.json"
-    config = _read_config(config_path)
+    config_path = folder.path / CONFIG
+    config = read_config(folder.path)
     sources = folder.tensors
     scheme = scheme_of(config, config_path)
     shapes = {key: meta.shape for key, meta in sources.items()}
@@ -262,15 +176,3 @@ def count_checkpoint(path: Path) -> Counts:
     counts = count(config, shapes, str(folder.path), str(config_path), where, "file_headers")
     folder.check()
     return dataclasses.replace(counts, quantization=summary)
-
-
-def count_preset(name: str) -> Counts:
-    """Counts for a named preset: the config it writes and the tensors it plans."""
-    from ..synth.configs import llava_config
-    from ..synth.presets import preset
-
-    spec = preset(name)
-    shapes = {t.key: t.shape for t in model_tensors(spec.model, spec.checkpoint.legacy_buffers)}
-    config = llava_config(spec.model, spec.model.vision.tower_name)
-    return count(config, shapes, f"preset {name}", f"preset {name} config",
-                 f"preset {name} layout", "planned_layout")

@@ -23,7 +23,7 @@ from ..checkpoint.quantized import scheme_of
 from ..checkpoint.reader import scan_folder
 from ..checkpoint.tensors import Piece, Source
 from ..checkpoint.torch_zip import write_bin
-from . import keys
+from ..llava import keys
 from .strip import LM_AUX_FILES, StripError, _read_config, arch_of, plain_config, strip_mapper
 
 WEIGHTS = "lit_model.pth"

@@ -20,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 
 from ..errors import HarnessError
-from ..synth.cache import cache_root
+from ..data import cache_root
 
 LITGPT = "litgpt==0.5.13"
 PINNED = (LITGPT, "lightning==2.6.6", "lightning-utilities==0.15.3", "torchmetrics==1.9.0",

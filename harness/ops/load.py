@@ -29,13 +29,17 @@ from ..checkpoint.paths import check_side_files, inside
 from ..checkpoint.quantized import UNQUANTIZED_MODULES, quantized_linears, scheme_of
 from ..checkpoint.reader import open_folder, read_file
 from ..errors import HarnessError
+from ..llava.config import check_folder_claims
+from ..llava.keys import IMAGE_NEWLINE, PROJECTOR_MARK, PROJECTOR_PREFIX
+from ..llava.kinds import NON_LORA_TRAINABLES, PROJECTOR_FILES, detect_kind, kind_from_name
+from ..llava.projector import projector_type_from_shapes
+from ..llava.tensors import check_config_fits
 from ..model.config import architecture_of, llava_config, read_config_json
 from ..model.llava import MODEL_CLASSES
-from ..model.projector import projector_type_from_shapes, projector_type_of_config
-from .detect import NON_LORA_TRAINABLES, PROJECTOR_FILES, detect_kind, kind_from_name
+from ..model.projector import projector_type_of_config
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-MULTIMODAL_PREFIXES = ("model.mm_projector.", "model.image_newline")
+MULTIMODAL_PREFIXES = (PROJECTOR_PREFIX, IMAGE_NEWLINE)
 DEFAULT_CONTEXT_LEN = 2048
 
 
@@ -97,11 +101,16 @@ def _check_unquantized(model) -> None:
                             "it must stay unquantized")
 
 
-def _check_folder(path: Path) -> None:
+def _check_folder(path: Path, data: dict) -> None:
     """Every record of every shard validated, and the index checked against them, before
     transformers (torch) maps a byte: a truncated, inflated or deflated record, a lying header
-    or an index naming a missing file is one clear line here, never zeros or garbage there."""
-    open_folder(path).check()
+    or an index naming a missing file is one clear line here, never zeros or garbage there.
+    First, from the index alone, the config `data` the model will be built from must fit the
+    folder: work stays bounded by the files, whatever a config claims."""
+    folder = open_folder(path)
+    check_folder_claims(folder, data, path / "config.json")
+    folder.check()
+    check_config_fits(data, folder.tensors, path, LoadError)
     check_side_files(path)
 
 
@@ -210,8 +219,9 @@ def _tokenizer(folder: Path):
 
 
 def _load_llava_full(path: Path, base: Path | None, opts: _Options):
-    _check_folder(path)
-    arch, config = llava_config(path)
+    data = read_config_json(path)
+    _check_folder(path, data)
+    arch, config = llava_config(path, data)
     _check_projector_type(config, _checkpoint_projector_shapes(path), path)
     model, missing = _from_pretrained(MODEL_CLASSES[arch], path, config, opts.model_kwargs())
     _require_loaded(missing, path)
@@ -223,8 +233,8 @@ def _load_base_for(path: Path, base: Path | None, opts: _Options, kind: str):
     tensors may be missing (a plain Vicuna base) as long as something supplies them later."""
     if base is None:
         raise LoadError(f"{path}: a {kind} folder needs a base model (--base / model_base)")
-    _check_folder(base)
     data = read_config_json(path)
+    _check_folder(base, data)
     # A QLoRA run saves its quantization_config into config.json; the base is not quantized
     # unless asked for here (and a stale one makes transformers misread the weights).
     data.pop("quantization_config", None)
@@ -247,8 +257,8 @@ def _load_projector_only(path: Path, base: Path | None, opts: _Options):
     raw = _read_weights(file)
     # The type check comes first: keys of another projector type would otherwise surface as
     # "matches no tensor", which hides the real fault.
-    _check_projector_type(config, {k.split("mm_projector.", 1)[1]: tuple(v.shape)
-                                   for k, v in raw.items() if "mm_projector." in k}, file)
+    _check_projector_type(config, {k.split(PROJECTOR_MARK, 1)[1]: tuple(v.shape)
+                                   for k, v in raw.items() if PROJECTOR_MARK in k}, file)
     weights = normalise_trainable_keys(raw, set(model.state_dict()), file)
     prefix = MULTIMODAL_PREFIXES[0]
     expected = {k for k in _expected_multimodal(model) if k.startswith(prefix)}
@@ -300,8 +310,8 @@ def _load_language_model(path: Path, base: Path | None, opts: _Options):
     from transformers import AutoModelForCausalLM
 
     folder = path if base is None else base
-    _check_folder(folder)
     data = read_config_json(folder)
+    _check_folder(folder, data)
     arch = architecture_of(data, folder / "config.json")
     model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True,
                                                        **opts.model_kwargs())
@@ -337,7 +347,7 @@ def _load_stored_tower(model, folder: Path) -> bool:
     `from_pretrained` then loads the stored tensors over it: the stored tower is the one that
     runs. Same here, strictly: the stored tensors must be exactly the tower's. Returns whether
     a stored tower was loaded."""
-    from . import keys
+    from ..llava import keys
 
     checkpoint = open_folder(folder)
     if not keys.runs_stored_tower(model.config, checkpoint.tensors):
@@ -385,6 +395,10 @@ def _choose_kind(model_path: Path, model_base, model_name: str, detect: str) -> 
     if detect != "files":
         raise LoadError(f"detect {detect!r}: expected 'files' or 'name'")
     found = detect_kind(model_path)
+    if found.kind == "llava-hf":
+        raise LoadError(f"{model_path}: a llava-hf folder ({found.reason}); load it with "
+                        "transformers' LlavaForConditionalGeneration, or convert it first: "
+                        f"llava-harness convert {model_path} -o OUT --to original")
     if found.kind != by_name:
         note = (f"{model_path}: the name {model_name!r} means {by_name!r} to the original loader,"
                 f" but the files say {found.kind!r} ({found.reason}); loading as {found.kind!r}")

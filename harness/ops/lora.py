@@ -28,7 +28,8 @@ import torch
 
 from ..checkpoint.atomic import atomic_dir
 from ..errors import HarnessError
-from .detect import NON_LORA_TRAINABLES
+from ..llava.config import read_config
+from ..llava.kinds import NON_LORA_TRAINABLES
 
 MULTIMODAL_KEYWORDS = ("mm_projector", "vision_tower", "vision_resampler")
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -290,6 +291,5 @@ def synthetic_adapter(base: Path, out: Path, spec: LoraSpec, dtype: torch.dtype,
         trainables = {f"{PEFT_PREFIX}{k}": (v.float() + 0.01 * torch.randn(v.shape, generator=gen)
                                               ).to(v.dtype) for k, v in projector.items()}
         torch.save(trainables, tmp / NON_LORA_TRAINABLES)
-        (tmp / "config.json").write_text(json.dumps(
-            json.loads((Path(base) / "config.json").read_text()), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(read_config(Path(base)), indent=2) + "\n")
     return Path(out)

@@ -35,14 +35,15 @@ import torch
 
 from ..checkpoint.atomic import atomic_dir, check_target
 from ..checkpoint.files import copy_files
+from ..checkpoint.formats import Tensor, index_json
 from ..checkpoint.paths import check_output, inside
 from ..checkpoint.reader import as_tensor, open_folder, read_file
 from ..checkpoint.writers import WRITERS
 from ..errors import HarnessError
-from ..synth.layout import TensorInfo
-from ..synth.plan import index_json
 from .adapter import AdapterConfig, AdapterModule, AdapterWeights, classify
-from .detect import NON_LORA_TRAINABLES
+from ..llava.config import check_folder_claims
+from ..llava.kinds import NON_LORA_TRAINABLES
+from ..llava.tensors import check_config_fits
 
 # Files of the base a merged folder keeps (LLaVA's script saves the base's tokenizer).
 AUX_FILES = ("generation_config.json", "tokenizer.model", "tokenizer.json",
@@ -258,7 +259,7 @@ class _Producer:
 
     def chunks_from(self, shard: _Shard | None):
         """The writers' chunk source for one shard: each tensor's bytes as one chunk."""
-        def chunks(info: TensorInfo):
+        def chunks(info: Tensor):
             yield self.tensor(info.key, shard).reshape(-1).view(torch.uint8).numpy()
             release_freed_memory()
         return chunks
@@ -317,7 +318,7 @@ def _write(folder, plan: MergePlan, producer: _Producer, out: Path) -> tuple[int
                 raise MergeError(f"{folder.path / file}: {key} is {dtype}; the merge writes "
                                  "float16, bfloat16 and float32 tensors only")
             shape = meta.shape if meta is not None else tuple(plan.trainables[key].shape)
-            infos.append(TensorInfo(key, tuple(shape), _DTYPE_NAMES[dtype], "weight", "lm"))
+            infos.append(Tensor(key, tuple(shape), _DTYPE_NAMES[dtype]))
         with ExitStack() as stack:
             shard = _Shard(folder, file, stack)
             WRITERS[folder.format](out / file, infos, producer.chunks_from(shard))
@@ -352,9 +353,11 @@ def merge_lora(adapter, base, out, *, dtype: str | None = None, force: bool = Fa
     _check_paths(adapter, base, out)
     check_target(out, force)
     cfg = AdapterConfig.read(adapter)
-    folder = open_folder(base)
-    folder.check()
     config = _read_llava_config(adapter, base)
+    folder = open_folder(base)
+    check_folder_claims(folder, config, adapter / "config.json")
+    folder.check()
+    check_config_fits(config, folder.tensors, base, MergeError)
     torch_dtype = OUT_DTYPES[dtype] if dtype else None
     model_dtype = _model_dtype(folder, torch_dtype)
     with ExitStack() as stack:

@@ -264,15 +264,12 @@ def parts_from_folder(folder: Path, vision_tower: Path | None = None) -> ModelPa
     return _parts_on_meta(arch, config, CLIPVisionConfig.from_pretrained(tower_dir))
 
 
-def parts_from_spec(spec) -> ModelParts:
-    """Parts of the model a ModelSpec describes (a preset's, say), from its config alone."""
+def parts_from_config(data: dict, tower_config) -> ModelParts:
+    """Parts of the model a LLaVA config.json (as a dict) and a CLIP tower config describe."""
     from ..model.config import llava_config
-    from ..synth import configs
-    from ..synth.layout import clip_vision_config
 
-    data = configs.llava_config(spec, spec.vision.tower_name)
-    arch, config = llava_config(Path(spec.name), data)
-    return _parts_on_meta(arch, config, clip_vision_config(spec.vision))
+    arch, config = llava_config(Path(str(data.get("_name_or_path") or "config")), data)
+    return _parts_on_meta(arch, config, tower_config)
 
 
 # --- what a loaded model holds --------------------------------------------------------------

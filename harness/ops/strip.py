@@ -1,7 +1,7 @@
 """Llama-2 backbone stripping: a LLaVA checkpoint (original or llava-hf layout) -> a plain
 Llama/Mistral folder that `LlamaForCausalLM` / `MistralForCausalLM.from_pretrained` loads.
 
-Which tensors go is decided by one declarative key map (harness/ops/keys.py): the projector, vision
+Which tensors go is decided by one declarative key map (harness/llava/keys.py): the projector, vision
 tower, resampler and image_newline always, the legacy `rotary_emb.inv_freq` buffers unless
 asked to keep them. The shards are rewritten by the checkpoint layer's streaming machinery
 (harness/checkpoint/shards.py): never a shard in memory, never torch, a shard with nothing to
@@ -27,7 +27,8 @@ from ..checkpoint.reader import CheckpointError, scan_folder
 from ..checkpoint.shards import plan_shards, write_shards
 from ..checkpoint.tensors import Source
 from ..errors import HarnessError
-from . import keys
+from ..llava import keys
+from ..llava.config import architecture_of, is_llava_field, read_config
 
 __all__ = ["LM_AUX_FILES", "StripError", "StripResult", "parameter_count", "scan_folder",
            "strict_problems", "strip"]
@@ -43,16 +44,6 @@ class StripError(HarnessError):
 
 # --- the strip operation ------------------------------------------------------------------------
 
-# config.json fields that exist only for LLaVA: every `mm_*` (and `tune_mm_*`, `use_mm_proj`,
-# ...), vision and image field, and LLaVA's training copies of the tokenizer settings.
-_LLAVA_ONLY_FIELDS = {"tokenizer_model_max_length", "tokenizer_padding_side"}
-
-
-def is_llava_config_field(name: str) -> bool:
-    return ("mm_" in name or "vision" in name or name.startswith("image_")
-            or name in _LLAVA_ONLY_FIELDS)
-
-
 PLAIN_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 
 
@@ -62,8 +53,6 @@ def arch_of(config: dict, layout: str, where: Path) -> str:
         if arch not in PLAIN_CLASSES:
             raise StripError(f"{where}: text_config.model_type {arch!r} is not llama or mistral")
         return arch
-    from ..model.config import architecture_of
-
     return architecture_of(config, where)
 
 
@@ -77,7 +66,7 @@ def plain_config(config: dict, layout: str, arch: str) -> dict:
     else:
         # `_name_or_path` names the LLaVA model, which this no longer is.
         fields = {k: v for k, v in config.items()
-                  if not is_llava_config_field(k) and k != "_name_or_path"}
+                  if not is_llava_field(k) and k != "_name_or_path"}
     fields.update(model_type=arch, architectures=[PLAIN_CLASSES[arch]])
     return dict(sorted(fields.items()))
 
@@ -164,9 +153,7 @@ def strip(ckpt: Path, out: Path, *, keep_legacy_buffers: bool = False,
 
 
 def _read_config(folder: Path) -> dict:
-    from ..model.config import read_config_json
-
-    return read_config_json(folder)
+    return read_config(folder)
 
 
 # --- strict validation ----------------------------------------------------------------------
@@ -175,7 +162,7 @@ def _read_config(folder: Path) -> dict:
 def config_problems(folder: Path, config: dict) -> list[str]:
     where = folder / "config.json"
     problems = [f"{where}: LLaVA-only field {name!r} is still present"
-                for name in sorted(config) if is_llava_config_field(name)]
+                for name in sorted(config) if is_llava_field(name)]
     arch = config.get("model_type")
     if arch not in PLAIN_CLASSES:
         problems.append(f"{where}: model_type {arch!r}, expected llama or mistral")
@@ -209,7 +196,7 @@ def _expected_cache(folder: Path) -> Path | None:
     import hashlib
     from importlib import metadata
 
-    from ..synth.cache import cache_root
+    from ..data import cache_root
 
     try:
         versions = [metadata.version(d) for d in ("transformers", "torch")]

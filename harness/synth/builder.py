@@ -12,10 +12,11 @@ import sys
 from pathlib import Path
 
 from ..checkpoint.atomic import atomic_dir
+from ..checkpoint.formats import index_json
 from ..checkpoint.writers import WRITERS
 from . import configs
 from .fill import tensor_chunks
-from .plan import CheckpointPlan, index_json, make_plan
+from .plan import CheckpointPlan, make_plan
 from .quantize import quantization_config
 from .specs import BuildSpec
 

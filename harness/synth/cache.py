@@ -11,26 +11,24 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
+from ..data import CACHE_ENV_VAR, cache_root
 from ..errors import HarnessError
+
+__all__ = ["CacheError", "ENV_VAR", "cache_lock", "cache_path", "cache_root", "cached_build",
+           "ensure_space", "is_valid", "remove", "spec_hash"]
 from .plan import make_plan
 from .specs import BuildSpec
 
 # Bump when fill.py changes the bytes a (seed, key) produces.
 FILL_VERSION = 1
-ENV_VAR = "LLAVA_HARNESS_CACHE"
+ENV_VAR = CACHE_ENV_VAR
 
 
 class CacheError(HarnessError, RuntimeError):
     pass
-
-
-def cache_root() -> Path:
-    default = Path.home() / ".cache" / "llava-harness"
-    return Path(os.environ.get(ENV_VAR) or default)
 
 
 # CheckpointSpec fields added after builds were cached: left out of the hash while they hold

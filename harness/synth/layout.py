@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from ..checkpoint.formats import Shaped
-from .specs import ModelSpec, VisionSpec, mlp_depth
+from ..llava.keys import IMAGE_NEWLINE, PROJECTOR_PREFIX, VISION_PREFIX
+from ..llava.projector import mlp_depth
+from .specs import ModelSpec, VisionSpec
 
-PROJECTOR_PREFIX = "model.mm_projector."
-VISION_PREFIX = "model.vision_tower.vision_tower."
-IMAGE_NEWLINE = "model.image_newline"
+__all__ = ["IMAGE_NEWLINE", "PROJECTOR_PREFIX", "VISION_PREFIX", "TensorInfo", "clip_tensors",
+           "clip_tower_config", "clip_vision_config", "model_tensors", "projector_tensors"]
 
 
 @dataclass(frozen=True)

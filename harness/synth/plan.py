@@ -8,7 +8,6 @@ first, in the middle, last, or split across two shards regardless of sizes.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 from ..checkpoint.formats import INDEX_NAMES, shard_name
@@ -62,10 +61,6 @@ class CheckpointPlan:
             "tensors": {t.key: {"shape": list(t.shape), "dtype": t.dtype}
                         for t in sorted(self.tensors, key=lambda t: t.key)},
         }
-
-
-def index_json(index: dict) -> str:
-    return json.dumps(index, indent=2, sort_keys=True) + "\n"
 
 
 def _by_max_size(tensors: list[TensorInfo], max_size: int) -> list[list[TensorInfo]]:

@@ -12,7 +12,8 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 
-from ..errors import HarnessError
+from ..llava.errors import ContractError
+from ..llava.projector import check_projector_type as _check_type
 
 DTYPES = ("float16", "bfloat16", "float32")
 ARCHS = ("llama", "mistral")
@@ -21,10 +22,9 @@ PLACEMENTS = ("last", "first", "middle", "split")
 ASPECT_RATIOS = ("pad", "square", "anyres")
 # Pre-quantized checkpoints: bitsandbytes as transformers saves it, and key-level GPTQ / AWQ.
 QUANTIZATIONS = ("nf4", "nf4-dq", "fp4", "int8", "gptq", "awq")
-_MLP_GELU = re.compile(r"^mlp(\d+)x_gelu$")
 
 
-class SpecError(HarnessError, ValueError):
+class SpecError(ContractError):
     """A spec field has a value outside what is allowed."""
 
 
@@ -44,19 +44,12 @@ def _one_of(owner: str, name: str, value, allowed: tuple) -> None:
         _fail(owner, name, value, f"must be one of {', '.join(allowed)}")
 
 
-def mlp_depth(projector_type: str) -> int | None:
-    """Number of Linear layers of an `mlp{N}x_gelu` projector, None for other types."""
-    match = _MLP_GELU.match(projector_type)
-    return int(match.group(1)) if match else None
-
-
 def check_projector_type(projector_type: str) -> None:
-    if projector_type in ("linear", "identity"):
-        return
-    depth = mlp_depth(projector_type)
-    if depth is None or depth < 1:
-        _fail("ModelSpec", "projector_type", projector_type,
-              "must be 'linear', 'identity' or 'mlp{N}x_gelu' with N >= 1")
+    """The contract's projector types, as a SpecError naming the spec field."""
+    try:
+        _check_type(projector_type, "ModelSpec.projector_type")
+    except ContractError as exc:
+        raise SpecError(str(exc)) from None
 
 
 @dataclass(frozen=True)

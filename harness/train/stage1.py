@@ -24,7 +24,8 @@ import torch
 from ..checkpoint.atomic import atomic_dir
 from ..errors import HarnessError
 from ..model.projector import projector_type_of_config
-from ..ops.counts import projector_params, trainable_params
+from ..llava.projector import projector_params
+from ..ops.counts import trainable_params
 from .data import collate, plain_samples
 from .loop import DEFAULT_LR, batch_loss, train
 

@@ -1,4 +1,5 @@
-"""Checkpoint key layouts as declarative maps: original LLaVA, llava-hf, plain Llama/Mistral.
+"""The names of a LLaVA checkpoint's tensors, and its key layouts as declarative maps: original
+LLaVA, llava-hf, plain Llama/Mistral.
 
 A map is an ordered table of `source template -> target template`, gpt-fast style: `{}` stands
 for one layer number, a trailing `*` for any remaining suffix (a whole sub-tree), and a target of
@@ -37,6 +38,13 @@ VISION_TOWER = "model.vision_tower.*"
 TOWER_MODEL = "model.vision_tower.vision_tower.vision_model.*"
 RESAMPLER = "model.vision_resampler.*"
 IMAGE_NEWLINE = "model.image_newline"
+# The same as prefixes of concrete keys.
+PROJECTOR_PREFIX = PROJECTOR.removesuffix("*")
+# A tower stored in the checkpoint: CLIPVisionTower's `vision_tower` attribute, then the model.
+VISION_PREFIX = "model.vision_tower.vision_tower."
+# What LLaVA's stage-2 `get_w` keeps of a projector key, wherever its prefix: the projector's
+# own names (`0.weight`, ...) follow this mark.
+PROJECTOR_MARK = "mm_projector."
 
 
 class KeyMapError(HarnessError):
@@ -231,6 +239,14 @@ def runs_stored_tower(config, tensor_keys: Iterable[str]) -> bool:
 
 def is_legacy_buffer(canonical_key: str) -> bool:
     return _LEGACY_PATTERN.fullmatch(canonical_key) is not None
+
+
+def is_language_model_key(key: str) -> bool:
+    """An original-layout key of the language model: not the projector, the vision tower, the
+    resampler, image_newline or a legacy rotary buffer."""
+    return not (key.startswith((PROJECTOR_PREFIX, VISION_TOWER.removesuffix("*"),
+                                RESAMPLER.removesuffix("*")))
+                or key == IMAGE_NEWLINE or key.endswith("rotary_emb.inv_freq"))
 
 
 def layout_of(config: dict, keys: Iterable[str], where: str = "") -> str:
