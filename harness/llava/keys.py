@@ -40,6 +40,7 @@ RESAMPLER = "model.vision_resampler.*"
 IMAGE_NEWLINE = "model.image_newline"
 # The same as prefixes of concrete keys.
 PROJECTOR_PREFIX = PROJECTOR.removesuffix("*")
+VISION_TOWER_PREFIX = VISION_TOWER.removesuffix("*")
 # A tower stored in the checkpoint: CLIPVisionTower's `vision_tower` attribute, then the model.
 VISION_PREFIX = "model.vision_tower.vision_tower."
 # What LLaVA's stage-2 `get_w` keeps of a projector key, wherever its prefix: the projector's

@@ -24,14 +24,15 @@ from pathlib import Path
 from ..checkpoint.formats import INDEX_NAMES, SINGLE_NAMES
 from ..checkpoint.paths import inside
 from ..checkpoint.problems import CheckpointError
+from .adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, NON_LORA_TRAINABLES
 from .config import is_hf_layout, is_llava_config, read_config
 from .errors import ContractError
 
 KINDS = ("llava", "llava-hf", "lora", "projector", "language_model", "language_model_lora")
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-NON_LORA_TRAINABLES = "non_lora_trainables.bin"
 PROJECTOR_FILES = ("mm_projector.bin", "mm_projector.safetensors")
+# The language model's side files: what a merged or stripped folder keeps of its source.
+LM_SIDE_FILES = ("generation_config.json", "tokenizer.model", "tokenizer.json",
+                 "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
 
 class DetectError(ContractError):
@@ -54,18 +55,21 @@ def has_weights(folder: Path) -> bool:
     return any(has_file(folder, n) for n in (*INDEX_NAMES.values(), *SINGLE_NAMES.values()))
 
 
-def _config(folder: Path) -> dict | None:
-    """The folder's config.json, held to the schema; None when there is none."""
+def _config(folder: Path, check: bool) -> dict | None:
+    """The folder's config.json (held to the schema with `check`); None when there is none."""
     if not has_file(folder, "config.json"):
         return None
-    return read_config(folder)
+    data = read_config(folder, check=check)
+    return data if isinstance(data, dict) else None
 
 
-def detect_kind(path: Path) -> Detected:
+def detect_kind(path: Path, check_config: bool = True) -> Detected:
+    """The folder's kind. `check_config=False` tells the kind of a folder whose config.json is
+    malformed (the linter reports the fields; every operation refuses them first)."""
     folder = Path(path)
     if not folder.is_dir():
         raise DetectError(f"{folder}: not a folder")
-    config = _config(folder)
+    config = _config(folder, check_config)
     if has_file(folder, ADAPTER_CONFIG):
         if has_file(folder, NON_LORA_TRAINABLES) or (config and is_llava_config(config)):
             return Detected("lora", f"{ADAPTER_CONFIG} with a LLaVA config / "
@@ -96,5 +100,5 @@ def kind_from_name(model_name: str, model_base) -> str:
 
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "CheckpointError", "DetectError", "Detected",
-           "KINDS", "NON_LORA_TRAINABLES", "PROJECTOR_FILES", "detect_kind", "has_file",
+           "KINDS", "LM_SIDE_FILES", "NON_LORA_TRAINABLES", "PROJECTOR_FILES", "detect_kind", "has_file",
            "has_weights", "kind_from_name"]

@@ -73,19 +73,23 @@ def shape_problems(data: dict, shapes: dict[str, tuple[int, ...]], config_where:
 
 def logical_shapes_of(sources: dict, data: dict, folder) -> dict[str, tuple[int, ...]]:
     """Every stored tensor's shape as the unquantized model has it (a pre-quantized linear's
-    packed weight and state become its float weight), in the original layout's names."""
+    packed weight and state become its float weight), under its stored name."""
     from ..checkpoint.quantized import logical_shapes, quantized_linears, scheme_of
-    from .config import CONFIG, is_hf_layout
-    from .keys import LAYOUT_MAPS
+    from .config import CONFIG
 
     scheme = scheme_of(data, f"{folder}/{CONFIG}")
     if scheme is None:
-        shapes = {k: tuple(s.shape) for k, s in sources.items()}
-    else:
-        shapes = logical_shapes(sources, quantized_linears(scheme, sources, folder))
-    if not is_hf_layout(data):
-        return shapes
-    layout = LAYOUT_MAPS["hf"]
+        return {k: tuple(s.shape) for k, s in sources.items()}
+    return logical_shapes(sources, quantized_linears(scheme, sources, folder))
+
+
+def canonical_shapes(shapes: dict[str, tuple[int, ...]], data: dict) -> dict:
+    """Shapes under their original-layout names; a name the layout's map does not cover is
+    left out (the linter names it)."""
+    from .config import is_hf_layout
+    from .keys import LAYOUT_MAPS
+
+    layout = LAYOUT_MAPS["hf" if is_hf_layout(data) else "original"]
     return {name: shape for key, shape in shapes.items() if layout.covers(key)
             for name in [layout(key)] if name is not None}
 
@@ -96,7 +100,7 @@ def check_config_fits(data: dict, sources: dict, folder, error=None) -> None:
     from .config import CONFIG
     from .errors import ConfigError
 
-    problems = shape_problems(data, logical_shapes_of(sources, data, folder),
-                              f"{folder}/{CONFIG}", str(folder))
+    shapes = canonical_shapes(logical_shapes_of(sources, data, folder), data)
+    problems = shape_problems(data, shapes, f"{folder}/{CONFIG}", str(folder))
     if problems:
         raise (error or ConfigError)(problems[0])

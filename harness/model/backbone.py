@@ -9,22 +9,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..checkpoint.reader import open_folder
-from ..llava.config import (architecture_of, checked, constructor_fields,
-                            language_model_fields, read_config)
-from ..llava.keys import is_language_model_key
+from ..llava.config import (architecture_of, checked, constructor_fields, is_hf_layout,
+                            language_model_fields, lm_fields, read_config)
+from ..llava.keys import LAYOUT_MAPS, is_language_model_key
 
 __all__ = ["is_language_model_key", "language_model_config", "load_language_model"]
 
 
 def language_model_config(llava_config: dict):
-    """The plain Llama / Mistral config inside a (checked) original LLaVA config."""
+    """The plain Llama / Mistral config inside a (checked) LLaVA config of either layout."""
     from transformers import LlamaConfig, MistralConfig
 
     from .config import build_config
 
     checked(llava_config, "config.json")
     mistral = architecture_of(llava_config) == "mistral"
-    fields = constructor_fields(language_model_fields(llava_config))
+    fields = constructor_fields(language_model_fields(lm_fields(llava_config)))
     return build_config(MistralConfig if mistral else LlamaConfig, fields, "config.json")
 
 
@@ -34,10 +34,14 @@ def load_language_model(folder: Path, dtype=None):
     model in memory: meant for tiny checkpoints (real-size ones are checked from headers)."""
     from transformers import AutoModelForCausalLM
 
-    config = language_model_config(read_config(Path(folder)))
+    data = read_config(Path(folder))
+    config = language_model_config(data)
     ckpt = open_folder(folder)
-    keys = [k for k in ckpt.tensors if is_language_model_key(k)]
-    state = ckpt.read(keys)
+    layout = LAYOUT_MAPS["hf" if is_hf_layout(data) else "original"]
+    names = {key: layout(key) for key in ckpt.tensors if layout.covers(key)}
+    stored = {key: name for key, name in names.items() if name and is_language_model_key(name)}
+    state = {stored[k]: v for k, v in ckpt.read(list(stored)).items()}
+    keys = list(state)
     model = AutoModelForCausalLM.from_config(config, dtype=state[keys[0]].dtype)
     expected = set(model.state_dict())
     if set(state) != expected:

@@ -20,6 +20,7 @@ from transformers import (
 )
 
 from ..errors import HarnessError
+from ..llava.config import uses_image_newline
 from .projector import build_projector, projector_type_of_config
 from .anyres import merge_crops
 from .splice import IMAGE_TOKEN_INDEX, splice
@@ -48,7 +49,7 @@ def _attach_multimodal(inner: nn.Module, config) -> None:
     inner.vision_tower = VisionTower(config)
     inner.mm_projector = build_projector(projector_type_of_config(config),
                                          config.mm_hidden_size, config.hidden_size)
-    if "unpad" in (getattr(config, "mm_patch_merge_type", None) or ""):
+    if uses_image_newline(getattr(config, "mm_patch_merge_type", None)):
         inner.image_newline = nn.Parameter(torch.empty(config.hidden_size))
 
 

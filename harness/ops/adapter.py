@@ -18,19 +18,14 @@ import torch
 from ..checkpoint.paths import inside
 from ..checkpoint.reader import read_file
 from ..errors import HarnessError
-from ..llava.kinds import ADAPTER_CONFIG
-from .lora import PEFT_PREFIX
-
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+from ..llava.adapter import ADAPTER_WEIGHTS as ADAPTER_FILES
+from ..llava.adapter import PEFT_PREFIX, LoraModule, adapter_keys, read_adapter_config
 
 # peft features whose merge is not W + s*B@A (+ DoRA): refused rather than merged wrongly.
 UNSUPPORTED = ("lora_bias", "use_bdlora", "arrow_config", "alora_invocation_tokens",
                "velora_config", "monteclora_config", "mica", "kasa_config", "use_qalora",
                "layer_replication", "modules_to_save", "trainable_token_indices")
 
-_LORA_SUFFIXES = {".lora_A.weight": "a", ".lora_B.weight": "b",
-                  ".lora_magnitude_vector": "magnitude", ".lora_magnitude_vector.weight":
-                  "magnitude"}
 
 
 class AdapterError(HarnessError):
@@ -51,15 +46,8 @@ class AdapterConfig:
 
     @classmethod
     def read(cls, folder: Path) -> AdapterConfig:
-        from ..checkpoint.reader import read_json
-
-        path = folder / ADAPTER_CONFIG
-        found = inside(folder, ADAPTER_CONFIG, must_exist=False)
-        if found is None:
-            raise AdapterError(f"{path}: missing; {folder} is not a LoRA adapter folder")
-        data = read_json(found, path)
-        if data.get("peft_type") != "LORA":
-            raise AdapterError(f"{path}: peft_type {data.get('peft_type')!r}; only LORA merges")
+        data = read_adapter_config(folder)  # held to the schema: peft_type LORA, r, alpha, ...
+        path = folder / "adapter_config.json"
         for name in UNSUPPORTED:
             if data.get(name):
                 raise AdapterError(f"{path}: {name}={data[name]!r} is not supported")
@@ -92,36 +80,20 @@ class AdapterWeights:
         self.keys, self.get = list(state), state.__getitem__
 
 
-@dataclass
-class AdapterModule:
-    a: str | None = None
-    b: str | None = None
-    magnitude: str | None = None
-
-
-
-def classify(weights: AdapterWeights) -> tuple[dict[str, AdapterModule], dict[str, str]]:
-    modules: dict[str, AdapterModule] = {}
-    biases: dict[str, str] = {}
-    for key in weights.keys:
+def classify(weights: AdapterWeights) -> tuple[dict[str, LoraModule], dict[str, str]]:
+    """The adapter's LoRA modules (by the base weight they adapt) and trained biases; a key
+    that is neither, or a module missing a half, is an AdapterError naming it."""
+    found = adapter_keys(weights.keys)
+    for key in found.foreign:
         if not key.startswith(PEFT_PREFIX):
             raise AdapterError(f"{weights.path}: {key} lacks peft's {PEFT_PREFIX!r} prefix")
-        rest = key[len(PEFT_PREFIX):]
-        kind = next(((s, k) for s, k in _LORA_SUFFIXES.items() if rest.endswith(s)), None)
-        if kind is not None:
-            module = rest[:-len(kind[0])]
-            setattr(modules.setdefault(f"{module}.weight", AdapterModule()), kind[1], key)
-        elif ".lora_" not in rest and rest.endswith(".bias"):
-            biases[rest.replace(".base_layer.", ".")] = key
-        else:
-            raise AdapterError(f"{weights.path}: {key} is not a LoRA A/B, DoRA magnitude or bias "
-                             "tensor; the merge cannot place it")
-    for target, m in modules.items():
+        raise AdapterError(f"{weights.path}: {key} is not a LoRA A/B, DoRA magnitude or bias "
+                           "tensor; the merge cannot place it")
+    for target, m in found.modules.items():
         if m.a is None or m.b is None:
             raise AdapterError(f"{weights.path}: {m.a or m.b or m.magnitude} has no matching "
-                             f"lora_{'A' if m.a is None else 'B'} for {target}")
-    return modules, biases
-
+                               f"lora_{'A' if m.a is None else 'B'} for {target}")
+    return found.modules, found.biases
 
 
 def model_key(key: str, adapter_name: str) -> str:

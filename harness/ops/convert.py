@@ -275,7 +275,7 @@ def check_stored_tower(scanned: ScannedFolder, tower: Path) -> None:
     stored = {}
     for key, source in scanned.tensors.items():
         canonical = keys.ORIGINAL(key, where=str(scanned.folder.path))
-        if canonical.startswith("model.vision_tower."):
+        if canonical.startswith(keys.VISION_TOWER_PREFIX):
             stored[canonical] = source
     expected = {}
     for key, source in scan_folder(tower).tensors.items():
@@ -301,7 +301,7 @@ def _hf_mapper(folder: Path, vocab: int, dropped: list[str], stored_tower: bool)
         canonical = keys.ORIGINAL(source.key, where=str(where))
         # Unless it builds the tower at init (stored_tower), the original re-reads the tower
         # from mm_vision_tower and ignores a stored copy.
-        tower = canonical.startswith("model.vision_tower.")
+        tower = canonical.startswith(keys.VISION_TOWER_PREFIX)
         if keys.is_legacy_buffer(canonical) or (tower and not stored_tower):
             dropped.append(source.key)
             return None
@@ -543,7 +543,7 @@ def _original_mapper(folder: Path, vocab: int, tower: list[Source], dropped: lis
         if keys.is_legacy_buffer(canonical):
             dropped.append(source.key)
             return None
-        if canonical.startswith("model.vision_tower."):
+        if canonical.startswith(keys.VISION_TOWER_PREFIX):
             tower.append(source.renamed(keys.TO_TOWER_FOLDER(canonical, where=str(where))))
             return source.renamed(canonical) if store_tower else None
         if canonical in (EMBED, LM_HEAD):

@@ -21,11 +21,12 @@ from pathlib import Path
 from ..checkpoint.formats import shape_numel
 from ..checkpoint.quantized import logical_shapes, quantized_linears, scheme_of, stored_keys
 from ..checkpoint.reader import CheckpointError, open_folder
-from ..llava.config import CONFIG, checked, read_config
+from ..llava.config import (CONFIG, checked, is_hf_layout, lm_fields, mm_hidden_size_of,
+                            projector_type_of, read_config)
 from ..llava.errors import ConfigError
 from ..llava.keys import IMAGE_NEWLINE, PROJECTOR_MARK, VISION_PREFIX
-from ..llava.projector import (DEFAULT_TYPE, ProjectorShape, infer_projector, projector_entries,
-                               projector_params)
+from ..llava.projector import infer_projector, projector_params
+from ..llava.tensors import canonical_shapes
 
 # Persistent buffers some checkpoints carry: counted as tensors, not as parameters.
 BUFFER_SUFFIXES = ("rotary_emb.inv_freq", "embeddings.position_ids")
@@ -111,19 +112,21 @@ def _config_int(config: dict, name: str, where: str) -> int:
 
 def count(config: dict, shapes: dict[str, tuple[int, ...]], source: str, config_where: str,
           tensors_where: str, tensors_from: str) -> Counts:
-    """Counts from a LLaVA config and every tensor's shape; a disagreement between the config
-    and the tensors (type or dims) is a CheckpointError naming both."""
+    """Counts from a LLaVA config (either layout) and every tensor's shape under its
+    original-layout name; a disagreement between the config and the tensors (type or dims) is
+    a CheckpointError naming both."""
     checked(config, config_where)
     inferred = infer_projector(shapes, tensors_where)
-    config_type = config.get("mm_projector_type")
-    built = config_type or DEFAULT_TYPE  # what LLaVA's build_vision_projector falls back to
+    config_type = None if is_hf_layout(config) else config.get("mm_projector_type")
+    built = projector_type_of(config)  # LLaVA's builder falls back to linear
     if built != inferred.type:
         said = f"says {config_type!r}" if config_type else \
             "has no mm_projector_type, so LLaVA's builder silently builds 'linear'"
         raise CheckpointError(f"{config_where}: {said}, but the tensors in {tensors_where} are "
                               f"an {inferred.type!r} projector")
-    m = _config_int(config, "mm_hidden_size", config_where)
-    h = _config_int(config, "hidden_size", config_where)
+    m = _config_int({"mm_hidden_size": mm_hidden_size_of(config)} if mm_hidden_size_of(config)
+                    is not None else {}, "mm_hidden_size", config_where)
+    h = _config_int(lm_fields(config), "hidden_size", config_where)
     if inferred.hidden_size is not None and (m, h) != (inferred.mm_hidden_size,
                                                        inferred.hidden_size):
         raise CheckpointError(f"{config_where}: mm_hidden_size {m} -> hidden_size {h}, but the "
@@ -172,6 +175,7 @@ def count_checkpoint(path: Path) -> Counts:
         linears = quantized_linears(scheme, sources, folder.path)
         shapes = logical_shapes(sources, linears)
         summary = quantization_summary(scheme, linears, sources)
+    shapes = canonical_shapes(shapes, config)
     where = str(folder.path / (folder.index_file or folder.files[0]))
     counts = count(config, shapes, str(folder.path), str(config_path), where, "file_headers")
     folder.check()

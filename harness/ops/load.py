@@ -29,7 +29,8 @@ from ..checkpoint.paths import check_side_files, inside
 from ..checkpoint.quantized import UNQUANTIZED_MODULES, quantized_linears, scheme_of
 from ..checkpoint.reader import open_folder, read_file
 from ..errors import HarnessError
-from ..llava.config import check_folder_claims
+from ..llava.adapter import llava_trainable_keys
+from ..llava.claims import check_folder_claims
 from ..llava.keys import IMAGE_NEWLINE, PROJECTOR_MARK, PROJECTOR_PREFIX
 from ..llava.kinds import NON_LORA_TRAINABLES, PROJECTOR_FILES, detect_kind, kind_from_name
 from ..llava.projector import projector_type_from_shapes
@@ -155,11 +156,8 @@ def normalise_trainable_keys(weights: dict, model_keys: set[str], source: Path) 
     """
     out = {}
     # LLaVA's saver writes peft-wrapped names for biases (`q_proj.base_layer.bias`).
-    stripped = {k.removeprefix("base_model.").replace(".base_layer.", "."): v
-                for k, v in weights.items()}
-    if any(k.startswith("model.model.") for k in stripped):
-        stripped = {(k.removeprefix("model.")): v
-                    for k, v in stripped.items()}
+    stripped = {k.replace(".base_layer.", "."): weights[v]
+                for k, v in llava_trainable_keys(weights).items()}
     for key, value in stripped.items():
         target = key if key in model_keys else f"model.{key}"
         if target not in model_keys:

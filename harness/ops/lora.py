@@ -28,14 +28,13 @@ import torch
 
 from ..checkpoint.atomic import atomic_dir
 from ..errors import HarnessError
+from ..llava.adapter import MULTIMODAL_KEYWORDS, NON_LORA_TRAINABLES, PEFT_PREFIX
 from ..llava.config import read_config
-from ..llava.kinds import NON_LORA_TRAINABLES
+from ..llava.keys import PROJECTOR_PREFIX
 
-MULTIMODAL_KEYWORDS = ("mm_projector", "vision_tower", "vision_resampler")
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 TARGET_SETS = ("attention", "all-linear")
 BIAS_MODES = ("none", "all", "lora_only")
-PEFT_PREFIX = "base_model.model."
 
 
 class LoraError(HarnessError):
@@ -283,7 +282,7 @@ def synthetic_adapter(base: Path, out: Path, spec: LoraSpec, dtype: torch.dtype,
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, target_modules=target_regex(names),
                         lora_dropout=spec.dropout, bias="none", use_rslora=spec.rslora,
                         task_type="CAUSAL_LM", base_model_name_or_path=str(base))
-    projector = folder.read([k for k in folder.tensors if k.startswith("model.mm_projector.")])
+    projector = folder.read([k for k in folder.tensors if k.startswith(PROJECTOR_PREFIX)])
     with atomic_dir(Path(out), force) as tmp:
         config.save_pretrained(tmp)
         save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})

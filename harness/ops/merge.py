@@ -40,14 +40,16 @@ from ..checkpoint.paths import check_output, inside
 from ..checkpoint.reader import as_tensor, open_folder, read_file
 from ..checkpoint.writers import WRITERS
 from ..errors import HarnessError
-from .adapter import AdapterConfig, AdapterModule, AdapterWeights, classify
-from ..llava.config import check_folder_claims
-from ..llava.kinds import NON_LORA_TRAINABLES
+from ..llava.adapter import NON_LORA_TRAINABLES, LoraModule
+from ..llava.claims import check_folder_claims
+from ..llava.config import uses_image_newline
+from ..llava.keys import IMAGE_NEWLINE, PROJECTOR_PREFIX
+from ..llava.kinds import LM_SIDE_FILES
 from ..llava.tensors import check_config_fits
+from .adapter import AdapterConfig, AdapterWeights, classify
 
 # Files of the base a merged folder keeps (LLaVA's script saves the base's tokenizer).
-AUX_FILES = ("generation_config.json", "tokenizer.model", "tokenizer.json",
-             "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+AUX_FILES = LM_SIDE_FILES
 OUT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _DTYPE_NAMES = {v: k for k, v in OUT_DTYPES.items()}
 
@@ -93,7 +95,7 @@ def merge_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling
 
 @dataclass
 class MergePlan:
-    modules: dict[str, AdapterModule]          # weight key -> its adapter tensors
+    modules: dict[str, LoraModule]          # weight key -> its adapter tensors
     biases: dict[str, str]               # base key -> adapter key replacing it
     trainables: dict[str, torch.Tensor]  # base key -> tensor from non_lora_trainables.bin
     added: list[str]                     # keys the base lacks (a Vicuna base's projector)
@@ -128,10 +130,9 @@ def _multimodal_shapes(config: dict) -> dict[str, tuple]:
     with torch.device("meta"):
         projector = build_projector(projector_type_of_config(SimpleNamespace(**config)),
                                     config["mm_hidden_size"], config["hidden_size"])
-    shapes = {f"model.mm_projector.{k}": tuple(v.shape)
-              for k, v in projector.state_dict().items()}
-    if "unpad" in (config.get("mm_patch_merge_type") or ""):
-        shapes["model.image_newline"] = (config["hidden_size"],)
+    shapes = {f"{PROJECTOR_PREFIX}{k}": tuple(v.shape) for k, v in projector.state_dict().items()}
+    if uses_image_newline(config.get("mm_patch_merge_type")):
+        shapes[IMAGE_NEWLINE] = (config["hidden_size"],)
     return shapes
 
 
@@ -150,7 +151,7 @@ def _trainables(adapter: Path, known: dict[str, tuple]) -> dict[str, torch.Tenso
     return weights
 
 
-def _check_target(weights: AdapterWeights, cfg: AdapterConfig, target: str, m: AdapterModule,
+def _check_target(weights: AdapterWeights, cfg: AdapterConfig, target: str, m: LoraModule,
                   shape: tuple | None) -> None:
     module = target.removesuffix(".weight")
     if shape is None:
@@ -167,7 +168,7 @@ def _check_target(weights: AdapterWeights, cfg: AdapterConfig, target: str, m: A
                          f"is {'missing' if cfg.dora else 'present'}")
 
 
-def _tower_modules(weights: AdapterWeights, modules: dict[str, AdapterModule],
+def _tower_modules(weights: AdapterWeights, modules: dict[str, LoraModule],
                    biases: dict[str, str]) -> list[str]:
     """Drop the vision tower's adapters if their update is exactly zero; else refuse."""
     dropped = []

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import HarnessError
+from ..llava.keys import IMAGE_NEWLINE, PROJECTOR_PREFIX, VISION_TOWER_PREFIX
 
 NF4_BLOCK = 64          # values per first-level absmax (bitsandbytes' default blocksize)
 DQ_BLOCK = 256          # first-level absmax values per second-level absmax
@@ -201,9 +202,9 @@ def _part_of(name: str, module) -> str:
     lm_head and the projector out of quantization by name; the tower is loaded apart."""
     if name.startswith("lm_head"):
         return "lm_head"
-    if name.startswith(("model.mm_projector", "model.image_newline")):
+    if name.startswith((PROJECTOR_PREFIX, IMAGE_NEWLINE)):
         return "projector"
-    if name.startswith("model.vision_tower"):
+    if name.startswith(VISION_TOWER_PREFIX):
         return "vision_tower"
     kind = type(module).__name__
     if kind == "Embedding":

@@ -29,13 +29,13 @@ from ..checkpoint.tensors import Source
 from ..errors import HarnessError
 from ..llava import keys
 from ..llava.config import architecture_of, is_llava_field, read_config
+from ..llava.kinds import LM_SIDE_FILES
 
 __all__ = ["LM_AUX_FILES", "StripError", "StripResult", "parameter_count", "scan_folder",
            "strict_problems", "strip"]
 
 # Files beside the weights that a plain language-model folder keeps.
-LM_AUX_FILES = ("generation_config.json", "tokenizer.model", "tokenizer.json",
-                "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+LM_AUX_FILES = LM_SIDE_FILES
 
 
 class StripError(HarnessError):

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import torch
 
+from ..llava.keys import PROJECTOR_PREFIX
 from .source import Oracle
 
 
@@ -146,7 +147,7 @@ def projector_folder(source: Path, out: Path) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     folder = open_folder(source)
-    keys = [k for k in folder.tensors if k.startswith("model.mm_projector.")]
+    keys = [k for k in folder.tensors if k.startswith(PROJECTOR_PREFIX)]
     torch.save(folder.read(keys), out / "mm_projector.bin")
     shutil.copy(source / "config.json", out / "config.json")
     return out

@@ -12,6 +12,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 
+from ..llava.config import uses_image_newline
 from ..llava.errors import ContractError
 from ..llava.projector import check_projector_type as _check_type
 
@@ -144,7 +145,7 @@ class ModelSpec:
 
     @property
     def has_image_newline(self) -> bool:
-        return "unpad" in self.mm_patch_merge_type
+        return uses_image_newline(self.mm_patch_merge_type)
 
     def replace(self, **overrides) -> ModelSpec:
         """A copy with fields replaced; `vision_<field>` and `mm_hidden_size` reach the tower."""
