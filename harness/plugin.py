@@ -31,8 +31,9 @@ MARKERS = {
     "slow": "takes minutes on 2 CPU cores; runs only with --llava-slow",
 }
 
-# What `--llava-checkpoint DIR` runs when the arguments do not name the harness's suites.
-FOLDER_SUITE = "test_checkpoint_folder.py"
+# What `--llava-checkpoint DIR` runs when the arguments do not name the harness's suites: the
+# checkpoint-folder suite and every rule of `llava-harness check`, one test each.
+FOLDER_SUITES = ("test_checkpoint_folder.py", "test_folder_rules.py")
 
 _COLLECTOR = pytest.StashKey["Collector"]()
 _ORACLES = pytest.StashKey[dict]()  # oracle name -> what it is, for the report
@@ -109,6 +110,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--llava-checkpoint", type=_checkpoint_dir, default=None, metavar="DIR",
                     help="validate this checkpoint folder (default: a synthetic one of "
                          "--llava-preset)")
+    group.addoption("--llava-base", type=_checkpoint_dir, default=None, metavar="DIR",
+                    help="with --llava-checkpoint: the base an adapter folder is merged into")
     group.addoption("--llava-preset", choices=PRESET_NAMES, default="tiny",
                     help="preset of the synthetic checkpoint used without --llava-checkpoint")
     group.addoption("--llava-oracle", choices=ORACLE_MODES, default="auto",
@@ -138,7 +141,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def _add_folder_validation(config: pytest.Config) -> None:
     """`pytest --llava-checkpoint DIR` anywhere (a model repository with tests of its own, or
-    none) runs the harness's checkpoint-folder suite on DIR, unless the arguments name any
+    none) runs the harness's folder suites on DIR, unless the arguments name any
     of the harness's suites (then they chose which: `run --checkpoint DIR --suites x`)."""
     if config.getoption("--llava-checkpoint") is None:
         return
@@ -149,7 +152,7 @@ def _add_folder_validation(config: pytest.Config) -> None:
         path = (config.invocation_params.dir / Path(arg.split("::", 1)[0])).resolve()
         if path == suites or suites in path.parents or path in suites.parents:
             return
-    config.args.append(str(suites / FOLDER_SUITE))
+    config.args.extend(str(suites / name) for name in FOLDER_SUITES)
 
 
 @contextlib.contextmanager
@@ -220,7 +223,9 @@ class CheckpointFactory:
 
         spec = build_spec(preset, model=model, checkpoint=checkpoint)
         if spec not in self._built:
-            folder = self.root / f"ckpt{len(self._built)}-{spec.model.name}"
+            # 'llava' in the name: LLaVA's own loader routes a folder by its name.
+            name = spec.model.name if "llava" in spec.model.name else f"llava-{spec.model.name}"
+            folder = self.root / f"ckpt{len(self._built)}-{name}"
             with hub_offline():
                 build(spec, folder)
             self._built[spec] = folder

@@ -2,13 +2,13 @@
 projector type and parameter counts against the config, language-model shapes against
 transformers' own classes (a pre-quantized folder's logical shapes, every quantized linear's
 stored tensors checked first), projector extraction and backbone stripping. Runs on
-`--llava-checkpoint DIR` (your folder) or, without it, on the tiny synthetic default; a check
-that needs what the folder lacks skips and says what."""
+`--llava-checkpoint DIR` (your folder, original LLaVA or llava-hf layout) or, without it, on the
+tiny synthetic default; a check that needs what the folder lacks skips and says what. Every
+rule of `llava-harness check` runs beside it (test_folder_rules.py)."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 from pathlib import Path
 
@@ -19,9 +19,12 @@ from harness.checkpoint.quantized import logical_shapes, quantized_linears, sche
 from harness.checkpoint.reader import CheckpointError, consistency_problems, open_folder
 from harness.errors import HarnessError
 from harness.model.backbone import is_language_model_key, language_model_config
+from harness.llava.config import (is_hf_layout, is_llava_config, lm_fields, missing_fields,
+                                  mm_hidden_size_of, projector_type_of, read_config)
 from harness.llava.errors import ContractError
-from harness.llava.keys import PROJECTOR_PREFIX
+from harness.llava.keys import LAYOUT_MAPS, PROJECTOR_PREFIX
 from harness.llava.projector import projector_type_from_shapes
+from harness.llava.tensors import canonical_shapes
 from harness.model.projector import build_projector
 from harness.ops.counts import count_checkpoint
 from harness.ops.extract import extract
@@ -33,8 +36,6 @@ LOAD_AT_MOST_BYTES = 2 * 2**30
 # Inputs are hashed before and after the operations when this small; above it, size and
 # modification time stand in (hashing 13.5 GB twice would dominate the run).
 HASH_AT_MOST_BYTES = 256 * 2**20
-LLAVA_FIELDS = ("mm_vision_tower", "mm_hidden_size", "hidden_size", "num_hidden_layers",
-                "vocab_size")
 
 
 @pytest.fixture(scope="module")
@@ -68,40 +69,42 @@ def scheme(config, folder):
 
 
 @pytest.fixture(scope="module")
-def logical(tensors, scheme, folder) -> dict[str, tuple[int, ...]]:
-    """Every tensor's shape as the unquantized model stores it: a quantized linear's stored
-    tensors (packed weight and state, all present and consistent) become its float weight."""
-    if scheme is None:
-        return {k: t.shape for k, t in tensors.items()}
+def logical(tensors, scheme, folder, config) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape as the unquantized model stores it (a quantized linear's stored
+    tensors, all present and consistent, become its float weight), under its original-layout
+    name (a llava-hf folder's names mapped)."""
+    shapes = {k: t.shape for k, t in tensors.items()}
     try:
-        return logical_shapes(tensors, quantized_linears(scheme, tensors, folder))
-    except CheckpointError as exc:
+        if scheme is not None:
+            shapes = logical_shapes(tensors, quantized_linears(scheme, tensors, folder))
+        return canonical_shapes(shapes, config)
+    except (CheckpointError, ContractError) as exc:
         pytest.fail(str(exc), pytrace=False)
 
 
 @pytest.fixture(scope="module")
 def config(folder) -> dict:
-    path = folder / "config.json"
-    if not path.is_file():
-        pytest.skip(f"{path}: no config.json, so nothing to check shapes and types against")
+    """config.json through the contract: every field held to its schema."""
+    if not (folder / "config.json").is_file():
+        pytest.skip(f"{folder / 'config.json'}: no config.json, so nothing to check shapes and "
+                    "types against")
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        pytest.fail(f"{path}: not readable JSON ({exc})", pytrace=False)
+        return read_config(folder)
+    except (CheckpointError, ContractError) as exc:
+        pytest.fail(str(exc), pytrace=False)
 
 
 @pytest.fixture(scope="module")
 def llava_config(config, folder) -> dict:
-    archs = " ".join(config.get("architectures") or []) + str(config.get("model_type", ""))
-    if not config.get("mm_vision_tower") and "llava" not in archs.lower():
+    if not is_llava_config(config):
         pytest.skip(f"{folder / 'config.json'}: no mm_vision_tower and no LLaVA architecture; "
                     "a plain language model folder, so the projector checks do not apply")
     return config
 
 
 @pytest.fixture(scope="module")
-def projector_shapes(tensors) -> dict[str, tuple[int, ...]]:
-    return {k[len(PROJECTOR_PREFIX):]: t.shape for k, t in tensors.items()
+def projector_shapes(logical) -> dict[str, tuple[int, ...]]:
+    return {k[len(PROJECTOR_PREFIX):]: tuple(shape) for k, shape in logical.items()
             if k.startswith(PROJECTOR_PREFIX)}
 
 
@@ -132,12 +135,10 @@ def test_index_matches_the_files(ckpt, llava_record, rounds):
 
 
 def test_config_has_the_llava_fields(llava_config, folder):
-    missing = [f for f in LLAVA_FIELDS if f not in llava_config]
+    """What the loaders need of a full LLaVA config of its layout (the schema has already held
+    every present field to its type and range)."""
+    missing = missing_fields(llava_config)
     assert not missing, f"{folder / 'config.json'}: lacks {', '.join(missing)}"
-    bad = [f for f in LLAVA_FIELDS[1:] if not isinstance(llava_config[f], int)
-           or llava_config[f] <= 0]
-    assert not bad, f"{folder / 'config.json'}: {bad[0]}={llava_config[bad[0]]!r} is not a " \
-                    "positive integer"
 
 
 def test_projector_type_agrees_with_the_config(llava_config, projector_shapes, folder):
@@ -145,7 +146,8 @@ def test_projector_type_agrees_with_the_config(llava_config, projector_shapes, f
         inferred = projector_type_from_shapes(projector_shapes)
     except ContractError as exc:
         pytest.fail(f"{folder}: {exc}", pytrace=False)
-    declared = llava_config.get("mm_projector_type")
+    declared = projector_type_of(llava_config) if is_hf_layout(llava_config) else \
+        llava_config.get("mm_projector_type")
     if declared is None:
         # LLaVA's builder silently falls back to `linear` (its issues #550/#465).
         assert inferred == "linear", (
@@ -158,19 +160,18 @@ def test_projector_type_agrees_with_the_config(llava_config, projector_shapes, f
 
 def test_projector_shapes_match_a_module_built_from_the_config(llava_config, projector_shapes,
                                                                folder, llava_record):
-    kind = llava_config.get("mm_projector_type") or "linear"
+    kind = projector_type_of(llava_config)
+    mm, hidden = mm_hidden_size_of(llava_config), lm_fields(llava_config).get("hidden_size")
     try:
         with torch.device("meta"):
-            module = build_projector(kind, llava_config["mm_hidden_size"],
-                                     llava_config["hidden_size"])
-    except (ContractError, KeyError) as exc:
+            module = build_projector(kind, mm, hidden)
+    except (ContractError, TypeError) as exc:
         pytest.fail(f"{folder / 'config.json'}: cannot build its projector ({exc})",
                     pytrace=False)
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     assert projector_shapes == expected, (
         f"{folder}: projector tensors {projector_shapes} != what {kind} with mm_hidden_size "
-        f"{llava_config['mm_hidden_size']} and hidden_size {llava_config['hidden_size']} "
-        f"builds: {expected}")
+        f"{mm} and hidden_size {hidden} builds: {expected}")
     llava_record("projector_params", sum(v.numel() for v in module.parameters()), "params")
 
 
@@ -223,7 +224,7 @@ def test_language_model_loads_and_runs(ckpt, llava_config, folder, scheme):
         model = load_language_model(folder, dtype=torch.float32)
     with torch.no_grad():
         logits = model(torch.tensor([[1, 5, 9, 2]])).logits
-    assert logits.shape[-1] == llava_config["vocab_size"]
+    assert logits.shape[-1] == lm_fields(llava_config)["vocab_size"]
     assert torch.isfinite(logits).all(), f"{folder}: non-finite logits"
 
 
@@ -231,6 +232,9 @@ def test_extraction_copies_the_projector_bit_for_bit(folder, ckpt, projector_sha
                                                      llava_record, rounds):
     if not projector_shapes:
         pytest.skip(f"{folder}: no {PROJECTOR_PREFIX}* tensors to extract")
+    if is_hf_layout(read_config(folder)):
+        pytest.skip(f"{folder}: a llava-hf folder; extraction is LLaVA's script's, for the "
+                    "original layout (`llava-harness convert --to original` first)")
     before = snapshot(folder)
     result = llava_record.timed("extract_wall_s", lambda: extract(
         folder, tmp_path / "mm_projector.bin", force=True), rounds, warmup=0)
@@ -269,6 +273,7 @@ def _check_stripped(folder: Path, out: Path, llava_record, rounds: int) -> None:
     problems = strict_problems(out)
     assert not problems, f"{len(problems)} problem(s): " + "; ".join(problems[:3])
     assert consistency_problems(open_folder(out)) == []
-    assert not [k for k in result.dropped if is_language_model_key(k)], \
+    layout = LAYOUT_MAPS[result.layout]  # dropped keys are named in the source's layout
+    assert not [k for k in result.dropped if layout(k) and is_language_model_key(layout(k))], \
         f"{folder}: stripping dropped language-model tensors"
     llava_record("stripped_params", parameter_count(out), "params")

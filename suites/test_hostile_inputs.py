@@ -1216,3 +1216,114 @@ def test_a_signal_that_surfaces_as_another_error_is_reported_as_the_signal(tmp_p
     assert ran.code == EXIT_SIGTERM and "SIGTERM" in ran.err, ran.err
     assert "internal error" not in ran.err
     assert not list(tmp_path.iterdir())
+
+
+# --- 9. config.json values: every field the contract reads, for every command -------------------
+
+# Tried in order; a field's variant is the first its schema refuses (harness/llava/fields.py).
+_BAD_VALUES = ("x", -7, 0, 2.5, True, [1], {"a": 1}, 2**40, 10**400)
+CONFIG_COMMANDS = WITH_LOAD + ("check",)
+
+
+def _malformed_variants() -> list[tuple[str, dict]]:
+    from harness.llava.fields import LANGUAGE_MODEL, LLAVA
+
+    out = []
+    for name, spec in {**LANGUAGE_MODEL, **LLAVA}.items():
+        value = next(v for v in _BAD_VALUES if spec.check(v) is not None)
+        out.append((name, {name: value}))
+    return out + [
+        ("rope_theta", {"rope_theta": float("nan")}),
+        ("rope_scaling", {"rope_scaling": {"type": "bogus", "factor": 2.0}}),
+        ("architectures", {"architectures": "LlavaLlamaForCausalLM"}),
+        ("num_key_value_heads", {"num_key_value_heads": 3}),
+        ("hidden_size", {"hidden_size": 65}),
+        ("mm_projector_type", {"mm_projector_type": "identity"}),
+        ("image_grid_pinpoints", {"image_aspect_ratio": "anyres"}),
+        ("image_grid_pinpoints", {"image_aspect_ratio": "anyres", "image_grid_pinpoints": "[["}),
+        ("hidden_act", {"hidden_act": "swiglu"}),
+    ]
+
+
+def _variant_id(variant: tuple[str, dict]) -> str:
+    field, fields = variant
+    return "+".join(f"{k}={json.dumps(v)[:20]}" for k, v in fields.items())
+
+
+@pytest.mark.parametrize("variant", _malformed_variants(), ids=_variant_id)
+def test_a_malformed_config_value_is_one_line_for_every_command(make_ckpt, adapter, tmp_path,
+                                                                capsys, variant):
+    """No command ends in an internal error on a config value the contract refuses: each that
+    reads config.json stops with exit 2 and one line naming the field; `check` reports it as a
+    finding (exit 1); extract, which needs no config, copies the projector."""
+    field, fields = variant
+    ck = make_ckpt("bin")
+    config = json.loads((ck.folder / "config.json").read_text())
+    config.update(fields)
+    (ck.folder / "config.json").write_text(json.dumps(config))
+    before = tree_state(ck.folder)
+    for command in CONFIG_COMMANDS:
+        work = tmp_path / command
+        work.mkdir()
+        argv = ["check", ck.folder] if command == "check" else \
+            command_argv(command, ck, work, adapter)
+        ran = run_cli(capsys, argv)
+        assert "internal error" not in ran.err, f"{command}: {ran.err}"
+        if command == "extract":
+            assert ran.code == EXIT_OK, ran.err
+        elif command in ("check", "verify"):  # a finding, or a difference from the spec
+            assert ran.code == 1 and any(k in ran.out + ran.err for k in fields), \
+                f"{command}: {ran.out}{ran.err}"
+        else:
+            assert_one_error_line(ran, field)
+            assert list(work.iterdir()) == [], command
+    assert tree_state(ck.folder) == before
+
+
+def test_a_config_claiming_a_huge_model_is_refused_before_any_work(make_ckpt, adapter, tmp_path,
+                                                                   capsys):
+    """A config that claims a 100,000x MLP over a tiny folder: load and merge-lora used to build
+    it (past a minute, ~2 GB); now the claim is held to the bytes on disk first."""
+    ck = make_ckpt("bin")
+    config = json.loads((ck.folder / "config.json").read_text())
+    config["intermediate_size"] *= 100_000
+    (ck.folder / "config.json").write_text(json.dumps(config))
+    for command in ("load", "merge-lora"):
+        work = tmp_path / command
+        work.mkdir()
+        ran = run_cli(capsys, command_argv(command, ck, work, adapter))
+        err = assert_one_error_line(ran, "config.json")
+        assert "claims a" in err and "bytes of tensors" in err, err
+
+
+def test_an_index_of_a_huge_number_of_tensors_is_refused_before_reading_them(make_ckpt, adapter,
+                                                                             tmp_path, capsys):
+    """An index listing 200,000 tensors (a million kept `load` busy past a minute at 1.5 GB) is
+    refused from its count, before any shard header is scanned."""
+    ck = make_ckpt("bin")
+    index = ck.read_index()
+    shard = SHARDS["bin"][1]
+    index["weight_map"].update({f"model.extra.{i}.weight": shard for i in range(200_000)})
+    ck.write_index(index)
+    for command in ("load", "merge-lora"):
+        work = tmp_path / command
+        work.mkdir()
+        err = assert_one_error_line(run_cli(capsys, command_argv(command, ck, work, adapter)),
+                                    "lists 200,027 tensors")
+        assert "at most" in err, err
+
+
+def test_an_adapter_config_of_another_vocabulary_than_its_base_is_refused(make_ckpt, adapter,
+                                                                          tmp_path, capsys):
+    """The adapter folder's config.json says 515 rows over a 512-row base: load ended in an
+    internal error, merge-lora wrote a config of 515 rows over 512-row tensors."""
+    ck = make_ckpt("bin")
+    lora = shutil.copytree(adapter, tmp_path / "llava-lora")
+    config = json.loads((ck.folder / "config.json").read_text())
+    config["vocab_size"] = 515
+    (lora / "config.json").write_text(json.dumps(config))
+    for argv in (["load", lora, "--base", ck.folder, "--device", "cpu", "--dtype", "float32"],
+                 ["merge-lora", "--adapter", lora, "--base", ck.folder, "-o", tmp_path / "m"]):
+        err = assert_one_error_line(run_cli(capsys, argv), "model.embed_tokens.weight")
+        assert "[515, 64]" in err and "[512, 64]" in err, err
+    assert not (tmp_path / "m").exists()

@@ -631,7 +631,7 @@ def test_merge_lora_cli_bad_inputs(bases, tmp_path, capsys):
     config = json.loads(config_file.read_text())
     for change, fragment in (({"r": 5}, "do not fit rank 5"),
                              ({"lora_bias": True}, "lora_bias=True is not supported"),
-                             ({"peft_type": "IA3"}, "only LORA merges")):
+                             ({"peft_type": "IA3"}, "peft_type is 'IA3', expected one of 'LORA'")):
         config_file.write_text(json.dumps({**config, **change}))
         _one_line_error(_cli(capsys, "merge-lora", "--adapter", tmp_path / "lora", "--base",
                              base, "-o", tmp_path / "w"), "adapter_config.json"

@@ -5,7 +5,6 @@ non-zero exit, and `--fail` gates the run."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -22,18 +21,17 @@ INDEX = "pytorch_model.bin.index.json"
 
 @pytest.fixture(scope="module")
 def bare_folder(tmp_path_factory):
-    """A tiny checkpoint without tokenizer and tower: the fastest folder to break."""
-    spec = dataclasses.replace(build_spec("tiny"), with_tokenizer=False,
-                               with_vision_tower=False)
-    folder = tmp_path_factory.mktemp("bare") / "ckpt"
-    build(spec, folder)
+    """A tiny checkpoint with its tokenizer and tower (the folder rules hold a folder to have
+    them), named as LLaVA's loader routes it."""
+    folder = tmp_path_factory.mktemp("bare") / "llava-tiny"
+    build(build_spec("tiny"), folder)
     return folder
 
 
 def copy_of(folder, tmp_path):
     import shutil
 
-    return shutil.copytree(folder, tmp_path / "ckpt")
+    return shutil.copytree(folder, tmp_path / "llava-ckpt")
 
 
 def test_suite_names():
@@ -87,8 +85,10 @@ def test_run_on_a_synthetic_folder_writes_a_report(bare_folder, tmp_path, capsys
            ["pytest.log", "report.md", "results.csv", "results.json"]
     results = load_results(tmp_path / "tiny" / "results.json")
     assert results.settings["checkpoint"] == str(bare_folder)
-    assert {r.suite for r in results.records} == {"checkpoint"}
-    assert [r.id for r in results.records if r.outcome != "passed"] == []
+    assert {r.suite for r in results.records} == {"checkpoint", "rules"}
+    # Rules for other kinds of folder (adapters, stage-1, plain) skip, saying why.
+    assert [r.id for r in results.records if r.outcome not in ("passed", "skipped")] == []
+    assert all(r.suite == "rules" for r in results.records if r.outcome == "skipped")
     text = report.read_text()
     assert "## Summary per suite" in text and "projector_params" in text
 

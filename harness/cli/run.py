@@ -29,6 +29,8 @@ SUITES = {
     "assets": "test_assets.py",
     "checks": "test_checkpoint_checks.py",
     "checkpoint": "test_checkpoint_folder.py",
+    "rules": "test_folder_rules.py",
+    "contract": "test_contract.py",
     "extraction": "test_extraction.py",
     "counts": "test_projector_counts.py",
     "loader": "test_loader.py",
@@ -61,9 +63,10 @@ SUITES = {
 # projector type and counts, extraction, strip), the harness's LLaVA model held bit-identical to
 # LLaVA's own code, the extraction and counts suites, and the figures: each operation timed
 # over repeated rounds (what a baseline and a gate look at).
-DEFAULT_SUITES = ("builder", "checkpoint", "original", "extraction", "counts", "figures")
+DEFAULT_SUITES = ("builder", "checkpoint", "rules", "original", "extraction", "counts",
+                  "figures")
 # With --checkpoint, the suites that look at the user's folder.
-CHECKPOINT_SUITES = ("checkpoint",)
+CHECKPOINT_SUITES = ("checkpoint", "rules")
 # pytest's own "usage error" / "internal error" / "no tests" exit codes.
 _PYTEST_USAGE, _PYTEST_INTERNAL, _PYTEST_NO_TESTS = 4, 3, 5
 
@@ -110,6 +113,7 @@ class RunOptions:
     suites: tuple[str, ...] | None = None
     preset: str = "tiny"
     checkpoint: Path | None = None
+    base: Path | None = None  # an adapter folder's base, with checkpoint
     report_dir: Path = Path("reports")
     suites_dir: Path | None = None
     realsize: bool = False
@@ -131,6 +135,8 @@ def pytest_command(files: list[Path], opts: RunOptions, run_id: str) -> list[str
            "--llava-run-id", run_id, "--llava-preset", opts.preset]
     if opts.checkpoint is not None:
         cmd += ["--llava-checkpoint", str(Path(opts.checkpoint).absolute())]
+        if opts.base is not None:
+            cmd += ["--llava-base", str(Path(opts.base).absolute())]
     if opts.realsize:
         cmd.append("--llava-realsize")
     if opts.select:

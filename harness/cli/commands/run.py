@@ -28,7 +28,10 @@ def register(sub, bench) -> None:
     p.add_argument("--preset", default="tiny", choices=PRESET_NAMES,
                    help="synthetic checkpoint to validate without --checkpoint")
     p.add_argument("--checkpoint", type=Path, metavar="DIR",
-                   help="validate this checkpoint folder instead (default suites: checkpoint)")
+                   help="validate this checkpoint folder instead (default suites: checkpoint, "
+                        "rules)")
+    p.add_argument("--base", type=Path, metavar="DIR",
+                   help="with --checkpoint: the base an adapter folder is merged into")
     p.add_argument("--suites", type=_suite_names, metavar="A,B",
                    help=f"comma-separated, of {', '.join(SUITES)}; or 'all' (default: "
                         f"{', '.join(DEFAULT_SUITES)})")
@@ -57,7 +60,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ..run import RunOptions, run_suites
 
     return run_suites(RunOptions(
-        suites=args.suites, preset=args.preset, checkpoint=args.checkpoint,
+        suites=args.suites, preset=args.preset, checkpoint=args.checkpoint, base=args.base,
         report_dir=args.output or Path("reports"), suites_dir=args.suites_dir,
         realsize=args.realsize, select=args.select, baseline=args.baseline, checks=args.fail,
         run_id=args.run_id, pytest_args=tuple(args.pytest_args), workers=args.workers,
