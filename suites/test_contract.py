@@ -516,3 +516,18 @@ def test_docs_list_every_check_as_the_registry_has_it():
     table = docs.read_text().split("## Every check\n\n", 1)[1]
     assert table == catalog(), "docs/checks.md is stale: regenerate its table with " \
                                "`llava-harness check --list`"
+
+
+def test_bench_check_records_the_check_against_one_read(controls, tmp_path):
+    """`bench check` on a folder: both steps measured in child processes, the ratio recorded
+    with its goal (the real-size figures are in docs/checks.md)."""
+    from harness.bench.check import bench_check
+    from harness.report.results import load_results
+
+    out = tmp_path / "check.json"
+    assert bench_check([(controls["llava"], "tiny")], 1, out) == 0
+    (record,) = load_results(out).records
+    assert record.suite == "bench-check" and record.outcome in ("passed", "failed")
+    assert {"check_wall_s", "read_wall_s", "check_over_read", "check_peak_anon"} <= \
+        set(record.metrics)
+    assert record.metrics["check_over_read"].value > 0

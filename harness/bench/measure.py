@@ -18,9 +18,15 @@ import os
 import resource
 import subprocess
 import threading
-from pathlib import Path
 import time
 from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import HarnessError
+
+
+class BenchError(HarnessError):
+    """A benchmark step failed, or there is no room for its output."""
 
 
 @dataclass(frozen=True)
@@ -195,3 +201,46 @@ class NvmlSampler:
         if self.source == "none":
             return None, "none"
         return max(self._peak, self.read() or 0), self.source
+
+
+@dataclass(frozen=True)
+class Step:
+    """One measured child process of a benchmark round: wall time, peak RSS and anonymous."""
+
+    name: str
+    wall_s: float
+    peak_rss_mb: float
+    peak_anon_mb: float
+
+
+def run_step(name: str, cmd: list[str], ok: tuple[int, ...] = (0,)) -> Step:
+    """`cmd` measured; an exit code outside `ok` is a BenchError naming its last line."""
+    m = run_measured(cmd)
+    if m.returncode not in ok:
+        last = m.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise BenchError(f"{name}: exit {m.returncode}: {last[0]}")
+    return Step(name, m.wall_s, m.peak_rss_bytes / 1e6, (m.peak_anon_bytes or 0) / 1e6)
+
+
+def median_step(rounds: list[dict[str, Step]], name: str) -> Step | None:
+    """The median wall time of a step over rounds, with its highest memory peaks."""
+    import statistics
+
+    steps = [r[name] for r in rounds if name in r]
+    if not steps:
+        return None
+    return Step(name, statistics.median(s.wall_s for s in steps),
+                max(s.peak_rss_mb for s in steps), max(s.peak_anon_mb for s in steps))
+
+
+def drop_cache(folder: Path) -> None:
+    """Drop the clean pages of every file under `folder` from the page cache, so the next step
+    reads them cold (`posix_fadvise(DONTNEED)` on those files only: no root needed, and other
+    users' caches are left alone)."""
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)

@@ -31,13 +31,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import statistics
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import HarnessError
-from .measure import Measured, run_measured
+from .measure import BenchError, Step, drop_cache, median_step, run_step
 
 SUITE = "bench-strip"
 ANON_GOAL_MB = 300
@@ -132,18 +129,6 @@ for name, size in sorted(sizes.items()):
 """
 
 
-class BenchError(HarnessError):
-    """A benchmark step failed, or there is no room for its output."""
-
-
-@dataclass(frozen=True)
-class Step:
-    name: str
-    wall_s: float
-    peak_rss_mb: float
-    peak_anon_mb: float
-
-
 def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
@@ -157,17 +142,6 @@ def _read_all(folder: Path) -> None:
                     pass
 
 
-def _drop_cache(folder: Path) -> None:
-    """Drop these files' clean pages from the page cache: the next step reads them cold."""
-    for path in sorted(folder.iterdir()):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
 def _need_space(work: Path, nbytes: int) -> None:
     free = shutil.disk_usage(work).free
     if free < nbytes + 2 * 2**30:
@@ -175,36 +149,28 @@ def _need_space(work: Path, nbytes: int) -> None:
                          f"{nbytes / 1e9:.1f} GB (plus 2 GiB headroom)")
 
 
-def _run(name: str, cmd: list[str]) -> Step:
-    m: Measured = run_measured(cmd)
-    if m.returncode:
-        last = m.stderr.strip().splitlines()[-1:] or ["no output"]
-        raise BenchError(f"{name}: exit {m.returncode}: {last[0]}")
-    return Step(name, m.wall_s, m.peak_rss_bytes / 1e6, (m.peak_anon_bytes or 0) / 1e6)
-
-
 def _strip(src: Path, out: Path, keep: bool, verify: bool, layout: str = "hf"
            ) -> tuple[Step, dict[str, int]]:
     """One strip from a cold cache; returns its step and the output's file sizes."""
-    _drop_cache(src)
+    drop_cache(src)
     cmd = [sys.executable, "-m", "harness.cli", "strip", str(src), "-o", str(out)]
     if layout == "litgpt":
         cmd += ["--layout", "litgpt"]
     cmd += ([] if verify else ["--no-verify"]) + (["--keep-legacy-buffers"] if keep else [])
     try:
-        stripped = _run("strip" if verify else "strip --no-verify", cmd)
+        stripped = run_step("strip" if verify else "strip --no-verify", cmd)
         return stripped, {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()}
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
 
 def _raw(src: Path, out: Path, sizes: dict[str, int], layout: str = "hf") -> Step:
-    _drop_cache(src)
+    drop_cache(src)
     script = _RAW_CONCAT if layout == "litgpt" else _RAW_COPY
     if layout == "litgpt":  # the big file only: config and tokenizer are noise
         sizes = {name: n for name, n in sizes.items() if name.endswith(".pth")}
     try:
-        return _run("raw copy", [sys.executable, "-c", script, str(src), json.dumps(sizes),
+        return run_step("raw copy", [sys.executable, "-c", script, str(src), json.dumps(sizes),
                                  str(out)])
     finally:
         shutil.rmtree(out, ignore_errors=True)
@@ -228,21 +194,13 @@ def _round(src: Path, work: Path, keep: bool, naive: bool, sizes: dict[str, int]
     naive = naive and layout == "hf"
     if naive:
         out = work / "naive"
-        _drop_cache(src)
+        drop_cache(src)
         try:
-            steps["naive"] = _run("naive", [sys.executable, "-c", _NAIVE, str(src), str(out),
+            steps["naive"] = run_step("naive", [sys.executable, "-c", _NAIVE, str(src), str(out),
                                             "1" if keep else "0"])
         finally:
             shutil.rmtree(out, ignore_errors=True)
     return steps, sizes
-
-
-def _median(rounds: list[dict[str, Step]], name: str) -> Step | None:
-    steps = [r[name] for r in rounds if name in r]
-    if not steps:
-        return None
-    return Step(name, statistics.median(s.wall_s for s in steps),
-                max(s.peak_rss_mb for s in steps), max(s.peak_anon_mb for s in steps))
 
 
 def measure(src: Path, work: Path, keep: bool, repeat: int, naive: bool,
@@ -253,7 +211,7 @@ def measure(src: Path, work: Path, keep: bool, repeat: int, naive: bool,
         steps, sizes = _round(src, work, keep, naive, sizes, raw_first=i % 2 == 1,
                               layout=layout)
         rounds.append(steps)
-    steps = {name: _median(rounds, name) for name in ("naive", "strip", "copy", "raw")}
+    steps = {name: median_step(rounds, name) for name in ("naive", "strip", "copy", "raw")}
     figures = {"steps": {k: v for k, v in steps.items() if v is not None}, "rounds": repeat,
                "bytes": _folder_bytes(src),
                # every round's wall time per step, for the records' samples

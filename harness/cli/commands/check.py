@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from ...errors import HarnessError
-from ..options import add_json
+from ..options import (add_bench_sources, add_json, add_results_output, bench_folders,
+                       positive_int, results_target)
 
 
 class CheckUsageError(HarnessError):
@@ -35,6 +36,20 @@ def register(sub, bench) -> None:
                    help="also list the checks that could not look, and why")
     add_json(p, "the findings, the skipped checks and the exit code")
     p.set_defaults(func=cmd_check)
+
+    b = bench.add_parser("check", help="check on a real-size folder against one read of its "
+                                       "bytes, each from a cold page cache")
+    add_bench_sources(b)
+    b.add_argument("--repeat", type=positive_int, default=3,
+                   help="measured rounds, alternating check and read (default 3)")
+    add_results_output(b, "figures")
+    b.set_defaults(func=cmd_bench_check)
+
+
+def cmd_bench_check(args: argparse.Namespace) -> int:
+    from ...bench.check import bench_check
+
+    return bench_check(bench_folders(args), args.repeat, results_target(args))
 
 
 def cmd_check(args: argparse.Namespace) -> int:

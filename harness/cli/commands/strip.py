@@ -9,15 +9,13 @@ import (a few seconds). `--no-verify` skips it.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from ..options import (add_json, add_output, add_results_output, positive_int,
-                       results_target)
+from ..options import (add_bench_sources, add_json, add_output, add_results_output,
+                       bench_folders, positive_int, results_target)
 
 
 def register(sub, bench) -> None:
-    from ...synth.presets import PRESET_NAMES
     from ...synth.specs import FORMATS
 
     p = sub.add_parser("strip", help="write the plain Llama/Mistral language model of a LLaVA "
@@ -39,12 +37,7 @@ def register(sub, bench) -> None:
 
     b = bench.add_parser("strip", help="streaming strip against a naive load/filter/save and "
                                        "a raw copy of the output's bytes")
-    b.add_argument("--preset", default="llava-v1.5-7b", choices=PRESET_NAMES,
-                   help="cached synthetic checkpoint (built into the cache if missing)")
-    b.add_argument("--format", choices=FORMATS, action="append", dest="formats",
-                   help="repeatable; default: both")
-    b.add_argument("--checkpoint", type=Path, action="append", dest="checkpoints",
-                   metavar="DIR", help="benchmark this folder instead of a preset (repeatable)")
+    add_bench_sources(b)
     b.add_argument("--legacy", choices=("drop", "keep", "both"), default="both",
                    help="run without and/or with --keep-legacy-buffers (default both)")
     b.add_argument("--layout", choices=("hf", "litgpt"), default="hf",
@@ -104,27 +97,9 @@ def cmd_strip(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_folders(args: argparse.Namespace) -> list[tuple[Path, str]]:
-    if args.checkpoints:
-        from ...checkpoint.reader import open_folder
-
-        return [(open_folder(p).path, p.name) for p in args.checkpoints]
-    from ...synth.cache import cache_path, cache_root, cached_build, is_valid
-    from ...synth.presets import build_spec
-
-    out = []
-    for fmt in args.formats or ("bin", "safetensors"):
-        spec = build_spec(args.preset, checkpoint={"format": fmt})
-        if not is_valid(cache_path(spec, cache_root())):
-            print(f"building {spec.model.name} ({fmt}) into the cache at {cache_root()} first "
-                  "(set LLAVA_HARNESS_CACHE to use another)", file=sys.stderr)
-        out.append((cached_build(spec, cache_root()), f"{spec.model.name}-{fmt}"))
-    return out
-
-
 def cmd_bench_strip(args: argparse.Namespace) -> int:
     from ...bench.strip import bench_strip
 
     keeps = {"drop": (False,), "keep": (True,), "both": (False, True)}[args.legacy]
-    return bench_strip(_bench_folders(args), keeps, args.repeat, args.work, args.naive,
+    return bench_strip(bench_folders(args), keeps, args.repeat, args.work, args.naive,
                        results_target(args), args.layout)

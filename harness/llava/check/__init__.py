@@ -106,6 +106,8 @@ def check(path: Path, base: Path | None = None, ignore: tuple[str, ...] = ()) ->
     if ctx.base is not None and ctx.base.kind not in ("llava", "language_model"):
         raise ContractError(f"{base}: --base must be a full LLaVA or language model folder, "
                             f"this is a {ctx.base.kind} folder")
+    if ctx.kind in ("llava", "llava-hf", "language_model"):
+        ctx.prefetch_values()
     results = {code: run_rule(rule, ctx) for code, rule in RULES.items()}
     for code in ignore:
         results[code].ignored = True

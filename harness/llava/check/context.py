@@ -27,6 +27,7 @@ class Context:
     def __init__(self, path: Path, base: Context | None = None):
         self.path = Path(path)
         self.base = base
+        self._values = None  # a Future of the values pass, once prefetched
 
     def file(self, name: str) -> str:
         return str(self.path / name)
@@ -147,8 +148,23 @@ class Context:
 
     @cached_property
     def values(self) -> dict[str, ValueStats]:
-        """One streaming pass over every tensor's values."""
+        """One streaming pass over every tensor's values (begun early by `prefetch_values`)."""
+        if self._values is not None:
+            return self._values.result()
         return scan_values(self.sources)
+
+    def prefetch_values(self) -> None:
+        """Start the values pass in a thread now: it is bound by the disk, and the other rules
+        (transformers' import and the tokenizer, above all) then run while it reads."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        try:
+            sources = self.sources
+        except NotApplicable:
+            return
+        pool = ThreadPoolExecutor(1, thread_name_prefix="llava-values")
+        self._values = pool.submit(scan_values, sources)
+        pool.shutdown(wait=False)
 
     # --- side files ---------------------------------------------------------------------------
 
