@@ -290,6 +290,12 @@ def _empty_adapter(state):
         state[key] = torch.zeros(0)
 
 
+def _empty_bin_adapter(folder: Path) -> None:
+    """The 443-byte adapter_model.bin a ZeRO-3 run saves: an empty state dict."""
+    (folder / "adapter_model.safetensors").unlink()
+    torch.save({}, folder / "adapter_model.bin")
+
+
 def _projector_lora(state):
     prefix = "base_model.model.model.mm_projector.0"
     state[f"{prefix}.lora_A.weight"] = torch.randn(4, 32)
@@ -404,6 +410,8 @@ CASES = [
          base="llava"),
     Case("adapter-empty", "lora", lambda f: edit_adapter(f, _empty_adapter), "empty tensors",
          base="llava", also=("adapter-base-mismatch", "adapter-rank-mismatch", "values-empty")),
+    Case("adapter-empty", "lora", _empty_bin_adapter, "no LoRA tensor (0 tensor(s) in all)",
+         base="llava", name="adapter-empty-bin"),
     Case("adapter-missing-half", "lora", lambda f: edit_adapter(f, _drop_one_b),
          "lora_B of", base="llava"),
     Case("adapter-rank-mismatch", "lora", _tokenizer_file("adapter_config.json", r=5),
@@ -531,3 +539,17 @@ def test_bench_check_records_the_check_against_one_read(controls, tmp_path):
     assert {"check_wall_s", "read_wall_s", "check_over_read", "check_peak_anon"} <= \
         set(record.metrics)
     assert record.metrics["check_over_read"].value > 0
+
+
+@pytest.mark.parametrize("command", ["merge-lora", "load"])
+def test_an_empty_adapter_is_refused_by_merge_and_load(controls, tmp_path, capsys, command):
+    """merge-lora wrote 'merged 0 layer(s)' and exit 0; load passed with peft's warning."""
+    lora = shutil.copytree(controls["lora"], tmp_path / "llava-lora-empty")
+    _empty_bin_adapter(lora)
+    argv = (["merge-lora", "--adapter", lora, "--base", controls["llava"], "-o",
+             tmp_path / "merged"] if command == "merge-lora" else
+            ["load", lora, "--base", controls["llava"], "--device", "cpu"])
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "adapter_model.bin: no LoRA tensor" in err and "\n" not in err
+    assert not (tmp_path / "merged").exists()

@@ -128,6 +128,24 @@ def adapter_keys(keys) -> AdapterKeys:
     return out
 
 
+def empty_adapter(tensors: dict) -> str | None:
+    """Why the adapter `tensors` (file key -> tensor or source with `numel`) change nothing at
+    all, or None: no LoRA tensor (an adapter saved empty: the 443-byte adapter_model.bin), or
+    only empty ones (a ZeRO-3 save without gathering)."""
+    modules = adapter_keys(tensors).modules
+    if not modules:
+        return f"no LoRA tensor ({len(tensors)} tensor(s) in all)"
+    halves = [k for m in modules.values() for k in (m.a, m.b) if k]
+    if all(_numel(tensors[k]) == 0 for k in halves):
+        return f"all {len(modules)} LoRA module(s) hold empty tensors"
+    return None
+
+
+def _numel(tensor) -> int:
+    numel = tensor.numel
+    return numel() if callable(numel) else numel
+
+
 def llava_trainable_keys(keys) -> dict[str, str]:
     """`non_lora_trainables.bin` keys as LLaVA's load_pretrained_model renames them before its
     `load_state_dict(strict=False)`: `base_model.` stripped, then one `model.` when any key

@@ -29,7 +29,7 @@ from ..checkpoint.paths import check_side_files, inside
 from ..checkpoint.quantized import UNQUANTIZED_MODULES, quantized_linears, scheme_of
 from ..checkpoint.reader import open_folder, read_file
 from ..errors import HarnessError
-from ..llava.adapter import llava_trainable_keys
+from ..llava.adapter import empty_adapter, llava_trainable_keys
 from ..llava.claims import check_folder_claims
 from ..llava.keys import IMAGE_NEWLINE, PROJECTOR_MARK, PROJECTOR_PREFIX
 from ..llava.kinds import NON_LORA_TRAINABLES, PROJECTOR_FILES, detect_kind, kind_from_name
@@ -280,7 +280,10 @@ def _apply_adapter(model, path: Path):
     for name in ADAPTER_FILES:  # validated before peft's own reader maps it
         found = inside(path, name, must_exist=False)
         if found is not None:
-            read_file(found)
+            empty = empty_adapter(read_file(found))
+            if empty:
+                raise LoadError(f"{found}: {empty}: the adapter changes nothing (saved "
+                                "without its parameters gathered?)")
     model = PeftModel.from_pretrained(model, path)
     problems = unapplied_adapter_problems(model, path)
     if problems:

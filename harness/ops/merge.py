@@ -40,7 +40,7 @@ from ..checkpoint.paths import check_output, inside
 from ..checkpoint.reader import as_tensor, open_folder, read_file
 from ..checkpoint.writers import WRITERS
 from ..errors import HarnessError
-from ..llava.adapter import NON_LORA_TRAINABLES, LoraModule
+from ..llava.adapter import NON_LORA_TRAINABLES, LoraModule, empty_adapter
 from ..llava.claims import check_folder_claims
 from ..llava.config import uses_image_newline
 from ..llava.keys import IMAGE_NEWLINE, PROJECTOR_PREFIX
@@ -191,6 +191,10 @@ def plan_merge(cfg: AdapterConfig, weights: AdapterWeights, adapter: Path, folde
     multimodal = _multimodal_shapes(config)
     known = {**multimodal, **base}
     trainables = _trainables(adapter, known)
+    empty = empty_adapter({k: weights.get(k) for k in weights.keys})
+    if empty:
+        raise MergeError(f"{weights.path}: {empty}: the adapter changes nothing (saved without "
+                         "its parameters gathered?); refusing to write a merge of it")
     modules, biases = classify(weights)
     dropped = _tower_modules(weights, modules, biases)
     for target, m in modules.items():

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from ...checkpoint.problems import CheckpointError
 from ..adapter import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MULTIMODAL_KEYWORDS, NON_LORA_TRAINABLES,
-                       PEFT_PREFIX, adapter_config_problems, adapter_keys, llava_trainable_keys)
+                       PEFT_PREFIX, adapter_config_problems, adapter_keys, empty_adapter,
+                       llava_trainable_keys)
 from ..config import CONFIG
 from ..keys import PROJECTOR_MARK, ORIGINAL
 from .context import Context
@@ -64,15 +65,13 @@ def adapter_unreadable(ctx: Context):
 @rule("adapter-empty", "error", ADAPTERS,
       "the adapter holds no LoRA tensor, or only empty ones (a ZeRO-3 save without gathering: "
       "the 443-byte adapter_model.bin)", "peft loads it without a word and the model is the "
-      "base; a merge writes 'merged 0 layers'", "save with LLaVA's "
+      "base; LLaVA's merge script writes the base back as the 'merged' model", "save with LLaVA's "
       "get_peft_state_maybe_zero_3 (parameters gathered)", "huggingface/transformers#24551")
 def adapter_empty(ctx: Context):
     file, tensors = _adapter(ctx)
-    lora = adapter_keys(tensors).modules
-    if not lora:
-        yield file, "", f"no LoRA tensor ({len(tensors)} tensor(s) in all)"
-    elif all(tensors[k].numel() == 0 for m in lora.values() for k in (m.a, m.b) if k):
-        yield file, "", f"all {len(lora)} LoRA module(s) hold empty tensors"
+    reason = empty_adapter(tensors)
+    if reason:
+        yield file, "", reason
 
 
 @rule("adapter-missing-half", "error", ADAPTERS,
