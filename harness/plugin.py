@@ -34,6 +34,8 @@ MARKERS = {
 # What `--llava-checkpoint DIR` runs when the arguments do not name the harness's suites: the
 # checkpoint-folder suite and every rule of `llava-harness check`, one test each.
 FOLDER_SUITES = ("test_checkpoint_folder.py", "test_folder_rules.py")
+# What `--llava-release MANIFEST` runs: one test per relation of the release.
+RELEASE_SUITE = "test_release_relations.py"
 
 _COLLECTOR = pytest.StashKey["Collector"]()
 _ORACLES = pytest.StashKey[dict]()  # oracle name -> what it is, for the report
@@ -86,6 +88,13 @@ def _checkpoint_dir(text: str) -> Path:
     return path
 
 
+def _manifest_file(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text!r}: not a file")
+    return path
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("llava", "llava-harness")
     group.addoption("--llava-realsize", "--realsize", dest="llava_realsize",
@@ -110,6 +119,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--llava-checkpoint", type=_checkpoint_dir, default=None, metavar="DIR",
                     help="validate this checkpoint folder (default: a synthetic one of "
                          "--llava-preset)")
+    group.addoption("--llava-release", type=_manifest_file, default=None, metavar="MANIFEST",
+                    help="verify every relation of this release manifest, one test each")
     group.addoption("--llava-base", type=_checkpoint_dir, default=None, metavar="DIR",
                     help="with --llava-checkpoint: the base an adapter folder is merged into")
     group.addoption("--llava-preset", choices=PRESET_NAMES, default="tiny",
@@ -137,6 +148,7 @@ def pytest_configure(config: pytest.Config) -> None:
         config.stash[_COLLECTOR] = Collector(SUITES)
         config.pluginmanager.register(_Gatherer(config.stash[_COLLECTOR]), "llava-gatherer")
     _add_folder_validation(config)
+    _add_release_verification(config)
 
 
 def _add_folder_validation(config: pytest.Config) -> None:
@@ -153,6 +165,17 @@ def _add_folder_validation(config: pytest.Config) -> None:
         if path == suites or suites in path.parents or path in suites.parents:
             return
     config.args.extend(str(suites / name) for name in FOLDER_SUITES)
+
+
+def _add_release_verification(config: pytest.Config) -> None:
+    """`pytest --llava-release MANIFEST` anywhere runs one test per relation of the release."""
+    if config.getoption("--llava-release") is None:
+        return
+    from .data import suites_dir
+
+    suite = str(suites_dir() / RELEASE_SUITE)
+    if suite not in config.args:
+        config.args.append(suite)
 
 
 @contextlib.contextmanager

@@ -55,3 +55,50 @@ def tolerance(name: str) -> Tolerance:
         raise ToleranceError(f"{TOLERANCES_FILE}: [{name}] has no reason")
     fields = {k: node[k] for k in ("atol", "rtol", "top1", "ulps") if k in node}
     return Tolerance(name=name, reason=node["reason"], **fields)
+
+
+# --- the yardsticks the bounds are stated in ---------------------------------------------------
+
+def ulp_at_scale(expected, dtype):
+    """The spacing of `dtype` at the largest |value| of `expected`: the scale its sums were
+    accumulated at. (A value's own ulp is no yardstick for logits near zero, which come from
+    cancellation between terms hundreds of times larger.)"""
+    import torch
+
+    top = expected.detach().abs().max().to(dtype)
+    return (torch.nextafter(top, torch.tensor(float("inf"), dtype=dtype)) - top).float()
+
+
+def ulps_apart(ours, expected, dtype) -> float:
+    """max |ours - expected| in units of `ulp_at_scale(expected, dtype)`."""
+    diff = (ours.float() - expected.float()).abs().max()
+    return float(diff / ulp_at_scale(expected, dtype))
+
+
+@dataclass(frozen=True)
+class Apart:
+    """How far apart two tensors of one shape are."""
+
+    max_abs: float          # inf where a NaN stands on one side only
+    index: list[int]        # where the largest difference is
+    count: int              # elements that differ
+    numel: int
+
+    def __str__(self) -> str:
+        return (f"max |difference| {self.max_abs:.6g} at {self.index}, {self.count} of "
+                f"{self.numel} elements differ")
+
+
+def apart(a, b) -> Apart:
+    """max |a - b| (equal infinities and NaN in both places count as equal), where, how many."""
+    import torch
+
+    x, y = a.double(), b.double()
+    diff = (x - y).abs()
+    diff[(x == y) | (x.isnan() & y.isnan())] = 0
+    diff[x.isnan() ^ y.isnan()] = float("inf")
+    if not diff.numel():
+        return Apart(0.0, [], 0, 0)
+    worst = torch.unravel_index(diff.argmax(), diff.shape)
+    return Apart(float(diff.max()), [int(i) for i in worst], int((diff != 0).sum()),
+                 diff.numel())

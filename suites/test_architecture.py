@@ -19,6 +19,7 @@ LAYERS = [
     {"synth"},  # the builder
     {"model"},  # LLaVA's model classes
     {"ops"},  # the operations under test
+    {"release"},  # a release's artifacts, each proved against what it was made from
     {"train"},  # stage-1 and LoRA training loops
     {"report"},  # results, environment, gate, reports
     {"oracle"},  # LLaVA's own code as the reference

@@ -20,7 +20,7 @@ LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 SEPARATORS = {"&&", "||", ";", "|"}
 # A placeholder path in an example (`/data/llava-v1.5-7b`, `DIR`) is not drift: the parsers'
 # own existence checks say so in these words.
-MISSING_PATH = re.compile(r"not a folder|does not exist|no such file", re.IGNORECASE)
+MISSING_PATH = re.compile(r"not a folder|not a file|does not exist|no such file", re.IGNORECASE)
 
 
 def doc_files() -> list[Path]:

@@ -218,19 +218,12 @@ def differences(recorded: dict[str, dict], found: dict[str, dict]) -> list[Diffe
 
 
 def _magnitude(a: Source, b: Source) -> str:
-    """How far apart two tensors of one shape are: max |a - b|, where, and how many differ
-    (a NaN on one side only counts as an infinite difference)."""
-    import torch
+    """How far apart two stored tensors of one shape are (a NaN on one side only counts as an
+    infinite difference)."""
+    from ..tolerances import apart
 
-    x, y = as_tensor(a, {}).double(), as_tensor(b, {}).double()
-    diff = (x - y).abs()
-    diff[(x == y) | (x.isnan() & y.isnan())] = 0
-    diff[x.isnan() ^ y.isnan()] = float("inf")
-    if not diff.numel():
-        return "bytes differ (no elements)"
-    worst = torch.unravel_index(diff.argmax(), diff.shape)
-    return (f"differs: max |difference| {float(diff.max()):.6g} at {[int(i) for i in worst]}, "
-            f"{int((diff != 0).sum())} of {diff.numel()} elements differ")
+    found = apart(as_tensor(a, {}), as_tensor(b, {}))
+    return f"differs: {found}" if found.numel else "bytes differ (no elements)"
 
 
 def folder_differences(a: Path, b: Path) -> list[Difference]:

@@ -121,6 +121,32 @@ def piece_chunks(piece: Piece) -> Iterator[bytes]:
             yield chunk
 
 
+def prefetch(source: Source, buffer: bytearray | None = None) -> None:
+    """Bring a tensor's bytes into the page cache now, read into `buffer` and dropped (run in
+    a thread: a reader that works tensor by tensor reads the next one while it computes this
+    one, its arithmetic and the disk overlapping). Faults are left to the real read."""
+    import os
+
+    ranges = [(p.path, p.offset, p.nbytes) for p in source.pieces or () if p.path is not None]
+    if source.storage is not None and not ranges:
+        ranges = [(source.storage.path, source.storage.offset, source.storage.nbytes)]
+    view = memoryview(buffer if buffer is not None else bytearray(READ_CHUNK * 16))
+    for path, offset, nbytes in ranges:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            end = offset + nbytes
+            while offset < end:
+                got = os.preadv(fd, [view[:min(len(view), end - offset)]], offset)
+                if not got:
+                    break
+                offset += got
+        finally:
+            os.close(fd)
+
+
 def gathered_bytes(source: Source) -> bytes:
     """A strided `.bin` view's elements in row-major order."""
     import numpy as np

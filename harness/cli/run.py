@@ -31,6 +31,8 @@ SUITES = {
     "checkpoint": "test_checkpoint_folder.py",
     "rules": "test_folder_rules.py",
     "contract": "test_contract.py",
+    "release": "test_verify_release.py",
+    "relations": "test_release_relations.py",
     "extraction": "test_extraction.py",
     "counts": "test_projector_counts.py",
     "loader": "test_loader.py",

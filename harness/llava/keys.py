@@ -238,6 +238,15 @@ def runs_stored_tower(config, tensor_keys: Iterable[str]) -> bool:
     return bool(unfreeze) and any(k.startswith(STORED_TOWER) for k in tensor_keys)
 
 
+def canonical_tower_key(key: str) -> str:
+    """A stored tower's key under the canonical name: a checkpoint saved from transformers 5's
+    in-memory model has no `vision_model.` level below the tower."""
+    prefix = VISION_PREFIX
+    if key.startswith(prefix) and not key.startswith(STORED_TOWER):
+        return STORED_TOWER + key[len(prefix):]
+    return key
+
+
 def is_legacy_buffer(canonical_key: str) -> bool:
     return _LEGACY_PATTERN.fullmatch(canonical_key) is not None
 

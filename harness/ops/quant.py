@@ -313,3 +313,27 @@ def measured_footprint(model) -> int:
         key = (str(t.device), t.data_ptr())
         seen[key] = max(seen.get(key, 0), t.numel() * t.element_size())
     return sum(seen.values())
+
+
+# --- reading a stored quantized linear back -------------------------------------------------
+
+def dequantized(linear, scheme) -> "torch.Tensor":  # noqa: F821 (torch is imported lazily)
+    """The float32 weight a stored bitsandbytes linear (checkpoint.quantized.QuantizedLinear)
+    stands for, as bitsandbytes dequantizes it: 4-bit through its QuantState (double quant
+    included), LLM.int8 as CB * SCB / 127 row by row."""
+    import torch
+
+    from ..checkpoint.reader import as_tensor
+
+    stored = {suffix: as_tensor(source, {}) for suffix, source in linear.tensors.items()}
+    if scheme.method != "bitsandbytes":
+        raise QuantError(f"{linear.module}: {scheme.name} weights are not dequantized here "
+                         "(they need their own kernels)")
+    if scheme.bits == 8:
+        return stored["weight"].float() * stored["SCB"].float().unsqueeze(1) / 127.0
+    import bitsandbytes.functional as F
+
+    state = F.QuantState.from_dict({k.removeprefix("weight."): v.clone()
+                                    for k, v in stored.items() if k != "weight"},
+                                   device=torch.device("cpu"))
+    return F.dequantize_4bit(stored["weight"].clone(), state).float().reshape(linear.shape)

@@ -18,7 +18,7 @@ from pathlib import Path
 from ..data import fixtures_dir
 from ..errors import HarnessError
 from ..report.environment import numeric_fingerprint
-from ..tolerances import tolerance
+from ..tolerances import tolerance, ulp_at_scale, ulps_apart  # noqa: F401 (re-exported)
 
 STORED_ROOT = fixtures_dir() / "reference" / "original-llava"
 MODES = ("auto", "live", "stored")
@@ -124,22 +124,6 @@ def live(folders: dict[str, Path] | None = None) -> Oracle:
 
 
 # --- the comparison -----------------------------------------------------------------------
-
-def ulp_at_scale(expected, dtype):
-    """The spacing of `dtype` at the largest |value| of `expected`: the scale its sums were
-    accumulated at. (A value's own ulp is no yardstick for logits near zero, which come from
-    cancellation between terms hundreds of times larger.)"""
-    import torch
-
-    top = expected.detach().abs().max().to(dtype)
-    return (torch.nextafter(top, torch.tensor(float("inf"), dtype=dtype)) - top).float()
-
-
-def ulps_apart(ours, expected, dtype) -> float:
-    """max |ours - expected| in units of `ulp_at_scale(expected, dtype)`."""
-    diff = (ours.float() - expected.float()).abs().max()
-    return float(diff / ulp_at_scale(expected, dtype))
-
 
 def mismatch(name: str, ours, expected, dtype, exact: bool) -> str | None:
     import torch

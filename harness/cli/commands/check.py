@@ -47,9 +47,10 @@ def register(sub, bench) -> None:
 
 
 def cmd_bench_check(args: argparse.Namespace) -> int:
-    from ...bench.check import bench_check
+    from ...bench.check import bench_reads, check_bench
 
-    return bench_check(bench_folders(args), args.repeat, results_target(args))
+    return bench_reads([(check_bench(folder), name) for folder, name in bench_folders(args)],
+                       args.repeat, results_target(args))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
