@@ -23,7 +23,6 @@ from harness.bench.quant import (
     QuantBench,
     QuantBenchError,
     child_job,
-    cpu_4bit_problem,
     mode_record,
     required_metrics,
     parts_from_spec,
@@ -33,6 +32,7 @@ from harness.bench.quant import (
 from harness.bench.quant_child import drift_metrics, run_child, structure_problems
 from harness.cli.app import main as cli_main
 from harness.ops.quant import (
+    cpu_4bit_problem,
     LinearBytes,
     ModelParts,
     bnb_config,
@@ -286,7 +286,7 @@ def test_cpu_4bit_kernel_constraint_is_a_skip_not_a_crash(tiny_checkpoint_factor
     from bitsandbytes.functional import has_avx512bf16
 
     folder = tiny_checkpoint_factory()  # intermediate 172
-    problem = cpu_4bit_problem(parts_from_folder(folder))
+    problem = cpu_4bit_problem(parts_from_folder(folder).linears)
     if not has_avx512bf16():
         assert problem is None
         pytest.skip("this CPU has no AVX512-BF16: bitsandbytes takes its generic 4-bit path")
@@ -328,7 +328,7 @@ def test_the_tiny_bench_measures_every_mode(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LLAVA_HARNESS_CACHE", str(tmp_path))
     folder, name = _checkpoint(argparse.Namespace(checkpoint=None, format=None, preset="tiny"))
     assert name == "tiny-quant" and "tiny-quant" in capsys.readouterr().err
-    assert cpu_4bit_problem(parts_from_folder(folder)) is None
+    assert cpu_4bit_problem(parts_from_folder(folder).linears) is None
     tiny, quant = preset("tiny").model, preset("tiny-quant").model
     assert quant.replace(name="tiny", intermediate_size=tiny.intermediate_size) == tiny
 

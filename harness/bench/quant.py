@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import HarnessError
-from ..ops.quant import mode as quant_mode
+from ..ops.quant import cpu_4bit_problem, mode as quant_mode
 from .measure import run_measured
 
 SUITE = "bench-quant"
@@ -149,21 +149,6 @@ def _run_mode(job: dict, work: Path) -> ModeResult:
     return ModeResult(job["mode"], metrics, result["problems"])
 
 
-def cpu_4bit_problem(parts) -> str | None:
-    """bitsandbytes 0.50 on a CPU with AVX512-BF16 repacks 4-bit weights on the first forward
-    in blocks of 32 output rows: a layer whose out_features is not a multiple of 32 fails
-    there (an assertion deep inside). Say so up front instead."""
-    from bitsandbytes.functional import has_avx512bf16
-
-    if not has_avx512bf16():
-        return None
-    bad = next(((o, i) for o, i in parts.linears if o % 32 or i % 2), None)
-    if bad is None:
-        return None
-    return (f"bitsandbytes' CPU 4-bit kernel (AVX512-BF16 path) needs out_features divisible "
-            f"by 32 and even in_features; a layer is {bad[0]} x {bad[1]}")
-
-
 def with_theory(result: ModeResult, bench: QuantBench, parts) -> tuple[dict, list[str]]:
     """The child's figures plus theory, ratios and the goal check."""
     from ..ops.quant import theoretical_footprint
@@ -231,7 +216,7 @@ def run(bench: QuantBench):
     parts = parts_from_folder(bench.checkpoint, bench.vision_tower)
     _check_lengths(bench)
     order = sorted(bench.modes, key=lambda name: name != bench.reference_mode)
-    skips = {name: cpu_4bit_problem(parts) if bench.device == "cpu"
+    skips = {name: cpu_4bit_problem(parts.linears) if bench.device == "cpu"
              and quant_mode(name).bits == 4 else None for name in order}
     records = {}
     with tempfile.TemporaryDirectory(prefix="llava-bench-quant-") as tmp:

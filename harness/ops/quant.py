@@ -27,6 +27,7 @@ benchmark reports separately as the footprint after generation.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -337,3 +338,19 @@ def dequantized(linear, scheme) -> "torch.Tensor":  # noqa: F821 (torch is impor
                                     for k, v in stored.items() if k != "weight"},
                                    device=torch.device("cpu"))
     return F.dequantize_4bit(stored["weight"].clone(), state).float().reshape(linear.shape)
+
+
+def cpu_4bit_problem(linears: Iterable[tuple[int, int]]) -> str | None:
+    """Why bitsandbytes cannot run these (out_features, in_features) layers in 4 bits on this
+    CPU, or None. bitsandbytes 0.50 on a CPU with AVX512-BF16 repacks 4-bit weights on the
+    first forward in blocks of 32 output rows: a layer whose out_features is not a multiple of
+    32 fails there (an assertion deep inside). Say so up front instead."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    if not has_avx512bf16():
+        return None
+    bad = next(((o, i) for o, i in linears if o % 32 or i % 2), None)
+    if bad is None:
+        return None
+    return (f"bitsandbytes' CPU 4-bit kernel (AVX512-BF16 path) needs out_features divisible "
+            f"by 32 and even in_features; a layer is {bad[0]} x {bad[1]}")
