@@ -233,3 +233,17 @@ def lm_fields(data: dict) -> dict:
     return data
 
 
+
+
+def rope_4x(fields: dict) -> dict:
+    """`fields` with transformers 5's `rope_parameters` spelled as the 4.x `rope_theta` (and
+    `rope_scaling` for a non-default type), which LLaVA's code and older configs use: the same
+    model either way."""
+    rope = fields.get("rope_parameters")
+    if not isinstance(rope, dict):
+        return dict(fields)
+    out = {k: v for k, v in fields.items() if k != "rope_parameters"}
+    out["rope_theta"] = rope.get("rope_theta", 10000.0)
+    if rope.get("rope_type", "default") != "default":
+        out["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return out

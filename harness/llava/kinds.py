@@ -30,6 +30,8 @@ from .errors import ContractError
 
 KINDS = ("llava", "llava-hf", "lora", "projector", "language_model", "language_model_lora")
 PROJECTOR_FILES = ("mm_projector.bin", "mm_projector.safetensors")
+# A tokenizer's vocabulary, one of which a folder needs to be loaded by LLaVA's loader.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 # The language model's side files: what a merged or stripped folder keeps of its source.
 LM_SIDE_FILES = ("generation_config.json", "tokenizer.model", "tokenizer.json",
                  "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")

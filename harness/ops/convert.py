@@ -51,7 +51,7 @@ from ..checkpoint.shards import plan_shards, write_shards
 from ..checkpoint.tensors import Piece, Source, piece_chunks
 from ..errors import HarnessError
 from ..llava import keys
-from ..llava.config import is_llava_field, read_tower_config
+from ..llava.config import is_llava_field, read_tower_config, rope_4x
 from .strip import arch_of
 
 IMAGE_TOKEN, PAD_TOKEN = "<image>", "<pad>"
@@ -504,12 +504,8 @@ def check_hf_supported(config: dict, where: Path) -> None:
 
 def original_config(config: dict, arch: str, tower_path: str, aspect: str,
                     max_length: int) -> dict:
-    text = {k: v for k, v in config["text_config"].items() if k not in _IDENTITY_FIELDS}
-    rope = text.pop("rope_parameters", None)
-    if isinstance(rope, dict):  # transformers 5's spelling -> the 4.x one LLaVA reads
-        text["rope_theta"] = rope.get("rope_theta", 10000.0)
-        if rope.get("rope_type", "default") != "default":
-            text["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    # transformers 5 spells rope as rope_parameters; LLaVA reads the 4.x fields
+    text = rope_4x({k: v for k, v in config["text_config"].items() if k not in _IDENTITY_FIELDS})
     vision = config["vision_config"]
     strategy = config.get("vision_feature_select_strategy", "default")
     mistral = arch == "mistral"

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from ...checkpoint.problems import CheckpointError
 from ..config import CONFIG
+from ..kinds import TOKENIZER_FILES
 from .context import Context
 from .model import NotApplicable, rule
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 TOKENIZER_CONFIG = "tokenizer_config.json"
 ADDED_TOKENS = "added_tokens.json"
 GENERATION_CONFIG = "generation_config.json"
