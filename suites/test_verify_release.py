@@ -108,6 +108,7 @@ def bnb_save(merged: Path, out: Path) -> Path:
     loaded = load(merged, None, "llava-merged", device="cpu", dtype=torch.float32,
                   quantization_config=bnb_config("nf4-dq", "float32"))
     loaded.model.save_pretrained(out)
+    loaded.tokenizer.save_pretrained(out)
     return out
 
 
@@ -161,6 +162,10 @@ def test_a_release_made_by_other_tools_verifies_clean(release, tmp_path):
     assert by["hf"].figures["identical"] == by["hf"].figures["tensors"]
     assert any("row(s) of image and pad tokens" in n for n in by["hf"].notes)
     assert by["nf4"].figures["quantized"] > 0
+    # the logit probe ran (a tiny folder, local tower, tokenizer saved beside it) and is inside
+    # [release.quantize.logits.nf4-dq]
+    assert 0 < by["nf4"].figures["logit_drift"] <= 0.3
+    assert by["nf4"].figures["top1_agreement"] >= 0.5
     assert 0 < by["pretrain"].figures["max_relative_change"]
 
 
@@ -254,6 +259,39 @@ def _nf4_layers_swapped(release, root: Path) -> Path:
     return _edit_safetensors(nf4, swap)
 
 
+def _nf4_config(release, root: Path, edit) -> Path:
+    nf4 = shutil.copytree(release["nf4"], root / "llava-nf4-edited")
+    config = json.loads((nf4 / "config.json").read_text())
+    edit(config)
+    (nf4 / "config.json").write_text(json.dumps(config))
+    return nf4
+
+
+def _nf4_rope_changed(release, root: Path) -> Path:
+    """transformers 5 saves rope as rope_parameters; the merged folder says rope_theta."""
+    def edit(config):
+        config["rope_parameters"]["rope_theta"] = 500000.0
+    return _nf4_config(release, root, edit)
+
+
+def _nf4_other_tower(release, root: Path) -> Path:
+    """Weights and config fields all right, but the tower named is not the one the model was
+    made with (a copy whose patch embedding is negated: drift 0.63 of the largest |logit|
+    here, twice the bound; another random tower moves it only 0.35-0.49): only running the
+    model shows it."""
+    named = Path(json.loads((release["nf4"] / "config.json").read_text())["mm_vision_tower"])
+    tower = shutil.copytree(named, root / "other-tower")
+    weights = next(tower.glob("*.safetensors"))
+    state = load_file(weights)
+    key = next(k for k in state if k.endswith("patch_embedding.weight"))
+    state[key] = -state[key]
+    save_file(state, weights, metadata={"format": "pt"})
+
+    def edit(config):
+        config["mm_vision_tower"] = str(tower)
+    return _nf4_config(release, root, edit)
+
+
 def _projector_edited(release, root: Path) -> Path:
     state = torch.load(release["projector"], weights_only=True)
     state["model.mm_projector.2.bias"] = state["model.mm_projector.2.bias"] + 1e-3
@@ -280,6 +318,10 @@ FAULTS = [
      "keeps model.mm_projector.0.weight"),
     ("quantized-layers-swapped", "nf4", _nf4_layers_swapped, "nf4",
      "model.layers.0.mlp.up_proj.weight: dequantized max |difference|"),
+    ("quantized-rope-changed", "nf4", _nf4_rope_changed, "nf4",
+     "config quantized.rope_theta: 500000.0, the source says 10000.0"),
+    ("quantized-with-another-tower", "nf4", _nf4_other_tower, "nf4",
+     "logit probe: nf4 drifts"),
     ("projector-not-a-copy", "projector", _projector_edited, "projector",
      "model.mm_projector.2.bias: not a copy of merged's model.mm_projector.2.bias: max "
      "|difference| 0.001"),
@@ -295,6 +337,28 @@ def test_each_planted_fault_is_caught_and_sized(release, tmp_path, case):
     assert not ok and any(says in f for f in faults), faults
     if artifact not in ("base", "merged"):  # a leaf: every other relation still holds
         assert {target: v[0] for target, v in got.items()} == dict.fromkeys(got, True), got
+
+
+def _without_tokenizer(release, root: Path, monkeypatch) -> Path:
+    nf4 = shutil.copytree(release["nf4"], root / "llava-nf4-bare")
+    for name in ("tokenizer.model", "tokenizer.json"):
+        (nf4 / name).unlink(missing_ok=True)
+    return nf4
+
+
+def _too_big_to_run(release, root: Path, monkeypatch) -> Path:
+    monkeypatch.setattr("harness.release.drift.PROBE_LIMIT", 1024)
+    return release["nf4"]
+
+
+@pytest.mark.parametrize("make, says", [
+    (_without_tokenizer, "logit probe skipped: nf4 has no tokenizer"),
+    (_too_big_to_run, "MiB together; the probe runs under 0 MiB"),
+], ids=["no-tokenizer", "too-big"])
+def test_the_logit_probe_says_why_it_did_not_run(release, tmp_path, monkeypatch, make, says):
+    artifacts = {**release, "nf4": make(release, tmp_path, monkeypatch)}
+    ok, faults, notes = verdicts(write_manifest(tmp_path, artifacts, ALL_RELATIONS))["nf4"]
+    assert ok and any(says in n for n in notes), notes
 
 
 def test_a_size_is_given_for_every_tensor_difference(release, tmp_path):

@@ -75,13 +75,24 @@ class Artifact:
         return as_tensor(self.sources[name], {})
 
     @cached_property
+    def tower_path(self) -> Path | None:
+        """The local folder `mm_vision_tower` names: absolute, beside the artifact, or (as
+        LLaVA's loader reads it) from the working folder; None for a hub id."""
+        named = self.config.get("mm_vision_tower")
+        if not isinstance(named, str):
+            return None
+        for path in (self.path / named, Path(named)):
+            if (path / "config.json").is_file():
+                return path
+        return None
+
+    @cached_property
     def tower(self) -> dict:
         """The vision tower `mm_vision_tower` names, when it is a local folder: canonical name
         -> source (a llava-hf folder holds its tower; an original one names it)."""
-        named = self.config.get("mm_vision_tower")
-        if not isinstance(named, str) or not (Path(named) / "config.json").is_file():
+        if self.tower_path is None:
             return {}
-        folder = open_folder(Path(named))
+        folder = open_folder(self.tower_path)
         return {TOWER_FOLDER(k): s for k, s in folder.tensors.items()
                 if TOWER_FOLDER.covers(k) and TOWER_FOLDER(k) is not None}
 

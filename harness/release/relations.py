@@ -8,7 +8,8 @@
 - convert / strip / extract: copies under a key map, so bit for bit (a vocabulary padded by the
   converter, a dtype cast by a tool, are said, not failed); configs compared by meaning.
 - quantize: every packed weight dequantized by bitsandbytes against the float weight, within
-  the scheme's bound (`[release.quantize.<scheme>]`); what stays float, bit for bit.
+  the scheme's bound (`[release.quantize.<scheme>]`); what stays float, bit for bit; and, for
+  folders small enough to run here, the logits' drift on the probe (harness.release.drift).
 - stage1: the projector a stage-2 run started from: its distance, never a verdict.
 """
 
@@ -18,11 +19,13 @@ import time
 from dataclasses import dataclass, field
 
 from ..checkpoint.identity import meaning
-from ..llava.config import lm_fields
+from ..checkpoint.reader import as_tensor
+from ..llava.config import lm_fields, rope_4x
 from ..llava.keys import (PROJECTOR_PREFIX, VISION_TOWER_PREFIX, is_language_model_key,
                           is_legacy_buffer)
 from ..tolerances import apart, tolerance, ulp_at_scale
 from .artifacts import Artifact
+from .drift import logit_drift
 from .manifest import Relation
 
 # How a difference reads when it is one of the known faults: the found update over the
@@ -174,7 +177,7 @@ def _extra(out: Outcome, found: Artifact, source: Artifact, expected: set[str]) 
     named = source.tower
     for key in tower:
         if key in named:
-            _copied(out, key, found.tensor(key), _as_tensor(named[key]),
+            _copied(out, key, found.tensor(key), as_tensor(named[key], {}),
                     f"the tower {source.name}'s mm_vision_tower names")
         else:
             out.fault(f"{key}: a tower tensor in {found.name} that the tower "
@@ -184,12 +187,6 @@ def _extra(out: Outcome, found: Artifact, source: Artifact, expected: set[str]) 
                          "the tower mm_vision_tower names is not a local folder to compare")
     for key in [k for k in extra if k not in tower][:_SHOWN]:
         out.fault(f"{key}: in {found.name}, not in {source.name}")
-
-
-def _as_tensor(source):
-    from ..checkpoint.reader import as_tensor
-
-    return as_tensor(source, {})
 
 
 # --- copies under a key map: convert, strip, extract --------------------------------------------
@@ -205,7 +202,10 @@ def _copied(out: Outcome, name: str, got, want, what: str, candidates: dict | No
         return
     if got.dtype != want.dtype and got.shape == want.shape and _equal(got, want.to(got.dtype)):
         out.count("identical")
-        out.figures["cast"] = 1
+        if "cast" not in out.figures:
+            out.notes.append(f"{name}: stored as {_dtype_name(got)}, equal to the "
+                             f"{_dtype_name(want)} source cast to it: the tool changed the dtype")
+        out.figures["cast"] = out.figures.get("cast", 0) + 1
         return
     instead = _holds(got, candidates) if len(out.faults) < _SHOWN and candidates else None
     if instead:
@@ -218,8 +218,6 @@ def _copied(out: Outcome, name: str, got, want, what: str, candidates: dict | No
 
 def _holds(got, candidates: dict) -> str | None:
     """The candidate whose tensor `got` is, bit for bit."""
-    from ..checkpoint.reader import as_tensor
-
     for key, source in candidates.items():
         if tuple(source.shape) == tuple(got.shape) and _equal(as_tensor(source, {}).to(got.dtype),
                                                                got):
@@ -229,18 +227,23 @@ def _holds(got, candidates: dict) -> str | None:
 
 def _same_config(out: Outcome, ours: dict, theirs: dict, label: str) -> None:
     """Fields both configs state must mean the same."""
-    ours, theirs = meaning(ours), meaning(theirs)
+    ours, theirs = meaning(rope_4x(ours)), meaning(rope_4x(theirs))
     for key in sorted(set(ours) & set(theirs)):
         if key in ("model_type", "architectures", "torch_dtype", "dtype", "vocab_size"):
             continue
-        if ours[key] != theirs[key]:
+        if ours[key] == theirs[key]:
+            continue
+        if key == "mm_vision_tower":
+            # A local copy or the hub id says where the tower is, not what it holds: said, and
+            # the quantize relation's logit probe runs each folder with its own tower.
+            out.notes.append(f"config {label}.{key}: {theirs[key]!r}, the source says "
+                             f"{ours[key]!r}")
+        else:
             out.fault(f"config {label}.{key}: {theirs[key]!r}, the source says {ours[key]!r}")
 
 
 def verify_convert(rel: Relation, found: Artifact, source: Artifact) -> Outcome:
     """An llava-hf folder against the original it was converted from (or the reverse)."""
-    from ..checkpoint.reader import as_tensor
-
     out = Outcome(rel)
     want = {**source.sources, **source.tower}
     have = {**found.sources, **found.tower}
@@ -352,6 +355,7 @@ def verify_quantize(rel: Relation, found: Artifact, source: Artifact) -> Outcome
             out.fault(f"{key}: dequantized {gap} (bound {bound.rtol:g} of its largest "
                       f"|value|, {limit:.3g}): not a {rel.arg} quantization of "
                       f"{source.name}'s weight")
+    _same_config(out, source.config, found.config, "quantized")
     quantized = stored_keys(linears)
     for key, source_key in sorted(found.stored_names.items()):
         if source_key in quantized:
@@ -364,6 +368,9 @@ def verify_quantize(rel: Relation, found: Artifact, source: Artifact) -> Outcome
                      if k not in found.sources and not is_legacy_buffer(k))
     for key in missing[:_SHOWN]:
         out.fault(f"{key}: in {source.name}, missing from {found.name}")
+    if out.ok:  # the weights are right: what do they do to the output?
+        logit_drift(out, found, source, rel.arg,
+                    [tuple(source.sources[f"{m}.weight"].shape) for m in linears])
     return out
 
 
