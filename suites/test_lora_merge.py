@@ -44,7 +44,7 @@ from harness.ops.lora import (
     save_llava_lora,
     target_names,
 )
-from harness.ops.merge import MergeError, merge_lora
+from harness.ops.merge import MergeError, Workspace, merge_lora, merge_weight
 from harness.tolerances import tolerance
 
 RANKS = (1, 8, 64, 128)
@@ -313,6 +313,33 @@ def test_bit_identity_check_fails_on_one_ulp(bases, tmp_path):
         weight.view(torch.int16)[0, 0] += 1  # the next bfloat16 value: one ulp
     with pytest.raises(AssertionError, match="differ"):
         _assert_same_tensors(tmp_path / "merged", model)
+
+
+# The workspace path (blocks of 64 rows in reused buffers) against the plain one: shapes with a
+# partial last block, one block, several; scalings that are and are not powers of two.
+WORKSPACE_SHAPES = [(200, 96, 8), (64, 48, 4), (33, 70, 2), (130, 128, 16)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32],
+                         ids=lambda d: str(d).removeprefix("torch."))
+def test_the_workspace_merge_is_the_plain_merge_bit_for_bit(dtype):
+    ws = Workspace()
+    gen = torch.Generator().manual_seed(0)
+    for rows, cols, r in WORKSPACE_SHAPES:  # one workspace, reused across shapes
+        w = torch.randn(rows, cols, generator=gen).to(dtype)
+        a = (torch.randn(r, cols, generator=gen) * 0.3).to(dtype)
+        b = (torch.randn(rows, r, generator=gen) * 0.3).to(dtype)
+        for scaling in (2.0, 1.7, 16 / r ** 0.5):
+            plain = merge_weight(w, a, b, scaling)
+            fast = merge_weight(w, a, b, scaling, workspace=ws)
+            assert _same_bits(plain, fast), (rows, cols, r, scaling)
+    fast.view(-1)[-1] = -fast.view(-1)[-1]  # the comparison itself sees one element
+    assert not _same_bits(plain, fast)
+
+
+def _same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
+    return x.dtype == y.dtype and torch.equal(x.contiguous().view(torch.uint8),
+                                              y.contiguous().view(torch.uint8))
 
 
 # --- targets -------------------------------------------------------------------------------
