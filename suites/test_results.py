@@ -35,12 +35,15 @@ from harness.report.results import (
     save_records,
 )
 
-names = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1,
-                max_size=12)
-optional_text = st.none() | st.text(max_size=20)
+# A name, a unit, a timestamp or an environment field is one line of printable text (the reader
+# refuses control and format characters: suites/test_hostile_results.py); free text (a reason, a
+# setting, a description) is any text.
+one_line = st.characters(codec="utf-8", exclude_categories=("Cs", "Cc", "Cf", "Zl", "Zp"))
+names = st.text(one_line, min_size=1, max_size=12)
+optional_text = st.none() | st.text(one_line, max_size=20)
 values = (st.integers(min_value=-2**70, max_value=2**70)
           | st.floats(allow_nan=True, allow_infinity=True))
-metrics = st.builds(Metric, values, st.text(max_size=8), st.sampled_from(DIRECTIONS))
+metrics = st.builds(Metric, values, st.text(one_line, max_size=8), st.sampled_from(DIRECTIONS))
 environments = st.builds(
     Environment, hostname=optional_text, os=optional_text, python=optional_text,
     cpu_vendor=optional_text, cpu_model=optional_text, cpu_family=optional_text,
@@ -51,18 +54,19 @@ environments = st.builds(
     memory_mib=st.none() | st.integers(0, 2**40), gpu_name=optional_text,
     gpu_count=st.integers(0, 16), gpu_memory_mib=st.none() | st.integers(0, 2**20),
     gpu_driver=optional_text, cuda_version=optional_text,
-    libraries=st.dictionaries(names, st.none() | st.text(max_size=10), max_size=4),
+    libraries=st.dictionaries(names, st.none() | st.text(one_line, max_size=10), max_size=4),
     git_commit=optional_text, git_dirty=st.none() | st.booleans())
 records = st.builds(Record, suite=names, case=names, outcome=st.sampled_from(OUTCOMES),
-                    reason=optional_text, metrics=st.dictionaries(names, metrics, max_size=4),
-                    timestamp=st.text(max_size=30),
+                    reason=st.none() | st.text(max_size=20),
+                    metrics=st.dictionaries(names, metrics, max_size=4),
+                    timestamp=st.text(one_line, max_size=30),
                     environment=st.none() | environments,
                     run_id=st.none() | st.from_regex(r"[a-z0-9]{1,8}", fullmatch=True))
 runs = st.builds(Results, run_id=st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,20}",
                                                fullmatch=True),
                  environment=environments,
                  records=st.lists(records, max_size=6, unique_by=lambda r: r.key).map(tuple),
-                 created=st.text(max_size=30),
+                 created=st.text(one_line, max_size=30),
                  suite_descriptions=st.dictionaries(names, st.text(max_size=30), max_size=3),
                  settings=st.dictionaries(names, st.text(max_size=30), max_size=3))
 

@@ -53,6 +53,7 @@ SUITES = {
     "figures": "test_figures.py",
     "architecture": "test_architecture.py",
     "hostile": "test_hostile_inputs.py",
+    "hostile_results": "test_hostile_results.py",
     "identity": "test_identity.py",
     "dependencies": "test_dependencies.py",
     "docs": "test_docs.py",

@@ -14,13 +14,14 @@ number of records. The chart is in chart.py.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import string
 from pathlib import Path
 
 from tabulate import tabulate
 
-from ..checkpoint.atomic import atomic_file
+from ..checkpoint.atomic import atomic_dir, atomic_file
 from ..errors import HarnessError
 from .gate import run_to_run_noise, noise_of
 from .results import Metric, Results, is_timing
@@ -211,12 +212,13 @@ def write_comparison(runs: list[Results], folder: Path, sources: list[str] | Non
     from .chart import comparison_chart
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     markdown = render_comparison(runs, sources)
-    chart = comparison_chart(runs, folder / "compare.png", metrics)
-    if chart is not None:
-        markdown += f"\n![figures per family, with error bars]({chart.name})\n"
-    md = folder / "compare.md"
-    with atomic_file(md, force=True) as tmp:
-        tmp.write_text(markdown, encoding="utf-8")
-    return {"markdown": md, "chart": chart}
+    # A new folder appears complete or not at all; into an existing one, each file is atomic.
+    with contextlib.ExitStack() as stack:
+        out = folder if folder.is_dir() else stack.enter_context(atomic_dir(folder))
+        chart = comparison_chart(runs, out / "compare.png", metrics)
+        if chart is not None:
+            markdown += f"\n![figures per family, with error bars]({chart.name})\n"
+        with atomic_file(out / "compare.md", force=True) as tmp:
+            tmp.write_text(markdown, encoding="utf-8")
+    return {"markdown": folder / "compare.md", "chart": folder / chart.name if chart else None}

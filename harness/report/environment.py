@@ -27,6 +27,7 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
+from ..checkpoint.problems import brief
 from ..errors import HarnessError
 
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "safetensors", "accelerate",
@@ -96,7 +97,8 @@ class Environment:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise EnvironmentSchemaError(f"{source}: environment has unknown field {unknown[0]!r}")
+            raise EnvironmentSchemaError(f"{source}: environment has unknown field "
+                                         f"{brief(unknown[0])}")
         libs = data.get("libraries", {})
         if not isinstance(libs, dict) or not all(isinstance(k, str) and
                                                  (v is None or isinstance(v, str))

@@ -14,6 +14,12 @@ from elsewhere carries its own `environment` / `run_id`.
 Round trip: `Results.from_json(r.to_json()) == r` and the JSON text it writes back is
 identical. Integers stay integers (parameter counts print exactly); non-finite floats are
 stored as the strings "NaN", "Infinity", "-Infinity", so the file is strict JSON.
+
+A results file is untrusted input (they are gathered from a fleet and compared): it is read
+only up to MAX_RESULTS_BYTES, as strict JSON (no bare NaN/Infinity, no number longer than
+MAX_NUMBER_CHARS or beyond a float's range, no nesting past the parser's depth), and every
+name in it is one line of at most MAX_NAME_CHARS. Anything else is a ResultsError: one line
+naming the file and the fault, before a command writes anything.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import secrets
 from collections.abc import Iterable, Mapping
@@ -29,6 +36,7 @@ from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
 
+from ..checkpoint.problems import brief, control_character
 from ..errors import HarnessError
 from .environment import Environment, EnvironmentSchemaError, current
 from .sample import MAX_VALUES, Sample, SampleError
@@ -44,6 +52,18 @@ DIRECTIONS = ("lower", "higher", "none")
 _LOWER_UNITS = {"s", "ms", "us", "ns", "min", "B", "bytes", "KB", "KiB", "MB", "MiB", "GB", "GiB"}
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+# The largest results file read. The default run writes 105 KB (327 cases, measured), so a run
+# of every suite (1,571 cases) about 0.5 MB; one sample at its MAX_VALUES bound is 3.6 MB as
+# written. 8 MiB holds all of that with room to spare, and bounds what parsing costs: ~6x the
+# bytes for a real file, 25x (210 MB) at worst, a list of empty objects (measured, tracemalloc).
+MAX_RESULTS_BYTES = 8 * 2**20
+# A name (suite, case, metric, unit, run id...) is a table cell and part of one-line
+# messages. The suites' longest case id is 189 characters.
+MAX_NAME_CHARS = 1000
+# A float's shortest repr has at most 24 characters and a 64-bit integer 20. Longer is no
+# measurement (Python's int() raises on 4,301+ digits, int_max_str_digits).
+MAX_NUMBER_CHARS = 40
 
 
 class ResultsError(HarnessError):
@@ -70,10 +90,38 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
+def check_name(value, what: str, allow_empty: bool = False) -> str:
+    """A name is one line of text: no control or format character, at most MAX_NAME_CHARS."""
+    if not isinstance(value, str) or not (value or allow_empty):
+        raise ResultsError(f"{what} {brief(value)}: expected a{'' if allow_empty else ' non-empty'}"
+                           " string")
+    if len(value) > MAX_NAME_CHARS:
+        raise ResultsError(f"{what} {brief(value)}: {len(value):,} characters, more than "
+                           f"{MAX_NAME_CHARS:,}")
+    bad = control_character(value)
+    if bad is not None:
+        raise ResultsError(f"{what} {brief(value)}: holds {ascii(bad)}; a name is one line of "
+                           "printable text")
+    return value
+
+
+def check_text(value, what: str) -> str:
+    """Free text (a reason, a setting) may span lines, but UTF-8 must hold it: a lone surrogate
+    (a JSON "\\ud800" escape) would fail every report written from it."""
+    if not isinstance(value, str):
+        raise ResultsError(f"{what} {brief(value)}: expected a string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ResultsError(f"{what}: holds {ascii(value[exc.start])}, a lone surrogate, which "
+                           "is not text") from None
+    return value
+
+
 def check_run_id(text: str) -> str:
     """A run id names a folder: letters, digits, '.', '_' and '-', at most 100."""
     if not isinstance(text, str) or not _RUN_ID.fullmatch(text):
-        raise ResultsError(f"run id {text!r}: use letters, digits, '.', '_' and '-' (it names "
+        raise ResultsError(f"run id {brief(text)}: use letters, digits, '.', '_' and '-' (it names "
                            "a folder)")
     return text
 
@@ -111,15 +159,14 @@ class Metric:
 
     def __post_init__(self) -> None:
         if isinstance(self.value, bool) or not isinstance(self.value, (int, float)):
-            raise ResultsError(f"metric value {self.value!r}: expected a number")
+            raise ResultsError(f"metric value {brief(self.value)}: expected a number")
         if self.sample is not None and (not isinstance(self.sample, Sample)
                                         or self.value != self.sample.median):
             raise ResultsError(f"metric value {self.value!r}: with a sample, the value is its "
                                "median")
-        if not isinstance(self.unit, str):
-            raise ResultsError(f"metric unit {self.unit!r}: expected a string")
+        check_name(self.unit, "metric unit", allow_empty=True)
         if self.direction not in DIRECTIONS:
-            raise ResultsError(f"metric direction {self.direction!r}: expected one of "
+            raise ResultsError(f"metric direction {brief(self.direction)}: expected one of "
                                f"{', '.join(DIRECTIONS)}")
 
     def __eq__(self, other) -> bool:
@@ -141,6 +188,7 @@ def _is_nan(value) -> bool:
 def as_metric(name: str, spec) -> Metric:
     """(value, unit), (value, unit, direction) or a Metric -> Metric; a list or tuple of
     numbers as the value is a repeated measurement (its median, with the sample)."""
+    check_name(name, "metric name")
     if isinstance(spec, Metric):
         return spec
     if not isinstance(spec, (tuple, list)) or len(spec) not in (2, 3):
@@ -169,18 +217,19 @@ class Record:
 
     def __post_init__(self) -> None:
         for name in ("suite", "case"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not value:
-                raise ResultsError(f"record {name} {value!r}: expected a non-empty string")
+            check_name(getattr(self, name), f"record {name}")
+        if self.run_id is not None:
+            check_name(self.run_id, f"record {self.id}: run id")
+        check_name(self.timestamp, f"record {self.id}: timestamp", allow_empty=True)
         if self.outcome not in OUTCOMES:
-            raise ResultsError(f"record {self.suite}::{self.case}: outcome {self.outcome!r} is "
-                               f"not one of {', '.join(OUTCOMES)}")
-        if self.reason is not None and not isinstance(self.reason, str):
-            raise ResultsError(f"record {self.suite}::{self.case}: reason must be a string")
+            raise ResultsError(f"record {self.id}: outcome {brief(self.outcome)} is not one of "
+                               f"{', '.join(OUTCOMES)}")
+        if self.reason is not None:
+            check_text(self.reason, f"record {self.id}: reason")
         for name, metric in self.metrics.items():
-            if not isinstance(name, str) or not name or not isinstance(metric, Metric):
-                raise ResultsError(f"record {self.suite}::{self.case}: metric {name!r} must "
-                                   "be a Metric under a non-empty name")
+            check_name(name, f"record {self.id}: metric name")
+            if not isinstance(metric, Metric):
+                raise ResultsError(f"record {self.id}: metric {name!r} must be a Metric")
         object.__setattr__(self, "metrics", dict(self.metrics))
 
     def __hash__(self) -> int:
@@ -221,6 +270,8 @@ class Results:
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
+        check_name(self.run_id, "run id")
+        check_name(self.created, f"run {self.run_id}: created", allow_empty=True)
         # A record without its own run id / environment belongs to this run.
         records = tuple(dataclasses.replace(r, run_id=r.run_id or self.run_id,
                                             environment=r.environment or self.environment)
@@ -233,8 +284,9 @@ class Results:
         object.__setattr__(self, "records", records)
         for name in ("suite_descriptions", "settings"):
             mapping = dict(getattr(self, name))
-            if not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
-                raise ResultsError(f"run {self.run_id}: {name} must map names to strings")
+            for key, value in mapping.items():
+                check_name(key, f"run {self.run_id}: {name} key")
+                check_text(value, f"run {self.run_id}: {name}[{key}]")
             object.__setattr__(self, name, mapping)
 
     def __hash__(self) -> int:
@@ -279,9 +331,14 @@ class Results:
     @classmethod
     def from_json(cls, text: str, source: str = "results") -> Results:
         try:
-            data = json.loads(text)
+            data = json.loads(text, parse_constant=_bare_constant, parse_int=_int,
+                              parse_float=_float)
         except json.JSONDecodeError as exc:
             raise ResultsError(f"{source}: not valid JSON ({exc})") from None
+        except ResultsError as exc:  # a number or a constant the hooks below refuse
+            raise ResultsError(f"{source}: {exc}") from None
+        except RecursionError:  # the schema nests 6 deep; Python's parser stops near 1,000
+            raise ResultsError(f"{source}: JSON nested too deeply to read") from None
         return cls.from_dict(data, source)
 
     @classmethod
@@ -291,15 +348,15 @@ class Results:
                                f"\"{SCHEMA}\")")
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise ResultsError(f"{source}: results schema version {version!r}; this harness "
+            raise ResultsError(f"{source}: results schema version {brief(version)}; this harness "
                                f"reads version {SCHEMA_VERSION}")
         unknown = sorted(set(data) - {"schema", "schema_version", "run_id", "created",
                                       "environment", "settings", "suites", "records"})
         if unknown:
-            raise ResultsError(f"{source}: unknown top-level field {unknown[0]!r}")
+            raise ResultsError(f"{source}: unknown top-level field {brief(unknown[0])}")
         run_id = _string(data, "run_id", source)
         created = _string(data, "created", source, allow_empty=True)
-        environment = _environment(data.get("environment"), f"{source}: environment")
+        environment = _environment(data.get("environment"), source)
         raw = data.get("records")
         if not isinstance(raw, list):
             raise ResultsError(f"{source}: records must be a list")
@@ -315,6 +372,32 @@ class Results:
             raise ResultsError(f"{source}: {exc}") from None
 
 
+# Python's json takes bare NaN/Infinity and numbers of any length; a results file is strict
+# JSON (the harness writes a non-finite value as a string, see _encode), so these hooks refuse
+# what strict JSON has no place for, before Python spends time or memory on it.
+def _bare_constant(name: str):
+    raise ResultsError(f"bare {name} is not JSON (a non-finite value is written as the string "
+                       f"\"{name}\")")
+
+
+def _number_text(text: str) -> str:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise ResultsError(f"number {text[:20]}... is {len(text):,} characters long; a results "
+                           f"file's numbers have at most {MAX_NUMBER_CHARS}")
+    return text
+
+
+def _int(text: str) -> int:
+    return int(_number_text(text))
+
+
+def _float(text: str) -> float:
+    value = float(_number_text(text))
+    if not math.isfinite(value):
+        raise ResultsError(f"number {text} is beyond a float's range")
+    return value
+
+
 _RECORD_FIELDS = {"suite", "case", "outcome", "reason", "timestamp", "metrics", "run_id",
                   "environment"}
 
@@ -323,15 +406,32 @@ def _string(data: dict, key: str, where: str, allow_empty: bool = False) -> str:
     value = data.get(key)
     if not isinstance(value, str) or (not value and not allow_empty):
         raise ResultsError(f"{where}: {key} must be a{'' if allow_empty else ' non-empty'} "
-                           f"string, got {value!r}")
+                           f"string, got {brief(value)}")
     return value
+
+
+_ENV_TYPES = {"str": str, "int": int, "bool": bool}
 
 
 def _environment(data, where: str) -> Environment:
     try:
-        return Environment.from_dict(data, where)
+        env = Environment.from_dict(data, where)
     except (EnvironmentSchemaError, TypeError) as exc:
         raise ResultsError(str(exc).splitlines()[0]) from None
+    # from_dict takes any JSON value; reports print these fields as numbers or one line each.
+    for f in dataclasses.fields(env):
+        value, kind = getattr(env, f.name), f.type.split(" ")[0]  # "int | None" -> "int"
+        here = f"{where}: environment.{f.name}"
+        if f.name == "libraries":
+            for name, version in value.items():
+                check_name(name, f"{here} name")
+                check_name(version or "", f"{here}[{name}]", allow_empty=True)
+        elif value is not None or "None" not in f.type:
+            if type(value) is not _ENV_TYPES[kind]:  # not isinstance: a bool is no count
+                raise ResultsError(f"{here}: expected {kind}, got {brief(value)}")
+            if kind == "str":
+                check_name(value, here, allow_empty=True)
+    return env
 
 
 def _metric_dict(metric: Metric) -> dict:
@@ -351,6 +451,12 @@ def _metric(entry, here: str) -> Metric:
         raw = entry["sample"]
         if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_VALUES:
             raise ResultsError(f"{here}.sample: expected a list of 1 to {MAX_VALUES:,} numbers")
+        # Named here, briefly: Sample's own message would repr a value of any size or depth.
+        wrong = next((i for i, v in enumerate(raw)
+                      if isinstance(v, bool) or not isinstance(v, (int, float))), None)
+        if wrong is not None:
+            raise ResultsError(f"{here}.sample[{wrong}]: {brief(raw[wrong])} is not a finite "
+                               "number")
         try:
             sample = Sample(tuple(raw))
         except SampleError as exc:
@@ -371,7 +477,7 @@ def _decode(value, where: str):
     if isinstance(value, str) and value in _NON_FINITE:
         return _NON_FINITE[value]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ResultsError(f"{where}.value: expected a number, got {value!r}")
+        raise ResultsError(f"{where}.value: expected a number, got {brief(value)}")
     return value
 
 
@@ -380,13 +486,13 @@ def _record(item, where: str) -> Record:
         raise ResultsError(f"{where}: expected an object")
     unknown = sorted(set(item) - _RECORD_FIELDS)
     if unknown:
-        raise ResultsError(f"{where}: unknown field {unknown[0]!r}")
+        raise ResultsError(f"{where}: unknown field {brief(unknown[0])}")
     metrics_raw = item.get("metrics")
     if not isinstance(metrics_raw, dict):
         raise ResultsError(f"{where}: metrics must be an object")
     metrics = {}
     for name, entry in metrics_raw.items():
-        metrics[name] = _metric(entry, f"{where}.metrics[{name!r}]")
+        metrics[name] = _metric(entry, f"{where}.metrics[{brief(name)}]")
     env = item.get("environment")
     try:
         return Record(suite=item.get("suite"), case=item.get("case"),
@@ -426,10 +532,20 @@ def save_records(records: Iterable[Record], path: Path | str, run_id: str | None
 
 
 def load_results(path: Path | str) -> Results:
+    """Read and check a results file: at most MAX_RESULTS_BYTES are ever read."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            # The size first, so a huge file is refused unread; then one byte past the cap at
+            # most, since a pipe or a device has no size and a file may grow meanwhile.
+            size = os.fstat(f.fileno()).st_size
+            data = f.read(MAX_RESULTS_BYTES + 1) if size <= MAX_RESULTS_BYTES else b""
+        if size > MAX_RESULTS_BYTES or len(data) > MAX_RESULTS_BYTES:
+            raise ResultsError(f"{path}: larger than {MAX_RESULTS_BYTES:,} bytes, the most a "
+                               "results file may have")
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ResultsError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})") \
             from None
+    del data  # not held through the parse
     return Results.from_json(text, str(path))

@@ -16,6 +16,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from ..checkpoint.atomic import atomic_file
+from ..checkpoint.problems import shown
 from .results import OUTCOMES, Record, Results, write_results
 
 ARROWS = {"lower": "↓", "higher": "↑", "none": ""}
@@ -41,7 +42,7 @@ def cell(text: str | None, limit: int = REASON_CHARS) -> str:
     """One line, pipes escaped, cut to `limit` characters: safe inside a markdown table."""
     if not text:
         return ""
-    line = " ".join(str(text).split())
+    line = shown(" ".join(str(text).split()))  # an escape sequence would drive a terminal
     if len(line) > limit:
         line = line[: limit - 1] + "…"
     return line.replace("|", "\\|")
@@ -198,10 +199,11 @@ def write_csv(results: Results, path: Path) -> Path:
 def write_report(results: Results, folder: Path, with_json: bool = True) -> dict[str, Path]:
     """results.json (unless `with_json` is False), report.md and results.csv in `folder`."""
     folder = Path(folder)
+    markdown = render_report(results)  # before the folder: a failure here leaves nothing
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
     if with_json:
         paths["json"] = write_results(results, folder / "results.json")
-    paths["markdown"] = _write(folder / "report.md", render_report(results))
+    paths["markdown"] = _write(folder / "report.md", markdown)
     paths["csv"] = write_csv(results, folder / "results.csv")
     return paths
