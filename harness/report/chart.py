@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 from ..checkpoint.atomic import atomic_file
-from .compare import letters, metric_of, metric_rows, run_label, verdict
+from .compare import ab_pair, letters, metric_of, metric_rows, run_label, verdict
 from .results import Metric, Results
 
 PANEL_ENTRIES = 12
@@ -123,12 +123,14 @@ def comparison_chart(runs: list[Results], path: Path, metrics: list[str] | None 
     return path
 
 
-def _short_verdict(metric: Metric | None, first: Metric | None) -> str:
+def _short_verdict(metric: Metric | None, first: Metric | None, paired: bool) -> str:
     """The ratio to run A and whether it is within the noise (the markdown has the detail)."""
-    said = verdict(metric, first)
+    said = verdict(metric, first, paired, figures=False)
     if metric is None or first is None or not first.value or said == "—":
         return said
     ratio = f"{metric.value / first.value:.3g}x"
+    if said.startswith("no change"):
+        return f"{ratio}, not significant"
     return f"{ratio}, same within noise" if said.startswith("same") else said
 
 
@@ -147,8 +149,9 @@ def _panel(ax, title: str, entries, runs, names, height) -> None:
             if math.isnan(value):
                 continue
             low, top = min(low, value), max(top, value + above)
-            said = "" if i == 0 else "  " + _short_verdict(metric_of(run, key, metric),
-                                                          metric_of(runs[0], key, metric))
+            said = "" if i == 0 else "  " + _short_verdict(
+                metric_of(run, key, metric), metric_of(runs[0], key, metric),
+                ab_pair(runs[0], run))
             ax.text(value + above, y, f" {value:.3g}{said}", va="center", fontsize=6)
     if top > 0 and 0 < low < top / 100:  # values across decades: a log axis shows them all
         ax.set_xscale("log")

@@ -8,7 +8,11 @@ every run failed, then each metric with each run's value (median ± half the IQR
 repeated measurement) and a verdict against A: "same, within noise" unless the difference
 exceeds the noise the gate allows for too (run A's measured spread, for timings at least the
 run-to-run shift of tolerances.toml), else the ratio, better or worse by the metric's
-direction. A figure measured once carries no noise and is marked so. Cost is linear in the
+direction. Where both runs carry samples of 5+ values, a difference beyond the noise must also
+be significant by the rank test (stats.py; the figures and the method are in the verdict); the
+two sides of one `ab` run are paired round by round and judged by the signed-rank test alone
+(same machine, interleaved: no run-to-run floor). A figure measured once carries no noise and
+is marked so. Cost is linear in the
 number of records. The chart is in chart.py.
 """
 
@@ -26,6 +30,7 @@ from ..errors import HarnessError
 from .gate import run_to_run_noise, noise_of
 from .results import Metric, Results, is_timing
 from .single import cell, fmt_value, metric_header
+from .stats import ALPHA, MANN_WHITNEY, SIGNED_RANK, Shift, paired_shift, shift
 
 MISSING = "—"
 LIST_AT_MOST = 10
@@ -55,26 +60,51 @@ def _number(value) -> bool:
         and math.isfinite(value)
 
 
-def verdict(metric: Metric | None, first: Metric | None) -> str:
+def verdict(metric: Metric | None, first: Metric | None, paired: bool = False,
+            figures: bool = True) -> str:
     """`metric` against the reference `first`: same within noise, or the ratio with better
-    or worse; exact figures (counts) are "same" only when equal."""
+    or worse; exact figures (counts) are "same" only when equal. Where both carry samples the
+    rank test must agree that they differ (stats.py, the method named; its figures unless
+    `figures` is False); `paired` samples (the two sides of one `ab` run, round by round)
+    are judged by the paired test alone."""
     if metric is None or first is None or not (_number(metric.value) and _number(first.value)):
         return MISSING
     diff = metric.value - first.value
     if diff == 0:
         return "same"
-    noise = noise_of(metric, first)
+    tested = rank_test(metric, first, paired)
+    noise = 0.0 if paired and tested else noise_of(metric, first)
     if noise and abs(diff) <= noise:
         return f"same, within noise (±{fmt_value(noise)})"
+    if tested is not None and not tested.significant:
+        return (f"no change detected, {tested.describe()} (could have seen "
+                f"{tested.detectable:.1%})")
     spreads = [m.spread for m in (metric, first) if m.spread is not None]
     if first.value == 0:
         return f"{'+' if diff > 0 else ''}{fmt_value(diff)}"
     ratio = metric.value / first.value
     shot = "" if spreads or not is_timing(metric.unit) else ", measured once"
+    test = f", {tested.describe()}" if tested and figures else ""
     if metric.direction == "none":
-        return f"{ratio:.3g}x{shot}"
+        return f"{ratio:.3g}x{shot}{test}"
     better = diff < 0 if metric.direction == "lower" else diff > 0
-    return f"{ratio:.3g}x, {'better' if better else 'worse'}{shot}"
+    return f"{ratio:.3g}x, {'better' if better else 'worse'}{shot}{test}"
+
+
+def rank_test(metric: Metric, first: Metric, paired: bool = False) -> Shift | None:
+    """The rank test of two samples (None without samples of MIN_N values each)."""
+    if metric.sample is None or first.sample is None:
+        return None
+    a, b = first.sample.values, metric.sample.values
+    if paired and len(a) == len(b):
+        return paired_shift(a, b)
+    return shift(a, b)
+
+
+def ab_pair(first: Results, other: Results) -> bool:
+    """The A and B sides of one `ab` run: their samples are paired round by round."""
+    return (first.settings.get("ab_side"), other.settings.get("ab_side")) == ("A", "B") \
+        and first.run_id.removesuffix("-a") == other.run_id.removesuffix("-b")
 
 
 def value_text(metric: Metric | None) -> str:
@@ -169,9 +199,10 @@ def _metrics(runs: list[Results], names: list[str], keys) -> list[str]:
     for key, name, unit, direction in metric_rows(runs, keys):
         metrics = [metric_of(run, key, name) for run in runs]
         row = [cell(key[1], 80), metric_header(name, unit, direction), value_text(metrics[0])]
-        for metric in metrics[1:]:
-            said = verdict(metric, metrics[0])
-            counts["same" if said.startswith("same") else "differ"] += said != MISSING
+        for run, metric in zip(runs[1:], metrics[1:]):
+            said = verdict(metric, metrics[0], ab_pair(runs[0], run))
+            counts["same" if said.startswith(("same", "no change")) else "differ"] += \
+                said != MISSING
             row += [value_text(metric), said]
         rows_by_suite.setdefault(key[0], []).append(row)
     if not rows_by_suite:
@@ -184,8 +215,11 @@ def _metrics(runs: list[Results], names: list[str], keys) -> list[str]:
              f"repeatedly. Against run {names[0]}: {counts['same']} same (equal, or within "
              f"the noise: run {names[0]}'s measured spread (IQR), for timings at least the "
              f"run-to-run shift "
-             f"of {run_to_run_noise():.0%} stated in tolerances.toml), {counts['differ']} "
-             "different. ↓: lower is better, ↑: higher is better.", ""]
+             f"of {run_to_run_noise():.0%} stated in tolerances.toml; or, where both carry "
+             f"samples of 5+ values, not significantly different by the rank test: "
+             f"{MANN_WHITNEY}, or {SIGNED_RANK} for the two sides of one `ab` run, alpha "
+             f"{ALPHA:g}), {counts['differ']} different. ↓: lower is better, ↑: higher is "
+             "better.", ""]
     for suite, rows in rows_by_suite.items():
         lines += [f"### {suite}", "", tabulate(rows, headers=headers, tablefmt="github",
                                                disable_numparse=True), ""]

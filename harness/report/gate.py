@@ -22,6 +22,11 @@ baseline's value and noise times the ratio of the two probes where this machine 
 (never below the baseline as measured). Two VMs of one class differ by up to 1.8x; the code
 does not change the probe, so a regression still shows at full size.
 
+Where the baseline's metric and the run's both carry a sample of at least 5 values, a value
+beyond its limit fails only if the two samples also differ significantly (Mann-Whitney U at
+alpha 0.01, stats.py): the limit says how big a change matters, the test that it is not the
+noise. The failure line carries the test's figures; a value passed by the test is noted.
+
 Checks are parsed when the arguments are (argparse and pytest `type=`), so a typo fails
 before any work, naming the bad text. Evaluation gives one failure line per (check, case,
 metric) with the baseline, the value and the limit.
@@ -41,6 +46,7 @@ from pathlib import Path
 from ..errors import HarnessError
 from .results import Metric, Record, Results, is_timing
 from .speed import PROBE_METRIC, allowance, at_scale, speed_scale
+from .stats import ALPHA, MANN_WHITNEY, Shift, shift
 
 _RELATIVE = re.compile(r"^(?P<sign>[+\-±~]?)(?P<num>\d{1,4}(?:\.\d{1,6})?)%$")
 MAX_PERCENT = 1000
@@ -207,10 +213,22 @@ class GateResult:
     unchecked: dict[str, list[str]] = field(default_factory=dict)
     # case -> machine-speed scale its timings were judged at (speed.py).
     scales: dict[str, float] = field(default_factory=dict)
+    # "case metric: figures" of values beyond their limit that the rank test did not find
+    # significant, so passed.
+    not_significant: list[str] = field(default_factory=list)
 
     @property
     def notes(self) -> list[str]:
-        """What the verdict rests on, beyond the checks: the machine-speed scales applied."""
+        """What the verdict rests on, beyond the checks: the machine-speed scales applied, and
+        the values passed because their difference is not significant."""
+        notes = []
+        if self.not_significant:
+            notes.append(f"{len(self.not_significant)} value(s) beyond their limit passed: "
+                         f"the samples do not differ significantly ({MANN_WHITNEY}, alpha "
+                         f"{ALPHA:g}), e.g. {self.not_significant[0]}")
+        return notes + self._scale_notes()
+
+    def _scale_notes(self) -> list[str]:
         if not self.scales:
             return []
         values = sorted(self.scales.values())
@@ -252,7 +270,7 @@ def _check_record(check: Check, record: Record, base: Record | None, out: GateRe
         out.checked += 1
         base_value = base_metric.value if base_metric is not None else None
         noise = noise_of(metric, base_metric) if check.needs_baseline else 0.0
-        note = ""
+        note, applied = "", 1.0
         if check.needs_baseline and name != PROBE_METRIC and scale is not None \
                 and is_timing(metric.unit):
             applied = allowance(scale)
@@ -260,12 +278,26 @@ def _check_record(check: Check, record: Record, base: Record | None, out: GateRe
             out.scales[record.id] = scale
             note = f"baseline at this machine's speed: probe x{scale:.3g}" + (
                 "" if applied == scale else f", applied as x{applied:.3g}")
-        if not check.passes(metric, base_value, noise):
-            out.failures.append(Failure(check, record.id, name, metric.value, base_value,
-                                        metric.unit,
-                                        _limit_text(check, metric, base_value, noise),
-                                        note=note))
+        if check.passes(metric, base_value, noise):
+            continue
+        tested = rank_test(metric, base_metric, applied) if check.needs_baseline else None
+        if tested is not None and not tested.significant:
+            out.not_significant.append(f"{record.id} {name}: {tested.describe()}")
+            continue
+        note = "; ".join(n for n in (note, tested and tested.describe()) if n)
+        out.failures.append(Failure(check, record.id, name, metric.value, base_value,
+                                    metric.unit, _limit_text(check, metric, base_value, noise),
+                                    note=note))
     return len(names)
+
+
+def rank_test(metric: Metric, base: Metric | None, scale: float = 1.0) -> Shift | None:
+    """Mann-Whitney U between the baseline's sample (at this machine's speed) and the run's,
+    where both carry one of at least MIN_N values; None where they do not."""
+    if base is None or metric.sample is None or base.sample is None:
+        return None
+    factor = 1 / scale if metric.unit.endswith("/s") else scale
+    return shift([v * factor for v in base.sample.values], metric.sample.values)
 
 
 def evaluate(checks: list[Check], results: Results, baseline: Results | None = None,
