@@ -126,3 +126,5 @@ def write_safetensors(path: Path, tensors: Sequence[Entry], chunks: Chunks,
 
 
 WRITERS = {"bin": write_bin, "safetensors": write_safetensors}
+# The order each writer asks its chunk source for the tensors in.
+WRITE_ORDER = {"bin": list, "safetensors": safetensors_order}

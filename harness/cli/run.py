@@ -54,6 +54,7 @@ SUITES = {
     "architecture": "test_architecture.py",
     "hostile": "test_hostile_inputs.py",
     "hostile_results": "test_hostile_results.py",
+    "ab": "test_ab.py",
     "identity": "test_identity.py",
     "dependencies": "test_dependencies.py",
     "docs": "test_docs.py",
