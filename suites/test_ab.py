@@ -200,7 +200,8 @@ def test_ab_on_two_folders_sees_no_change_between_copies(tmp_path, tiny_checkpoi
     # The sides are ordinary results files: compare and report read them.
     assert main(["compare", str(tmp_path / "out" / "a.json"), str(tmp_path / "out" / "b.json"),
                  "-o", str(tmp_path / "cmp")]) == 0
-    assert "count_s" in (tmp_path / "cmp" / "compare.md").read_text()
+    compared = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "count_s" in compared and "Wilcoxon signed-rank" in compared
 
 
 def _projector_only(tmp_path: Path, tiny: Path) -> Path:
@@ -237,3 +238,38 @@ def test_a_bad_side_is_one_line_and_exit_2(tmp_path, tiny_checkpoint, capsys, ar
     assert says in err[-1] and "Traceback" not in "\n".join(err), err
     if "{bare}" in argv:
         assert "No module named 'harness'" in err[-1]
+
+
+def _pool(rounds=40, **change):
+    rng = random.Random(5)
+    pool = {arm: {"count": [(1 + plant) * rng.lognormvariate(0, 0.03) for _ in range(rounds)]}
+            for arm, plant in ARMS}
+    return {"arms": dict(ARMS), "size": 20, "alpha": 0.01, "wall_s": 60.0, "pool": pool,
+            **change}
+
+
+def test_a_stored_pool_is_analysed_again(tmp_path, capsys):
+    path = tmp_path / "pool.json"
+    path.write_text(json.dumps(_pool()))
+    assert main(["bench", "ab-power", "--pool", str(path), "--size", "20"]) == 0
+    table = capsys.readouterr().out
+    assert "| count | +20% | 100.0% caught |" in table
+
+
+@pytest.mark.parametrize("data, says", [
+    ({"pool": [1]}, "not a pool written by bench ab-power"),
+    (_pool(pool={arm: {"count": [1.0] * 40} for arm, _ in ARMS[:4]}), "not a pool"),
+    (_pool(pool={**_pool()["pool"], "A/A": {"other": [1.0] * 40}}), "arm 'A/A' does not hold"),
+    (_pool(pool={**_pool()["pool"], "+5%": {"count": [1.0] * 39 + [-1.0]}}),
+     "+5% count: expected 40 positive finite values"),
+    (_pool(pool={**_pool()["pool"], "+5%": {"count": [1.0] * 12}}),
+     "+5% count: expected 40 positive finite values"),
+    ("NaN", "bare NaN is not JSON"),
+    (_pool(rounds=30), "30 rounds; --size 20 needs 40"),
+], ids=["not-a-pool", "missing-arm", "other-figures", "negative", "short", "nan", "too-few"])
+def test_a_bad_pool_is_one_line_and_exit_2(tmp_path, capsys, data, says):
+    path = tmp_path / "pool.json"
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    assert main(["bench", "ab-power", "--pool", str(path), "--size", "20"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and "\n" not in err and "Traceback" not in err, err

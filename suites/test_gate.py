@@ -370,6 +370,30 @@ def test_a_timing_moves_within_its_noise_and_a_2x_regression_still_fails():
     assert not evaluate([parse_check("peak_rss:+5%")], one(1.06), one(1.0)).ok
 
 
+def test_beyond_the_limit_fails_only_where_the_rank_test_agrees():
+    """Both sides carry samples of 5+ values: a median beyond the limit that the two samples
+    do not significantly differ on (Mann-Whitney U at 0.01) passes, and says so; a real shift
+    fails with the test's figures on its line (the exact p of 7 against 7 fully separated is
+    2/3432). The limit says how big, the test that it is not noise: the same 1.4x median jump,
+    once from a sample that overlaps the baseline's."""
+    base = timing([1.00, 1.02, 0.98, 1.01, 0.99, 1.03, 0.97])
+    # Median 1.4, beyond +5% widened by the 30% floor (1.35); but three values sit in the
+    # baseline's range: the samples do not separate.
+    overlapping = timing([0.97, 0.99, 1.01, 1.40, 1.41, 1.45, 1.50])
+    shifted = timing([1.38, 1.40, 1.42, 1.41, 1.39, 1.43, 1.37])
+    check = [parse_check("bench_s:+5%")]
+    passed = evaluate(check, overlapping, base)
+    assert passed.ok and len(passed.not_significant) == 1
+    assert "Mann-Whitney U" in passed.notes[0] and "do not differ significantly" in \
+        passed.notes[0]
+    failed = evaluate(check, shifted, base)
+    (line,) = failed.lines()
+    assert "Mann-Whitney U" in line and "p=0.00058" in line and "x1.400" in line, line
+    # Fewer than 5 values a side: no test, the limit alone decides (as before).
+    assert not evaluate(check, timing([1.38, 1.40, 1.42, 1.41]), timing([1.0, 1.01, 0.99,
+                                                                         1.02])).ok
+
+
 def test_the_range_widens_by_the_baselines_spread_not_the_runs():
     """The baseline's IQR is the yardstick: a regression that also makes the new run noisier
     must not widen its own range. The run's spread counts only where the baseline has none."""

@@ -410,3 +410,22 @@ def test_bench_verify_release_records_it_against_one_read(release, tmp_path):
     assert record.suite == "bench-verify-release"
     assert {"verify_release_wall_s", "read_wall_s", "verify_release_over_read",
             "verify_release_peak_anon"} <= set(record.metrics)
+
+
+def test_bench_merge_copy_records_the_merge_against_a_copy(release, tmp_path):
+    """`bench merge-copy`: merge-lora against `cp -r` of its base + sync, in child processes,
+    the ratio recorded with its goal, and neither output left behind (the real-size figures
+    are in docs/lora-merge.md)."""
+    from harness.bench.check import bench_reads, merge_bench
+    from harness.report.results import load_results
+
+    work = tmp_path / "work"
+    work.mkdir()
+    out = tmp_path / "bench.json"
+    assert bench_reads([(merge_bench(release["adapter"], release["base"], work), "tiny")], 2,
+                       out) == 0
+    (record,) = load_results(out).records
+    assert record.suite == "bench-merge-copy"
+    assert len(record.metrics["merge_copy_wall_s"].sample.values) == 2
+    assert {"read_wall_s", "merge_copy_over_read", "merge_copy_peak_anon"} <= set(record.metrics)
+    assert list(work.iterdir()) == []

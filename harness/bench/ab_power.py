@@ -20,13 +20,14 @@ raw pool is written beside the table so anyone can redo the analysis.
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..report.stats import ALPHA, paired_shift
-from .ab import Side, measure_side, metric_name
+from .ab import AbError, Side, measure_side, metric_name
 
 ARMS = (("A", 0.0), ("A/A", 0.0), ("+5%", 0.05), ("+10%", 0.10), ("+20%", 0.20))
 DRAWS = 400
@@ -102,6 +103,46 @@ def render(rows: list[dict], size: int, rounds: int, alpha: float, wall_s: float
         lines.append(f"| {row['figure']} | {row['planted']} | {row['ab']} {what} | "
                      f"{row['gate']} {what} |")
     return "\n".join(lines) + "\n"
+
+
+def read_pool(pool_file: Path) -> tuple[dict, float]:
+    """A stored pool.json (untrusted: it may come from another machine), checked whole: every
+    arm, the same figures in each, one positive finite value per round. (pool, wall_s)."""
+    from ..report.results import ResultsError, load_json
+
+    try:
+        data = load_json(pool_file)
+    except ResultsError as exc:
+        raise AbError(str(exc)) from None
+    pool = data.get("pool") if isinstance(data, dict) else None
+    wall_s = data.get("wall_s") if isinstance(data, dict) else None
+    arms = [arm for arm, _ in ARMS]
+    if not isinstance(pool, dict) or sorted(pool) != sorted(arms) \
+            or not isinstance(wall_s, (int, float)):
+        raise AbError(f"{pool_file}: not a pool written by bench ab-power (arms "
+                      f"{', '.join(arms)}, wall_s)")
+    figures = pool["A"] if isinstance(pool["A"], dict) else {}
+    rounds = len(next(iter(figures.values()), []))
+    for arm in arms:
+        values = pool[arm]
+        if not isinstance(values, dict) or sorted(values) != sorted(figures) or not figures:
+            raise AbError(f"{pool_file}: arm {arm!r} does not hold the figures of arm 'A'")
+        for figure, series in values.items():
+            if not isinstance(series, list) or len(series) != rounds or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool)
+                    and 0 < v < math.inf for v in series):
+                raise AbError(f"{pool_file}: {arm} {figure}: expected {rounds} positive "
+                              "finite values")
+    return pool, float(wall_s)
+
+
+def reanalyse(pool_file: Path, size: int, alpha: float = ALPHA) -> str:
+    """The table again from a stored pool.json, for another run size or alpha."""
+    pool, wall_s = read_pool(pool_file)
+    rounds = len(next(iter(pool["A"].values())))
+    if rounds < 2 * size:
+        raise AbError(f"{pool_file}: {rounds} rounds; --size {size} needs {2 * size}")
+    return render(power_table(pool, size, alpha=alpha), size, rounds, alpha, wall_s)
 
 
 def bench_ab_power(python: Path, checkpoint: Path, figures: tuple[str, ...], rounds: int,

@@ -330,16 +330,7 @@ class Results:
 
     @classmethod
     def from_json(cls, text: str, source: str = "results") -> Results:
-        try:
-            data = json.loads(text, parse_constant=_bare_constant, parse_int=_int,
-                              parse_float=_float)
-        except json.JSONDecodeError as exc:
-            raise ResultsError(f"{source}: not valid JSON ({exc})") from None
-        except ResultsError as exc:  # a number or a constant the hooks below refuse
-            raise ResultsError(f"{source}: {exc}") from None
-        except RecursionError:  # the schema nests 6 deep; Python's parser stops near 1,000
-            raise ResultsError(f"{source}: JSON nested too deeply to read") from None
-        return cls.from_dict(data, source)
+        return cls.from_dict(parse_json(text, source), source)
 
     @classmethod
     def from_dict(cls, data, source: str = "results") -> Results:
@@ -531,8 +522,22 @@ def save_records(records: Iterable[Record], path: Path | str, run_id: str | None
     return results
 
 
-def load_results(path: Path | str) -> Results:
-    """Read and check a results file: at most MAX_RESULTS_BYTES are ever read."""
+def parse_json(text: str, source: str):
+    """Strict JSON from an untrusted file: no bare NaN/Infinity, no number past
+    MAX_NUMBER_CHARS or a float's range, no nesting past the parser's depth."""
+    try:
+        return json.loads(text, parse_constant=_bare_constant, parse_int=_int,
+                          parse_float=_float)
+    except json.JSONDecodeError as exc:
+        raise ResultsError(f"{source}: not valid JSON ({exc})") from None
+    except ResultsError as exc:  # a number or a constant the hooks refuse
+        raise ResultsError(f"{source}: {exc}") from None
+    except RecursionError:  # the schema nests 6 deep; Python's parser stops near 1,000
+        raise ResultsError(f"{source}: JSON nested too deeply to read") from None
+
+
+def read_capped(path: Path | str) -> str:
+    """The text of a file from elsewhere: at most MAX_RESULTS_BYTES are ever read."""
     path = Path(path)
     try:
         with path.open("rb") as f:
@@ -543,9 +548,17 @@ def load_results(path: Path | str) -> Results:
         if size > MAX_RESULTS_BYTES or len(data) > MAX_RESULTS_BYTES:
             raise ResultsError(f"{path}: larger than {MAX_RESULTS_BYTES:,} bytes, the most a "
                                "results file may have")
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ResultsError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})") \
             from None
-    del data  # not held through the parse
-    return Results.from_json(text, str(path))
+
+
+def load_json(path: Path | str):
+    """A JSON file from elsewhere, capped and strict (read_capped, parse_json)."""
+    return parse_json(read_capped(path), str(path))
+
+
+def load_results(path: Path | str) -> Results:
+    """Read and check a results file: at most MAX_RESULTS_BYTES are ever read."""
+    return Results.from_json(read_capped(path), str(path))

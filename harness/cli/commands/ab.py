@@ -93,6 +93,9 @@ def register(sub, bench) -> None:
     b.add_argument("-o", "--output", type=Path, metavar="DIR",
                    help="write pool.json (every value) and power.md (the table) here "
                         "(default reports/ab-power-<time>)")
+    b.add_argument("--pool", type=Path, metavar="POOL.json",
+                   help="measure nothing: the table again from a stored pool.json, for "
+                        "another --size or --alpha")
     b.set_defaults(func=cmd_bench_ab_power)
 
 
@@ -176,10 +179,13 @@ def _write(output: Path, run, found, run_id: str, args) -> None:
 
 def cmd_bench_ab_power(args: argparse.Namespace) -> int:
     from ...bench.ab import AbError, check_rounds
-    from ...bench.ab_power import bench_ab_power
+    from ...bench.ab_power import bench_ab_power, reanalyse
     from ...report.results import new_run_id
 
     check_rounds(args.size, args.alpha)
+    if args.pool is not None:
+        print(reanalyse(args.pool, args.size, args.alpha), end="")
+        return 0
     if args.rounds < 2 * args.size:
         raise AbError(f"--rounds {args.rounds}: the gate's comparison draws two disjoint sets "
                       f"of --size {args.size}, so at least {2 * args.size}")

@@ -53,6 +53,29 @@ def register(sub, bench) -> None:
     add_results_output(b, "figures")
     b.set_defaults(func=cmd_bench_merge)
 
+    c = bench.add_parser("merge-copy", help="merge-lora against cp -r of its base + sync, "
+                                            "alternating, each from a cold page cache")
+    c.add_argument("--adapter", type=Path, required=True, help="the LoRA folder")
+    c.add_argument("--base", type=Path, required=True, help="the base checkpoint folder")
+    c.add_argument("--repeat", type=positive_int, default=3,
+                   help="measured rounds, alternating which goes first (default 3)")
+    c.add_argument("--work", type=Path, metavar="DIR",
+                   help="where the merge and the copy are written, one at a time (default: a "
+                        "temporary folder beside the base); removed afterwards")
+    add_results_output(c, "figures")
+    c.set_defaults(func=cmd_bench_merge_copy)
+
+
+def cmd_bench_merge_copy(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from ...bench.check import bench_reads, merge_bench
+
+    parent = args.work or args.base.resolve().parent
+    with tempfile.TemporaryDirectory(prefix=".llava-merge-copy-", dir=parent) as work:
+        bench = merge_bench(args.adapter, args.base, Path(work))
+        return bench_reads([(bench, args.base.name)], args.repeat, results_target(args))
+
 
 def _device(text: str) -> str:
     from ...errors import HarnessError
