@@ -220,8 +220,9 @@ def _projector_only(tmp_path: Path, tiny: Path) -> Path:
     (["--checkpoint", "{tiny}", "--checkpoint-a", "{tiny}"], "not both"),
     (["--checkpoint-b", "{stage1}"], "a projector folder; ab's figures need a full LLaVA"),
     (["--b", "{bare}", "--rounds", "8"], "B: "),
+    (["-o", "{existing}"], "exists"),
 ], ids=["no-python", "too-few-rounds", "absolute-check", "unknown-metric", "both-checkpoints",
-        "projector-folder", "venv-without-harness"])
+        "projector-folder", "venv-without-harness", "output-exists"])
 def test_a_bad_side_is_one_line_and_exit_2(tmp_path, tiny_checkpoint, capsys, argv, says):
     fill = {"tiny": str(tiny_checkpoint)}
     if "{stage1}" in argv:
@@ -230,9 +231,12 @@ def test_a_bad_side_is_one_line_and_exit_2(tmp_path, tiny_checkpoint, capsys, ar
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "bare")],
                        check=True)
         fill["bare"] = str(tmp_path / "bare")
+    if "{existing}" in argv:
+        fill["existing"] = str(tmp_path / "existing")
+        (tmp_path / "existing").mkdir()
     capsys.readouterr()
     out = tmp_path / "out"
-    code = main(["ab", *(a.format(**fill) for a in argv), "-o", str(out)])
+    code = main(["ab", "-o", str(out), *(a.format(**fill) for a in argv)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and not out.exists()
     assert says in err[-1] and "Traceback" not in "\n".join(err), err

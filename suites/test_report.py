@@ -343,3 +343,28 @@ def test_the_chart_never_puts_two_kinds_of_unit_on_one_axis(tmp_path):
                                                            "cuda_peak_allocated"}
     paths = write_comparison(runs, tmp_path / "cmp")
     assert paths["chart"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_holds_a_difference_to_the_rank_test_and_names_it():
+    """Both runs carry samples of 5+ values: a median beyond the noise allowance from samples
+    that overlap is "no change detected" (Mann-Whitney U, with its figures); a shift the
+    samples agree on is worse, with the test's figures. The two sides of one `ab` run are
+    paired round by round: the signed-rank test, and no run-to-run floor."""
+    from harness.report.compare import ab_pair, verdict
+
+    base = Metric.of([1.00, 1.02, 0.98, 1.01, 0.99, 1.03, 0.97], "s")
+    overlapping = Metric.of([0.97, 0.99, 1.01, 1.40, 1.41, 1.45, 1.50], "s")
+    shifted = Metric.of([1.38, 1.40, 1.42, 1.41, 1.39, 1.43, 1.37], "s")
+    said = verdict(overlapping, base)
+    assert said.startswith("no change detected") and "Mann-Whitney U" in said, said
+    said = verdict(shifted, base)
+    assert said.startswith("1.4x, worse") and "p=0.00058" in said, said
+    # Paired: 8% slower in every round is far inside the 30% floor, and still a change.
+    a = [1.0, 1.3, 0.9, 1.1, 1.2, 0.95, 1.05, 1.15]
+    b = [v * (1.08 + i / 1000) for i, v in enumerate(a)]
+    said = verdict(Metric.of(b, "s"), Metric.of(a, "s"), paired=True)
+    assert said.startswith("1.08x, worse") and "Wilcoxon signed-rank" in said, said
+    assert verdict(Metric.of(b, "s"), Metric.of(a, "s")).startswith("same, within noise")
+    sides = [Results(f"ab-1-{s}", CPU, (), "t", settings={"ab_side": s.upper()})
+             for s in "ab"]
+    assert ab_pair(*sides) and not ab_pair(sides[1], sides[0])

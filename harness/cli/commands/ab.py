@@ -132,8 +132,11 @@ def cmd_ab(args: argparse.Namespace) -> int:
 
     applicable(args.fail, args.figures)
     check_rounds(args.rounds, args.alpha)
+    from ...checkpoint.atomic import check_target
+
     run_id = new_run_id()
     output = args.output or Path("reports") / f"ab-{run_id}"
+    check_target(output, force=False)  # refused now, not after minutes of rounds
     with tempfile.TemporaryDirectory(prefix="llava-ab-") as tmp:
         a, b = _sides(args, Path(tmp))
         print(f"{a.describe()}\n{b.describe()}", file=sys.stderr)
