@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from .data import SUITES
 from .oracle.source import MODES as ORACLE_MODES
 from .report.gate import check_arg
 from .synth.presets import PRESET_NAMES, TINY_PRESETS, build_spec
@@ -135,7 +136,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
-    from .cli.run import SUITES
     from .report.collector import Collector
 
     checks = config.getoption("--llava-fail")

@@ -19,48 +19,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data import SUITES
 from ..errors import HarnessError
 
-# Suite name -> file in suites/. `run --suites a,b` picks by these names; records name their
-# suite the same way.
-SUITES = {
-    "specs": "test_specs_and_plan.py",
-    "builder": "test_builder.py",
-    "assets": "test_assets.py",
-    "checks": "test_checkpoint_checks.py",
-    "checkpoint": "test_checkpoint_folder.py",
-    "rules": "test_folder_rules.py",
-    "contract": "test_contract.py",
-    "release": "test_verify_release.py",
-    "relations": "test_release_relations.py",
-    "extraction": "test_extraction.py",
-    "counts": "test_projector_counts.py",
-    "loader": "test_loader.py",
-    "original": "test_original_llava.py",
-    "oracle": "test_oracle.py",
-    "packaging": "test_packaging.py",
-    "splice": "test_splice.py",
-    "stage1": "test_stage1_alignment.py",
-    "strip": "test_backbone_strip.py",
-    "convert": "test_convert.py",
-    "lora": "test_lora_merge.py",
-    "quant": "test_quant_load.py",
-    "realsize": "test_realsize_build.py",
-    "results": "test_results.py",
-    "report": "test_report.py",
-    "gate": "test_gate.py",
-    "run": "test_run.py",
-    "figures": "test_figures.py",
-    "architecture": "test_architecture.py",
-    "hostile": "test_hostile_inputs.py",
-    "hostile_results": "test_hostile_results.py",
-    "ab": "test_ab.py",
-    "identity": "test_identity.py",
-    "dependencies": "test_dependencies.py",
-    "docs": "test_docs.py",
-    "prequantized": "test_prequantized.py",
-    "litgpt": "test_litgpt_export.py",
-}
 # The default: what a user means by "check the tiny default end to end" and what CI can afford
 # before the full `pytest suites` (which runs everything anyway): the builder (build, layout,
 # LM strictly loaded and run, tokenizer, tower), the checkpoint-folder validation (index,
