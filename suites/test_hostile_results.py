@@ -297,12 +297,12 @@ def test_the_harness_own_non_finite_strings_still_load(tmp_path):
 def test_compare_leaves_no_folder_when_it_fails_midway(valid, work, capsys, monkeypatch):
     """A failure after the chart was written (here, the markdown's write) leaves no folder:
     a new folder appears complete or not at all."""
-    import harness.report.compare as compare
+    import harness.report.compare_folder as compare_folder
 
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device", "compare.md")
 
-    monkeypatch.setattr(compare, "atomic_file", broken)
+    monkeypatch.setattr(compare_folder, "atomic_file", broken)
     code, _, err = run_cli(capsys, ["compare", str(valid), str(valid), "-o", str(work / "c")])
     assert code == EXIT_BAD_INPUT and "No space left" in err, err
     assert list(work.iterdir()) == []

@@ -19,7 +19,8 @@ import textwrap
 import pytest
 
 from harness.cli.app import main
-from harness.report.compare import render_comparison, write_comparison
+from harness.report.compare import render_comparison
+from harness.report.compare_folder import write_comparison
 from harness.report.single import render_report, write_report
 from harness.report.compare import CompareError
 from harness.report.environment import Environment

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 from ..checkpoint.atomic import atomic_file
-from .compare import ab_pair, letters, metric_of, metric_rows, run_label, verdict
+from .compare import CompareError, ab_pair, letters, metric_of, metric_rows, run_label, verdict
 from .results import Metric, Results
 
 PANEL_ENTRIES = 12
@@ -62,8 +62,6 @@ def _entries(runs: list[Results], wanted: list[str] | None):
     if wanted:
         unknown = [w for w in wanted if w not in present]
         if unknown:
-            from .compare import CompareError
-
             raise CompareError(f"--metric {unknown[0]!r}: no run has this metric")
         order = list(wanted)
     else:

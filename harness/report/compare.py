@@ -13,19 +13,16 @@ be significant by the rank test (stats.py; the figures and the method are in the
 two sides of one `ab` run are paired round by round and judged by the signed-rank test alone
 (same machine, interleaved: no run-to-run floor). A figure measured once carries no noise and
 is marked so. Cost is linear in the
-number of records. The chart is in chart.py.
+number of records. The chart is in chart.py; compare_folder.py writes both.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import string
-from pathlib import Path
 
 from tabulate import tabulate
 
-from ..checkpoint.atomic import atomic_dir, atomic_file
 from ..errors import HarnessError
 from .gate import run_to_run_noise, noise_of
 from .results import Metric, Results, is_timing
@@ -239,20 +236,3 @@ def render_comparison(runs: list[Results], sources: list[str] | None = None) -> 
     lines += _runs_table(runs, names, sources) + _case_sets(runs, names, keys)
     lines += _metrics(runs, names, keys)
     return "\n".join(lines)
-
-
-def write_comparison(runs: list[Results], folder: Path, sources: list[str] | None = None,
-                     metrics: list[str] | None = None) -> dict[str, Path | None]:
-    from .chart import comparison_chart
-
-    folder = Path(folder)
-    markdown = render_comparison(runs, sources)
-    # A new folder appears complete or not at all; into an existing one, each file is atomic.
-    with contextlib.ExitStack() as stack:
-        out = folder if folder.is_dir() else stack.enter_context(atomic_dir(folder))
-        chart = comparison_chart(runs, out / "compare.png", metrics)
-        if chart is not None:
-            markdown += f"\n![figures per family, with error bars]({chart.name})\n"
-        with atomic_file(out / "compare.md", force=True) as tmp:
-            tmp.write_text(markdown, encoding="utf-8")
-    return {"markdown": folder / "compare.md", "chart": folder / chart.name if chart else None}

@@ -15,7 +15,7 @@ from ..options import add_json, add_output
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from ...report.compare import write_comparison
+    from ...report.compare_folder import write_comparison
     from ...report.results import load_results
 
     runs = [load_results(path) for path in args.results]
