@@ -136,3 +136,76 @@ def test_every_harness_import_names_a_module_that_exists():
             if not _resolves(parts) and not all(_resolves([*parts, n]) for n in names):
                 missing.append(f"{path.relative_to(PACKAGE)}:{line} {'.'.join(parts)}")
     assert not missing, "imports of modules that do not exist:\n" + "\n".join(missing)
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    return ".".join(p for p in parts if p != "__init__")
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """module -> the harness modules it imports, function-level imports included. `from .x
+    import name` is an arrow to x, or to x.name where name is a module."""
+    graph = {}
+    for path in _modules():
+        targets = set()
+        for _, parts, names in _imports(path):
+            parts = [PACKAGE.name, *parts[1:]]
+            subs = [n for n in names if _resolves([*parts, n])]
+            targets |= {".".join([*parts, n][1:]) for n in subs}
+            if len(subs) < len(names) or not names:
+                targets.add(".".join(parts[1:]))
+        graph[_module_name(path)] = {t for t in targets if t} - {_module_name(path)}
+    return graph
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected groups of more than one module (Tarjan)."""
+    index, low, stack, on, found = {}, {}, [], set(), []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on.add(node)
+        for nxt in graph.get(node, ()):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                on.discard(member)
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_import_circles():
+    """A circle hides which module is the lower one: each can only be read with the other.
+    Function-level imports count, since they exist to hide such arrows as often as to keep
+    torch off a fast path."""
+    circles = _circles(_module_graph())
+    assert not circles, "import circles:\n" + "\n".join(" <-> ".join(c) for c in circles)
+
+
+def test_the_circle_check_finds_one():
+    assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _circles({"a": {"b"}, "b": set()}) == []
+
+
+def test_nothing_below_the_command_line_imports_it():
+    """The CLI is the top: commands call the library, never the other way (the plugin read
+    the suite table from cli/run.py; it lives in data.py now)."""
+    wrong = [f"{path.relative_to(PACKAGE)}:{line}" for path in _modules()
+             if _unit(path) != "cli" for line, target in _imported_units(path) if target == "cli"]
+    assert not wrong, "imports of the command line from below it:\n" + "\n".join(wrong)

@@ -19,7 +19,7 @@ from harness.checkpoint.atomic import OutputExistsError
 from harness.checkpoint.reader import consistency_problems, open_folder
 from harness.synth import builder as synth
 from harness.synth.builder import build
-from harness.synth.fill import make_tensor
+from harness.synth.content import make_tensor
 from harness.synth.plan import make_plan
 from harness.synth.presets import build_spec
 from harness.synth.verify import verify

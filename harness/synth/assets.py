@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.writers import write_safetensors
-from .fill import tensor_chunks
+from .content import tensor_chunks
 from .layout import clip_tensors, clip_tower_config
 from .specs import VisionSpec
 

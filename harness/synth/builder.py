@@ -15,7 +15,7 @@ from ..checkpoint.atomic import atomic_dir
 from ..checkpoint.formats import index_json
 from ..checkpoint.writers import WRITERS
 from . import configs
-from .fill import tensor_chunks
+from .content import tensor_chunks
 from .plan import CheckpointPlan, make_plan
 from .quantize import quantization_config
 from .specs import BuildSpec

@@ -64,14 +64,13 @@ def _computed_bytes(info: TensorInfo, model) -> bytes:
 
 def tensor_chunks(seed: int, info: TensorInfo, model, max_chunk: int = 1 << 24
                   ) -> Iterator[memoryview | bytes]:
-    """The tensor's bytes as a sequence of chunks (views onto the cached block, no copies)."""
+    """The tensor's bytes as a sequence of chunks (views onto the cached block, no copies).
+    The fill's own kinds; a quantized linear's stored state is quantize.py's (content.py
+    asks whichever makes a planned tensor)."""
+    if info.kind == "quant":
+        raise ValueError(f"{info.key}: a quantized tensor is made by synth/quantize.py")
     if info.kind == "inv_freq":
         yield _computed_bytes(info, model)
-        return
-    if info.kind == "quant":
-        from .quantize import stored_bytes  # quantize.py builds on this module
-
-        yield stored_bytes(seed, info, model)
         return
     block = _block_bytes(seed, info.kind, info.dtype)
     item = len(block) // BLOCK_ELEMENTS if info.kind != RAW_BITS else DTYPE_BYTES[info.dtype]
@@ -91,5 +90,9 @@ def tensor_bytes(seed: int, info: TensorInfo, model) -> bytes:
 
 def make_tensor(seed: int, info: TensorInfo, model):
     """The tensor itself, for tests and in-memory references."""
-    raw = bytearray(tensor_bytes(seed, info, model))
-    return torch.frombuffer(raw, dtype=_torch_dtype(info.dtype)).reshape(info.shape)
+    return as_tensor(tensor_bytes(seed, info, model), info)
+
+
+def as_tensor(raw: bytes, info: TensorInfo):
+    """A tensor's bytes as the tensor its plan describes (a copy: the bytes may be shared)."""
+    return torch.frombuffer(bytearray(raw), dtype=_torch_dtype(info.dtype)).reshape(info.shape)

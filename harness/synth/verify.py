@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.reader import CheckpointError, CheckpointFolder, consistency_problems, open_folder
-from .fill import tensor_bytes
+from .content import tensor_bytes
 from .layout import TensorInfo
 from .plan import make_plan
 from .specs import BuildSpec
