@@ -274,12 +274,7 @@ def _gate(opts: RunOptions, results, baseline) -> bool:
     from ..report.gate import evaluate
 
     gate = evaluate(opts.checks, results, baseline, outcomes=False)
-    for warning in gate.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    for line in gate.notes:
-        print(f"gate: {line}")
-    for line in gate.lines():
-        print(line)
-    if gate.ok:
-        print(f"gate: all {len(opts.checks)} check(s) passed ({gate.checked} values)")
+    warnings, lines = gate.printed(len(opts.checks))
+    print(*warnings, sep="\n", file=sys.stderr, end="\n" if warnings else "")
+    print(*lines, sep="\n")
     return not gate.ok

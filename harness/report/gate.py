@@ -243,6 +243,14 @@ class GateResult:
     def ok(self) -> bool:
         return not self.failures
 
+    def printed(self, checks: int) -> tuple[list[str], list[str]]:
+        """What every front end (the gate command, the main job, the pytest plugin) shows:
+        (warnings, for stderr; the verdict's lines: notes, failures, or that all passed)."""
+        lines = [f"gate: {n}" for n in self.notes] + self.lines()
+        if self.ok:
+            lines.append(f"gate: all {checks} check(s) passed ({self.checked} values)")
+        return [f"warning: {w}" for w in self.warnings], lines
+
     def lines(self) -> list[str]:
         return [f if isinstance(f, str) else f.line() for f in self.failures]
 

@@ -21,14 +21,9 @@ def cmd_gate(args: argparse.Namespace) -> int:
     results = load_results(args.results)
     baseline = load_results(args.baseline) if args.baseline is not None else None
     outcome = evaluate(args.fail, results, baseline, outcomes=not args.ignore_outcomes)
-    for warning in outcome.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    for line in outcome.notes:
-        print(f"gate: {line}")
-    for line in outcome.lines():
-        print(line)
-    if outcome.ok:
-        print(f"gate passed: {len(args.fail)} check(s) over {outcome.checked} value(s)")
+    warnings, lines = outcome.printed(len(args.fail))
+    print(*warnings, sep="\n", file=sys.stderr, end="\n" if warnings else "")
+    print(*lines, sep="\n")
     if args.json:
         print_json({"ok": outcome.ok, "checks": [c.text for c in args.fail],
                     "checked": outcome.checked, "failures": outcome.lines(),
