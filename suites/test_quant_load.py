@@ -21,7 +21,7 @@ from harness.bench.quant import (
     GOALS,
     ModeResult,
     QuantBench,
-    QuantBenchError,
+    BenchError,
     child_job,
     mode_record,
     required_metrics,
@@ -371,7 +371,7 @@ def test_bad_input_is_one_line(tiny_quant, capsys, tmp_path):
 
 def test_parse_modes_and_bench_validation(tiny_quant):
     assert parse_modes("fp16,nf4-dq") == ("fp16", "nf4-dq")
-    with pytest.raises(QuantBenchError, match="expected cpu or cuda"):
+    with pytest.raises(BenchError, match="expected cpu or cuda"):
         _bench(tiny_quant, device="tpu")
 
 

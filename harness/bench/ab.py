@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from ..errors import HarnessError
 from ..report.stats import ALPHA, Shift, min_pairs, paired_shift
+from .measure import BenchError
 
 CHILD = Path(__file__).with_name("ab_child.py")
 FIGURES = ("extract", "strip", "count", "build")
@@ -41,7 +41,7 @@ HASH_SEED = "0"
 SUITE = "ab"
 
 
-class AbError(HarnessError):
+class AbError(BenchError):
     """A side that cannot be measured, or a check `ab` cannot apply."""
 
 

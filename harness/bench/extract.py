@@ -17,8 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import HarnessError
-from .measure import Measured, run_measured
+from .measure import BenchError, Measured, run_measured
 
 SUITE = "bench-extract"
 GOALS = {"work_s": 0.2, "wall_ratio": 0.4, "rss_ratio": 0.1}
@@ -52,10 +51,6 @@ for file, keys in files.items():
 torch.save(picked, out)
 json.dump({"work_s": time.perf_counter() - start}, open(stats, "w"))
 """
-
-
-class BenchError(HarnessError):
-    """A benchmark child failed; the message carries the tail of its stderr."""
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,8 @@ from ..errors import HarnessError
 
 
 class BenchError(HarnessError):
-    """A benchmark step failed, or there is no room for its output."""
+    """A benchmark refused its options, a step of it failed (the message carries the tail of
+    the child's stderr), or there is no room for its output: the one error of bench/."""
 
 
 @dataclass(frozen=True)

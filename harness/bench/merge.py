@@ -24,8 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import HarnessError
-from .measure import Measured, run_measured
+from .measure import BenchError, Measured, run_measured
 
 SUITE = "bench-merge"
 # Headroom over the estimated peak before the naive child is started on a shared machine.
@@ -55,10 +54,6 @@ model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
 model.save_pretrained(out)
 json.dump({"work_s": time.perf_counter() - start}, open(stats, "w"))
 """
-
-
-class BenchError(HarnessError):
-    pass
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import HarnessError
 from ..ops.quant import cpu_4bit_problem, mode as quant_mode
-from .measure import run_measured
+from .measure import BenchError, run_measured
 
 SUITE = "bench-quant"
 # The goal: NF4 with double quant peaks at load within 10% of the theoretical footprint.
@@ -50,10 +49,6 @@ def required_metrics(device: str, subprocess: bool = True) -> tuple[str, ...]:
             + (PROCESS_METRICS if subprocess else ()))
 
 
-class QuantBenchError(HarnessError):
-    pass
-
-
 @dataclass(frozen=True)
 class QuantBench:
     checkpoint: Path
@@ -70,14 +65,14 @@ class QuantBench:
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
-            raise QuantBenchError(f"device {self.device!r}: expected cpu or cuda")
+            raise BenchError(f"device {self.device!r}: expected cpu or cuda")
         if self.new_tokens < 2:
-            raise QuantBenchError(f"new tokens {self.new_tokens}: decode needs at least 2 (the "
+            raise BenchError(f"new tokens {self.new_tokens}: decode needs at least 2 (the "
                                   "first token comes with the prefill)")
         for name in self.modes:
             quant_mode(name)
         if not self.modes or len(set(self.modes)) != len(self.modes):
-            raise QuantBenchError(f"modes {self.modes}: expected distinct modes, at least one")
+            raise BenchError(f"modes {self.modes}: expected distinct modes, at least one")
 
     @property
     def reference_mode(self) -> str:
@@ -112,7 +107,7 @@ def _check_lengths(bench: QuantBench) -> None:
                                                   "tokenizer_model_max_length")}
     for name, limit in limits.items():
         if limit and need > limit:
-            raise QuantBenchError(f"{bench.checkpoint}/config.json: {name} {limit} < prompt "
+            raise BenchError(f"{bench.checkpoint}/config.json: {name} {limit} < prompt "
                                   f"{bench.prompt_tokens} + BOS + {patches} image patches + "
                                   f"{bench.new_tokens} new tokens; use fewer tokens")
 
@@ -206,7 +201,7 @@ def _reference(bench: QuantBench, parts, work: Path) -> None:
     print(f"[0] reference {bench.reference_mode}: probe logits", file=sys.stderr, flush=True)
     ref = _run_mode(child_job(bench, bench.reference_mode, parts, work, measure=False), work)
     if ref.error:
-        raise QuantBenchError(f"reference {bench.reference_mode} failed: {ref.error}")
+        raise BenchError(f"reference {bench.reference_mode} failed: {ref.error}")
 
 
 def run(bench: QuantBench):

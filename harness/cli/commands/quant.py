@@ -66,23 +66,23 @@ def register(sub, bench) -> None:
 def _device(requested: str | None) -> str:
     import torch
 
-    from ...bench.quant import QuantBenchError
+    from ...bench.measure import BenchError
 
     if requested == "cuda" and not torch.cuda.is_available():
-        raise QuantBenchError("--device cuda: no CUDA device is available here")
+        raise BenchError("--device cuda: no CUDA device is available here")
     return requested or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _checkpoint(args: argparse.Namespace) -> tuple[Path, str]:
     """The folder and the name records carry: the user's folder, or the cached preset (built
     with its vision tower: the benchmark loads and runs the whole model)."""
-    from ...bench.quant import QuantBenchError
+    from ...bench.measure import BenchError
 
     if args.checkpoint is not None:
         if args.format is not None:
-            raise QuantBenchError("--format applies to --preset only (a folder has its own)")
+            raise BenchError("--format applies to --preset only (a folder has its own)")
         if not args.checkpoint.is_dir():
-            raise QuantBenchError(f"--checkpoint {args.checkpoint}: not a folder")
+            raise BenchError(f"--checkpoint {args.checkpoint}: not a folder")
         return args.checkpoint, args.checkpoint.resolve().name
     from ...synth.cache import cache_path, cache_root, cached_build, is_valid
     from ...synth.presets import build_spec
