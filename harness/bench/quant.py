@@ -292,5 +292,5 @@ def parts_from_spec(model):
     from ..synth import configs
     from ..synth.layout import clip_vision_config
 
-    return parts_from_config(configs.llava_config(model, model.vision.tower_name),
+    return parts_from_config(configs.llava_config_json(model, model.vision.tower_name),
                              clip_vision_config(model.vision))

@@ -53,7 +53,7 @@ def write_tensors(spec: BuildSpec, plan: CheckpointPlan, folder: Path) -> None:
 
 def config_files(spec: BuildSpec, vision_tower: str) -> dict[str, dict]:
     """config.json and generation_config.json as the builder writes them, by file name."""
-    config = configs.llava_config(spec.model, vision_tower)
+    config = configs.llava_config_json(spec.model, vision_tower)
     quantization = quantization_config(spec.checkpoint, spec.model)
     if quantization is not None:
         config["quantization_config"] = quantization

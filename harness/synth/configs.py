@@ -21,7 +21,7 @@ def anyres_grid(image_size: int) -> list[list[int]]:
     return [[w * image_size, h * image_size] for w, h in ANYRES_CROPS]
 
 
-def llava_config(model: ModelSpec, vision_tower: str) -> dict:
+def llava_config_json(model: ModelSpec, vision_tower: str) -> dict:
     """The LLaVA config.json for `model`, its tower named by `vision_tower` (hub id or path)."""
     mistral = model.arch == "mistral"
     config = {

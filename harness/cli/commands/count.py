@@ -49,13 +49,13 @@ def count_preset(name: str):
     """Counts for a named preset: the config its build writes and the tensors it plans (the
     builder's side; the counting is the operation's)."""
     from ...ops.counts import count
-    from ...synth.configs import llava_config
+    from ...synth.configs import llava_config_json
     from ...synth.layout import model_tensors
     from ...synth.presets import preset
 
     spec = preset(name)
     shapes = {t.key: t.shape for t in model_tensors(spec.model, spec.checkpoint.legacy_buffers)}
-    config = llava_config(spec.model, spec.model.vision.tower_name)
+    config = llava_config_json(spec.model, spec.model.vision.tower_name)
     return count(config, shapes, f"preset {name}", f"preset {name} config",
                  f"preset {name} layout", "planned_layout")
 
