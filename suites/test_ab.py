@@ -189,9 +189,12 @@ def test_ab_on_two_folders_sees_no_change_between_copies(tmp_path, tiny_checkpoi
     a, b = tmp_path / "a", tmp_path / "b"
     shutil.copytree(tiny_checkpoint, a)
     shutil.copytree(tiny_checkpoint, b)
+    # count only: it reads, while extract and strip end in an fsync, which waits on whatever
+    # the rest of a busy CI machine is writing at that moment (heavy-tailed, bursty noise
+    # that is no property of either side).
     code, got, err = _ab(capsys, "--checkpoint-a", str(a), "--checkpoint-b", str(b),
-                         "--figures", "count,extract", "--rounds", ROUNDS, "--alpha", "0.001",
-                         "--fail", "count_s:+1%", "--fail", "extract_s:5%", "-o",
+                         "--figures", "count", "--rounds", ROUNDS, "--alpha", "0.001",
+                         "--fail", "count_s:+1%", "--fail", "count_s:-1%", "-o",
                          str(tmp_path / "out"))
     assert code == 0 and got["ok"], got
     for figure in got["figures"]:

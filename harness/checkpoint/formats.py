@@ -51,6 +51,17 @@ class Tensor(Shaped):
     dtype: str
 
 
+def index_of(files) -> dict:
+    """A sharded checkpoint's index from (file name, its tensors) pairs: every tensor's file and
+    the total of their bytes. The one place an index is made (builder, strip/convert, merge)."""
+    weight_map, total = {}, 0
+    for name, tensors in files:
+        for t in tensors:
+            weight_map[t.key] = name
+            total += t.nbytes
+    return {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+
+
 def index_json(index: dict) -> str:
     """An index file's text as transformers writes it: sorted keys, two-space indent."""
     return json.dumps(index, indent=2, sort_keys=True) + "\n"

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .files import link_or_copy, mode_of
-from .formats import INDEX_NAMES, index_json, shard_name
+from .formats import INDEX_NAMES, index_json, index_of, shard_name
 from .reader import ScannedFolder
 from .safetensors_format import safetensors_order, write_safetensors
 from .tensors import Source
@@ -67,8 +67,6 @@ def write_shards(out: Path, shards: list[OutShard], fmt: str, indexed: bool) -> 
             _write(fmt, out / shard.name, shard)
             done[shard.name] = "rewritten"
     if indexed or len(shards) > 1:
-        weight_map = {t.key: s.name for s in shards for t in s.tensors}
-        total = sum(t.nbytes for s in shards for t in s.tensors)
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        index = index_of((s.name, s.tensors) for s in shards)
         (out / INDEX_NAMES[fmt]).write_text(index_json(index))
     return done

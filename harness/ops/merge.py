@@ -37,7 +37,7 @@ import torch
 
 from ..checkpoint.atomic import atomic_dir, check_target
 from ..checkpoint.files import copy_files
-from ..checkpoint.formats import Tensor, index_json
+from ..checkpoint.formats import Tensor, index_json, index_of
 from ..checkpoint.paths import check_output, inside
 from ..checkpoint.reader import as_tensor, open_folder, read_file
 from ..checkpoint.writers import WRITE_ORDER, WRITERS
@@ -403,7 +403,7 @@ def _model_dtype(folder, dtype: torch.dtype | None) -> torch.dtype:
 
 def _write(folder, plan: MergePlan, producer: _Producer, out: Path) -> tuple[int, int]:
     files = folder.files
-    weight_map, total, count = {}, 0, 0
+    written = []
     for i, file in enumerate(files):
         keys = list(folder.header(file)) + (plan.added if i == len(files) - 1 else [])
         infos = []
@@ -420,13 +420,11 @@ def _write(folder, plan: MergePlan, producer: _Producer, out: Path) -> tuple[int
             ahead = _Ahead(producer, shard, WRITE_ORDER[folder.format](infos))
             stack.callback(ahead.close)
             WRITERS[folder.format](out / file, infos, ahead.chunks)
-        weight_map.update({info.key: file for info in infos})
-        total += sum(info.nbytes for info in infos)
-        count += len(infos)
+        written.append((file, infos))
+    index = index_of(written)
     if folder.index_file:
-        (out / folder.index_file).write_text(index_json(
-            {"metadata": {"total_size": total}, "weight_map": weight_map}))
-    return count, total
+        (out / folder.index_file).write_text(index_json(index))
+    return len(index["weight_map"]), index["metadata"]["total_size"]
 
 
 def _write_side_files(config: dict, dtype: torch.dtype, base: Path, out: Path) -> None:

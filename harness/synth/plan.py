@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..checkpoint.formats import INDEX_NAMES, shard_name
+from ..checkpoint.formats import INDEX_NAMES, index_of, shard_name
 from .layout import TensorInfo, model_tensors
 from .quantize import quantized_tensors
 from .specs import BuildSpec, SpecError
@@ -45,9 +45,7 @@ class CheckpointPlan:
 
     def index(self) -> dict:
         """The index file's content, as transformers writes it (keys sorted)."""
-        weight_map = {t.key: s.name for s in self.shards for t in s.tensors}
-        return {"metadata": {"total_size": self.total_size},
-                "weight_map": dict(sorted(weight_map.items()))}
+        return index_of((s.name, s.tensors) for s in self.shards)
 
     def describe(self) -> dict:
         """The `--plan` output: the index plus each tensor's shape and dtype."""
