@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -183,13 +184,14 @@ class Verdict:
 
 
 def breaks(check, shift: Shift | None) -> bool:
-    """A relative check (gate syntax) fails only on a significant change beyond its limit.
-    The figures are timings, so 'worse' means a rise."""
+    """A relative check (gate syntax) fails only on a significant change beyond its limit:
+    the gate's own range test, on B/A against a baseline of 1 (the figures are timings, so
+    'worse' is a rise)."""
+    from ..report.results import Metric
+
     if shift is None or not shift.significant:
         return False
-    op = "rise" if check.op == "worse" else check.op
-    rose, fell = shift.ratio > 1 + check.amount, shift.ratio < 1 - check.amount
-    return {"rise": rose, "fall": fell, "both": rose or fell}[op]
+    return not check.passes(Metric(shift.ratio, "s", "lower"), 1.0)
 
 
 def applicable(checks, figures: tuple[str, ...]) -> None:
@@ -244,16 +246,11 @@ def render(run: AbRun, found: list[Verdict]) -> str:
     lines += ["| metric | A median | B median | B/A | interval | p | verdict |",
               "|---|---|---|---|---|---|---|"]
     for v in found:
-        a, b = (sorted(run.values[s][v.figure]) for s in ("A", "B"))
+        a, b = (statistics.median(run.values[s][v.figure]) for s in ("A", "B"))
         s = v.shift
         cells = ["", "", ""] if s is None else [f"{s.ratio:.3f}", f"{s.low:.3f}-{s.high:.3f}",
                                                f"{s.p:.2g}"]
         word = v.word + "".join(f"; FAIL {c}" for c in v.failed_checks)
-        lines.append(f"| {v.metric} | {_median(a) * 1e3:.3f} ms | {_median(b) * 1e3:.3f} ms | "
+        lines.append(f"| {v.metric} | {a * 1e3:.3f} ms | {b * 1e3:.3f} ms | "
                      + " | ".join(cells) + f" | {word} |")
     return "\n".join(lines) + "\n"
-
-
-def _median(ordered: list[float]) -> float:
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2

@@ -11,8 +11,9 @@ pool) and each is judged as `ab` would judge it:
 - detection rate: the planted arm against A is significant and slower;
 - false-alarm rate: the A/A control is significant either way.
 
-The current gate is judged on the same pool, as it is used: a baseline from one set of rounds
-of A, the run from a disjoint set of the planted arm, `METRIC:+5%` with its noise allowance.
+The current gate is judged on the same pool, as it is used (report/gate.evaluate): a baseline
+from one set of rounds of A, the run from a disjoint set of the planted arm, `METRIC:+5%`
+with its noise allowance and its rank test.
 The subsets overlap, so the rates are estimates from one session, not independent runs; the
 raw pool is written beside the table so anyone can redo the analysis.
 """
@@ -59,13 +60,20 @@ class Rate:
         return f"{self.hits / self.draws:.1%}"
 
 
-def _gate_fails(baseline: list[float], run: list[float], figure: str) -> bool:
-    from ..report.gate import noise_of, parse_check
-    from ..report.results import Metric
+def _gate_fails(baseline: list[float], run: list[float], figure: str, environment) -> bool:
+    """The gate itself (report/gate.evaluate: its noise allowance and its rank test) on one
+    figure, a baseline of some rounds against a run of others."""
+    from ..report.gate import evaluate, parse_check
+    from ..report.results import Metric, Record, Results
 
-    check = parse_check(f"{metric_name(figure)}:{GATE_CHECK}")
-    base, metric = Metric.of(baseline, "s"), Metric.of(run, "s")
-    return not check.passes(metric, base.value, noise_of(metric, base))
+    name = metric_name(figure)
+
+    def run_of(values: list[float]) -> Results:
+        record = Record("ab", figure, metrics={name: Metric.of(values, "s")})
+        return Results("power", environment, (record,))
+
+    return not evaluate([parse_check(f"{name}:{GATE_CHECK}")], run_of(run),
+                        run_of(baseline)).ok
 
 
 def power_table(pool: dict, size: int, draws: int = DRAWS, alpha: float = ALPHA) -> list[dict]:
@@ -74,7 +82,9 @@ def power_table(pool: dict, size: int, draws: int = DRAWS, alpha: float = ALPHA)
     rounds = len(next(iter(pool["A"].values())))
     if rounds < 2 * size:
         raise ValueError(f"{rounds} rounds: the gate's comparison needs at least {2 * size}")
-    rng = random.Random(SEED)
+    from ..report.environment import current
+
+    rng, environment = random.Random(SEED), current()
     rows = []
     for figure in pool["A"]:
         for arm, _ in ARMS[1:]:
@@ -87,7 +97,8 @@ def power_table(pool: dict, size: int, draws: int = DRAWS, alpha: float = ALPHA)
                 shift = paired_shift(a, b, alpha)
                 control = arm == "A/A"
                 ab_hits += bool(shift and shift.significant and (control or shift.ratio > 1))
-                gate_hits += _gate_fails([pool["A"][figure][i] for i in second], b, figure)
+                gate_hits += _gate_fails([pool["A"][figure][i] for i in second], b, figure,
+                                         environment)
             rows.append({"figure": figure, "planted": arm, "ab": Rate(ab_hits, draws),
                          "gate": Rate(gate_hits, draws)})
     return rows

@@ -45,7 +45,7 @@ from pathlib import Path
 
 from ..errors import HarnessError
 from .results import Metric, Record, Results, is_timing
-from .speed import PROBE_METRIC, allowance, at_scale, speed_scale
+from .speed import PROBE_METRIC, allowance, at_scale, scale_factor, speed_scale
 from .stats import ALPHA, MANN_WHITNEY, Shift, shift
 
 _RELATIVE = re.compile(r"^(?P<sign>[+\-±~]?)(?P<num>\d{1,4}(?:\.\d{1,6})?)%$")
@@ -304,7 +304,7 @@ def rank_test(metric: Metric, base: Metric | None, scale: float = 1.0) -> Shift 
     where both carry one of at least MIN_N values; None where they do not."""
     if base is None or metric.sample is None or base.sample is None:
         return None
-    factor = 1 / scale if metric.unit.endswith("/s") else scale
+    factor = scale_factor(metric, scale)
     return shift([v * factor for v in base.sample.values], metric.sample.values)
 
 

@@ -113,5 +113,11 @@ def at_scale(metric: Metric, baseline: float, noise: float, scale: float
              ) -> tuple[float, float]:
     """A timing's (baseline, noise) as they would be on this run's machine: a duration times
     the scale, a rate (per second) divided by it."""
-    factor = 1 / scale if metric.unit.endswith("/s") else scale
+    factor = scale_factor(metric, scale)
     return baseline * factor, noise * factor
+
+
+def scale_factor(metric: Metric, scale: float) -> float:
+    """What a value of `metric` is multiplied by at `scale`: a duration by it, a rate (per
+    second) by its inverse."""
+    return 1 / scale if metric.unit.endswith("/s") else scale

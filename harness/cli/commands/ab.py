@@ -9,6 +9,7 @@ cannot run the figures).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 import time
@@ -18,24 +19,23 @@ from ...console import print_json, write_text
 from ..options import add_json, positive_int
 
 
-def _fraction(text: str) -> float:
+def _number(text: str, ok, expected: str) -> float:
+    """A float that `ok` accepts (NaN never is), else a parse-time error naming the text."""
     try:
         value = float(text)
     except ValueError:
-        value = -1.0
-    if not 0 < value < 0.5:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a level between 0 and 0.5")
+        value = math.nan
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}")
     return value
+
+
+def _fraction(text: str) -> float:
+    return _number(text, lambda v: 0 < v < 0.5, "a level between 0 and 0.5")
 
 
 def _plant(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= 10:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a fraction from 0 to 10")
-    return value
+    return _number(text, lambda v: 0 <= v <= 10, "a fraction from 0 to 10")
 
 
 def _figures(text: str) -> tuple[str, ...]:
