@@ -237,3 +237,111 @@ def test_the_readme_is_a_front_door():
     assert "README.md" in linked and linked <= pages
     index = (ROOT / "docs" / "README.md").read_text()
     assert {p for p in pages if p != "README.md"} <= set(re.findall(r"\(([\w-]+\.md)\)", index))
+
+
+# --- Python shown in the docs imports only the public API (harness/__init__.py's __all__) ---
+
+PYTHON_FENCES = {"python", "py", "pycon"}
+DEEP_CALL = re.compile(r"\bharness(?:\.\w+){2,}\(")  # harness.synth.presets.build_spec(...)
+
+
+def _python_blocks(path: Path):
+    """(line number, code) of each fenced Python block, and of each inline span that is an
+    import or a call through a module path."""
+    lines = path.read_text().splitlines()
+    fence, start, body = None, 0, []
+    for number, line in enumerate(lines, 1):
+        match = FENCE.match(line)
+        if match and fence is None:
+            fence, start, body = match.group(1), number + 1, []
+        elif match:
+            if fence in PYTHON_FENCES:
+                yield start, "\n".join(body)
+            fence = None
+        elif fence is not None:
+            body.append(line)
+    prose = "\n".join("" if f else line for f, line in zip(_fenced(lines), lines))
+    for match in INLINE.finditer(prose.replace("\n", " ")):
+        text = match.group(1)
+        if re.match(r"(from|import)\s+harness\b", text) or DEEP_CALL.search(text):
+            yield prose.count("\n", 0, match.start()) + 1, text
+
+
+def private_uses(code: str) -> list[str]:
+    """What `code` takes from the harness other than `from harness import <public names>`."""
+    import ast
+
+    import harness
+
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return [f"not Python: {code.splitlines()[0]!r}"]
+    found = [f"harness.{m.group(0)[8:-1]}" for m in DEEP_CALL.finditer(code)]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "harness":
+            if node.module != "harness":
+                found.append(f"from {node.module} import ...")
+            found += [f"harness.{a.name} (not in harness.__all__)" for a in node.names
+                      if a.name not in harness.__all__]
+        elif isinstance(node, ast.Import):
+            found += [f"import {a.name}" for a in node.names if a.name.startswith("harness.")]
+    return found
+
+
+def test_the_docs_import_only_the_public_api():
+    shown, problems = 0, []
+    for path in doc_files():
+        for line, code in _python_blocks(path):
+            shown += "harness" in code
+            problems += [f"{path.relative_to(ROOT)}:{line}: {use}" for use in private_uses(code)]
+    assert shown >= 3, "the scan found no Python that uses the harness"
+    assert not problems, "the docs reach past harness.__all__:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize("code, caught", [
+    ("from harness.ops.load import load_pretrained_model", True),
+    ("import harness.synth.presets", True),
+    ("from harness import build_spec, _HOMES", True),  # a name the API does not export
+    ("spec = harness.synth.presets.build_spec('tiny')", True),
+    ("from harness import build_spec, build\nimport harness", False),
+])
+def test_the_import_check_catches_a_private_path(code, caught):
+    assert bool(private_uses(code)) is caught
+
+
+def test_every_public_name_resolves_without_loading_torch_first():
+    """Each exported name is where `_HOMES` says; `import harness` alone loads no heavy library
+    (pytest imports it for the plugin in every run)."""
+    import subprocess
+    import sys
+
+    import harness
+
+    for name in harness.__all__:
+        value = getattr(harness, name)
+        assert getattr(value, "__module__", harness._HOMES[name]) == harness._HOMES[name], name
+    assert "HarnessError" in dir(harness)
+    with pytest.raises(AttributeError):
+        harness.no_such_name  # noqa: B018
+    code = ("import sys, harness; heavy = {'torch', 'transformers', 'peft', 'safetensors'}; "
+            "sys.exit(sorted(heavy & set(sys.modules)) or 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_api_page_runs_and_names_every_export(tmp_path, monkeypatch):
+    """docs/api.md's example runs as shown (in an empty folder), and its table names each
+    exported name: the page a user reads is the API there is."""
+    import harness
+
+    page = ROOT / "docs" / "api.md"
+    if not page.is_file():
+        pytest.skip("an installed harness: the documentation stays in the checkout")
+    (start, example), *_ = _python_blocks(page)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(example, f"{page}:{start}", "exec"), {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "llama", "mm_projector.bin"]
+    listed = set(re.findall(r"`(\w+)", page.read_text().split("| name |", 1)[1]))
+    assert set(harness.__all__) <= listed, set(harness.__all__) - listed
