@@ -404,10 +404,8 @@ def test_first_round_mask_agrees_with_preprocess_v1(tokenizer):
 
 
 def test_an_unstable_label_boundary_is_an_error(tokenizer):
-    from harness.train.data import DataError
-
     # "ca" + "t" is one word: the prefix "ca" does not tokenize as the start of "cat".
-    with pytest.raises(DataError, match="tokenizes differently"):
+    with pytest.raises(TrainError, match="tokenizes differently"):
         labelled(tokenizer, [("<image>a big ca", False), ("t\n", True)])
 
 

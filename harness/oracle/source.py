@@ -16,16 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..data import fixtures_dir
-from ..errors import HarnessError
 from ..report.environment import numeric_fingerprint
 from ..tolerances import tolerance, ulp_at_scale, ulps_apart  # noqa: F401 (re-exported)
+from .venv import OracleError
 
 STORED_ROOT = fixtures_dir() / "reference" / "original-llava"
 MODES = ("auto", "live", "stored")
-
-
-class OracleError(HarnessError):
-    pass
 
 
 def describe_machine(manifest: dict) -> str:

@@ -37,7 +37,11 @@ READY = "ready.json"
 PIP_TIMEOUT_S = 1800
 
 
-class OracleEnvError(HarnessError):
+class OracleError(HarnessError):
+    """The one base of harness/oracle/'s errors: the oracle cannot answer."""
+
+
+class OracleEnvError(OracleError):
     """The oracle environment is missing or could not be made."""
 
 

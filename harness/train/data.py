@@ -27,10 +27,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import HarnessError
 from ..model.images import process_images
 from ..model.probe import probe_image
 from ..model.splice import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from .loop import TrainError
 
 IMAGE_TOKEN = "<image>"
 PLAIN_SEP = "\n"
@@ -50,10 +50,6 @@ SALT_STEP = 37
 SIZE_RANGE = (12, 48)  # image width/height in pixels: non-square, so `pad` preprocessing runs
 QUESTIONS = ("What is in the image?", "Describe the picture.", "What do you see?")
 FOLLOW_UP = "What colour is it?"
-
-
-class DataError(HarnessError):
-    pass
 
 
 @dataclass
@@ -89,7 +85,7 @@ def pad_token_id(tokenizer) -> int:
     pad = tokenizer.pad_token_id
     pad = tokenizer.unk_token_id if pad is None else pad
     if pad is None:
-        raise DataError("the tokenizer has neither a pad nor an unk token to pad with")
+        raise TrainError("the tokenizer has neither a pad nor an unk token to pad with")
     return pad
 
 
@@ -106,7 +102,7 @@ def labelled(tokenizer, segments: Sequence[tuple[str, bool]]) -> tuple[list[int]
         prefix += text
         head = tokenizer_image_token(prefix, tokenizer)
         if ids[:len(head)] != head:
-            raise DataError(f"tokenizer: {prefix[-40:]!r} tokenizes differently alone than "
+            raise TrainError(f"tokenizer: {prefix[-40:]!r} tokenizes differently alone than "
                             "inside the prompt, so its label boundary is ambiguous")
         if takes_loss:
             labels[start:len(head)] = ids[start:len(head)]
@@ -147,7 +143,7 @@ def image_of(cls: int, width: int, height: int):
 def _draws(n: int, seed: int) -> list[tuple[int, int, int, int]]:
     """(class, width, height, variant) per sample, from a seeded torch generator."""
     if n < 1:
-        raise DataError(f"n={n!r}: need at least one sample")
+        raise TrainError(f"n={n!r}: need at least one sample")
     gen = torch.Generator().manual_seed(seed)
     classes = torch.randint(0, CLASSES, (n,), generator=gen)
     sizes = torch.randint(SIZE_RANGE[0], SIZE_RANGE[1] + 1, (n, 2), generator=gen)
@@ -188,10 +184,10 @@ def collate(samples: Sequence[Sample], image_processor, config, *, dtype=None) -
     The attention mask comes from each sample's length rather than `ids != pad` (LLaVA's
     rule): the same for text without pad ids, and right for text that has one."""
     if not samples:
-        raise DataError("collate: no samples")
+        raise TrainError("collate: no samples")
     pads = {s.pad_token_id for s in samples}
     if len(pads) != 1:
-        raise DataError(f"collate: samples disagree on the pad id ({sorted(pads)})")
+        raise TrainError(f"collate: samples disagree on the pad id ({sorted(pads)})")
     pad = pads.pop()
     seqs = [s.input_ids for s in samples]
     ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=pad)

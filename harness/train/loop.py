@@ -23,7 +23,7 @@ MAX_GRAD_NORM = 1.0
 
 
 class TrainError(HarnessError):
-    pass
+    """The one error of harness/train/: bad samples, a model or run that cannot train."""
 
 
 def warmup_steps(steps: int, warmup_ratio: float) -> int:

@@ -22,17 +22,12 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.atomic import atomic_dir
-from ..errors import HarnessError
 from ..ops.lora import LoraSpec, apply_lora
 from .data import collate, instruct_samples
-from .loop import batch_loss, train
+from .loop import TrainError, batch_loss, train
 
 LORA_LR = 2e-4  # LLaVA's finetune_lora.sh
 MM_PROJECTOR_LR = 2e-5
-
-
-class LoraTrainError(HarnessError):
-    pass
 
 
 def _is_projector(name: str) -> bool:
@@ -53,7 +48,7 @@ def param_groups(model, lr: float = LORA_LR, mm_projector_lr: float | None = Non
     types = {name: type(m) for name, m in model.named_modules()}
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
-        raise LoraTrainError("the model has no trainable parameters")
+        raise TrainError("the model has no trainable parameters")
     groups = []
     for projector in ((False, True) if mm_projector_lr is not None else (None,)):
         for decay in (True, False):
@@ -72,7 +67,7 @@ def prepare_qlora(model):
     from peft import prepare_model_for_kbit_training
 
     if not getattr(model, "is_loaded_in_4bit", False):
-        raise LoraTrainError("QLoRA needs a model loaded in 4 bits (load_4bit=True)")
+        raise TrainError("QLoRA needs a model loaded in 4 bits (load_4bit=True)")
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
@@ -170,7 +165,7 @@ def dequantized_base(model, base: Path, out: Path, force: bool = False) -> Path:
     folder = open_folder(base)
     missing = sorted(set(quantized) - set(folder.tensors))
     if missing:
-        raise LoraTrainError(f"{base}: has no {missing[0]}, which the quantized model holds")
+        raise TrainError(f"{base}: has no {missing[0]}, which the quantized model holds")
     with atomic_dir(Path(out), force) as tmp:
         for file in folder.files:
             state = {k: v.clone() for k, v in folder.read(list(folder.header(file))).items()}

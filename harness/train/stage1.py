@@ -22,20 +22,15 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.atomic import atomic_dir
-from ..errors import HarnessError
 from ..model.projector import projector_type_of_config
 from ..llava.projector import projector_params
 from ..ops.counts import trainable_params
 from .data import collate, plain_samples
-from .loop import DEFAULT_LR, batch_loss, train
+from .loop import DEFAULT_LR, TrainError, batch_loss, train
 
 PROJECTOR_MATCH = "mm_projector"  # LLaVA's `keys_to_match` when only the adapter is tuned
 PROJECTOR_FILE = "mm_projector.bin"
 CONFIG_FILE = "config.json"
-
-
-class Stage1Error(HarnessError):
-    pass
 
 
 def is_projector_key(name: str) -> bool:
@@ -45,7 +40,7 @@ def is_projector_key(name: str) -> bool:
 def _projector(model) -> torch.nn.Module:
     projector = getattr(model.get_model(), "mm_projector", None)
     if projector is None:
-        raise Stage1Error("the model has no mm_projector (config.json names no vision tower)")
+        raise TrainError("the model has no mm_projector (config.json names no vision tower)")
     return projector
 
 
@@ -93,7 +88,7 @@ def save_stage1(model, out: Path, force: bool = False) -> Path:
     """mm_projector.bin (projector parameters only) and config.json, atomically."""
     state = projector_state(model)
     if not state:
-        raise Stage1Error("no mm_projector parameters to save (an identity projector has none)")
+        raise TrainError("no mm_projector parameters to save (an identity projector has none)")
     out = Path(out)
     with atomic_dir(out, force) as tmp:
         model.config.use_cache = True  # LLaVA turns it back on before saving
