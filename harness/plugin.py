@@ -26,6 +26,8 @@ from .data import SUITES
 from .options import (PLUGIN_PREFIX, add_run_options, existing_file, folder_to_write,
                       unanchored_check)
 from .oracle.source import MODES as ORACLE_MODES
+from .report.collector import Collector, benchmark_metrics
+from .report.results import as_metric, metric_from_dict, metric_to_dict
 from .synth.presets import TINY_PRESETS, build_spec
 
 MARKERS = {
@@ -40,7 +42,7 @@ FOLDER_SUITES = ("test_checkpoint_folder.py", "test_folder_rules.py")
 # What `--llava-release MANIFEST` runs: one test per relation of the release.
 RELEASE_SUITE = "test_release_relations.py"
 
-_COLLECTOR = pytest.StashKey["Collector"]()
+_COLLECTOR = pytest.StashKey[Collector]()
 _ORACLES = pytest.StashKey[dict]()  # oracle name -> what it is, for the report
 _METRICS = pytest.StashKey[dict]()  # on a test item: metric name -> Metric it recorded
 _GATE_LINES = pytest.StashKey[list]()
@@ -76,8 +78,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
-    from .report.collector import Collector
-
     relative = unanchored_check(config.getoption("--llava-fail"),
                                 config.getoption("--llava-baseline"))
     if relative is not None:
@@ -281,8 +281,6 @@ class MetricRecorder:
         self._metrics = metrics
 
     def __call__(self, name: str, value, unit: str, direction: str | None = None) -> None:
-        from .report.results import as_metric
-
         spec = (value, unit) if direction is None else (value, unit, direction)
         self._metrics[name] = as_metric(name, spec)
 
@@ -368,14 +366,10 @@ def pytest_runtest_makereport(item: pytest.Item, call):
         bench = getattr(item, "funcargs", {}).get("benchmark")
         stats = getattr(getattr(bench, "stats", None), "stats", None)
         if stats:  # pytest-benchmark ran: fold its statistics into this case
-            from .report.collector import benchmark_metrics
-
             item.stash.setdefault(_METRICS, {}).update(benchmark_metrics(stats))
     metrics = item.stash.get(_METRICS, {})
-    if metrics:
-        report.llava_metrics = {n: [m.value, m.unit, m.direction,
-                                    list(m.sample.values) if m.sample else None]
-                                for n, m in metrics.items()}
+    if metrics:  # as results.json writes them: plain data that xdist carries
+        report.llava_metrics = {name: metric_to_dict(m) for name, m in metrics.items()}
     oracles = item.config.stash.get(_ORACLES, {})
     if oracles:
         report.llava_oracles = dict(oracles)
@@ -405,9 +399,8 @@ class _Gatherer:
         nodeid = getattr(report, "llava_nodeid", report.nodeid)
         if getattr(report, "llava_doc", None):
             collector.describe(nodeid, report.llava_doc)
-        for name, (value, unit, direction, sample) in getattr(report, "llava_metrics",
-                                                              {}).items():
-            collector.add_metric(nodeid, name, sample if sample else value, unit, direction)
+        for name, entry in getattr(report, "llava_metrics", {}).items():
+            collector.add_metric(nodeid, name, metric_from_dict(entry, f"{nodeid} {name}"))
         collector.oracles.update(getattr(report, "llava_oracles", {}))
         if report.passed and not hasattr(report, "wasxfail"):
             collector.outcome(nodeid, "passed")
