@@ -2,7 +2,9 @@
 
 Installed with the package, so `pip install llava-harness` makes these fixtures available in
 any repository. All options live in one group, `llava`, each parsed by a `type=` function that
-rejects a bad value at parse time, naming it.
+rejects a bad value at parse time, naming it. The run's options (preset, checkpoint, base,
+realsize, run id, baseline, fail) are declared once in harness/options.py, which
+`llava-harness run` declares its own from too; the ones only pytest has are here.
 
 Results: every test's outcome (with the skip or failure reason), the metrics it recorded
 through `llava_record` and any pytest-benchmark statistics are collected during the session.
@@ -13,7 +15,6 @@ run's metrics at session end (a failed check fails the session).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import sys
@@ -22,9 +23,12 @@ from pathlib import Path
 import pytest
 
 from .data import SUITES
+from .options import (PLUGIN_PREFIX, add_run_options, existing_file, folder_to_write,
+                      unanchored_check)
 from .oracle.source import MODES as ORACLE_MODES
-from .report.gate import check_arg
-from .synth.presets import PRESET_NAMES, TINY_PRESETS, build_spec
+from .report.collector import Collector, benchmark_metrics
+from .report.results import as_metric, metric_from_dict, metric_to_dict
+from .synth.presets import TINY_PRESETS, build_spec
 
 MARKERS = {
     "gpu": "needs a CUDA GPU; skipped with a reason on CPU",
@@ -38,7 +42,7 @@ FOLDER_SUITES = ("test_checkpoint_folder.py", "test_folder_rules.py")
 # What `--llava-release MANIFEST` runs: one test per relation of the release.
 RELEASE_SUITE = "test_release_relations.py"
 
-_COLLECTOR = pytest.StashKey["Collector"]()
+_COLLECTOR = pytest.StashKey[Collector]()
 _ORACLES = pytest.StashKey[dict]()  # oracle name -> what it is, for the report
 _METRICS = pytest.StashKey[dict]()  # on a test item: metric name -> Metric it recorded
 _GATE_LINES = pytest.StashKey[list]()
@@ -50,82 +54,20 @@ _NO_REALSIZE = ("real-size: builds a 13.5 GB+ checkpoint into the cache; run wit
                 "(cache folder: --llava-cache or LLAVA_HARNESS_CACHE)")
 
 
-def _existing_or_creatable_dir(text: str) -> Path:
-    path = Path(text).expanduser()
-    if path.exists() and not path.is_dir():
-        raise pytest.UsageError(f"--llava-cache {text!r}: exists and is not a folder")
-    return path
-
-
-def _report_dir(text: str) -> Path:
-    path = Path(text).expanduser()
-    if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r}: exists and is not a folder")
-    return path
-
-
-def _run_id(text: str) -> str:
-    from .report.results import ResultsError, check_run_id
-
-    try:
-        return check_run_id(text)
-    except ResultsError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _baseline(text: str):
-    from .report.results import ResultsError, load_results
-
-    try:
-        return load_results(Path(text).expanduser())
-    except ResultsError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _checkpoint_dir(text: str) -> Path:
-    path = Path(text).expanduser()
-    if not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r}: not a folder")
-    return path
-
-
-def _manifest_file(text: str) -> Path:
-    path = Path(text).expanduser()
-    if not path.is_file():
-        raise argparse.ArgumentTypeError(f"{text!r}: not a file")
-    return path
-
-
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("llava", "llava-harness")
-    group.addoption("--llava-realsize", "--realsize", dest="llava_realsize",
-                    action="store_true", default=False,
-                    help="run real-size tests (builds real-size checkpoints into the cache)")
+    add_run_options(group.addoption, PLUGIN_PREFIX)
     group.addoption("--llava-slow", action="store_true", default=False,
                     help="run the tests marked slow (the full LoRA matrix, child-process "
                          "benchmarks); without it they skip, and -m 'not slow' deselects them")
-    group.addoption("--llava-cache", type=_existing_or_creatable_dir, default=None,
-                    metavar="DIR", help="cache folder for real-size builds "
-                                        "(default: $LLAVA_HARNESS_CACHE or ~/.cache/llava-harness)")
-    group.addoption("--llava-report-dir", type=_report_dir, default=None, metavar="DIR",
+    group.addoption("--llava-cache", type=folder_to_write, default=None, metavar="DIR",
+                    help="cache folder for real-size builds "
+                         "(default: $LLAVA_HARNESS_CACHE or ~/.cache/llava-harness)")
+    group.addoption("--llava-report-dir", type=folder_to_write, default=None, metavar="DIR",
                     help="write DIR/<run-id>/results.json, report.md and results.csv at the end "
                          "(default: write nothing)")
-    group.addoption("--llava-run-id", type=_run_id, default=None, metavar="ID",
-                    help="the run id (default: UTC time + random suffix)")
-    group.addoption("--llava-baseline", type=_baseline, default=None, metavar="FILE",
-                    help="results file to gate this run against (with --llava-fail)")
-    group.addoption("--llava-fail", type=check_arg, action="append", default=[],
-                    metavar="EXPR", help="gate check, e.g. 'peak_rss:+5%%' or "
-                                         "'extract_wall_s:<=0.5'; repeatable")
-    group.addoption("--llava-checkpoint", type=_checkpoint_dir, default=None, metavar="DIR",
-                    help="validate this checkpoint folder (default: a synthetic one of "
-                         "--llava-preset)")
-    group.addoption("--llava-release", type=_manifest_file, default=None, metavar="MANIFEST",
+    group.addoption("--llava-release", type=existing_file, default=None, metavar="MANIFEST",
                     help="verify every relation of this release manifest, one test each")
-    group.addoption("--llava-base", type=_checkpoint_dir, default=None, metavar="DIR",
-                    help="with --llava-checkpoint: the base an adapter folder is merged into")
-    group.addoption("--llava-preset", choices=PRESET_NAMES, default="tiny",
-                    help="preset of the synthetic checkpoint used without --llava-checkpoint")
     group.addoption("--llava-oracle", choices=ORACLE_MODES, default="auto",
                     help="original-LLaVA oracle: auto (default) = the live one where its "
                          "environment is set up ('llava-harness oracle setup') plus the stored "
@@ -136,12 +78,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
-    from .report.collector import Collector
-
-    checks = config.getoption("--llava-fail")
-    if any(c.needs_baseline for c in checks) and config.getoption("--llava-baseline") is None:
-        first = next(c for c in checks if c.needs_baseline)
-        raise pytest.UsageError(f"--llava-fail {first.text!r} is relative and needs "
+    relative = unanchored_check(config.getoption("--llava-fail"),
+                                config.getoption("--llava-baseline"))
+    if relative is not None:
+        raise pytest.UsageError(f"--llava-fail {relative.text!r} is relative and needs "
                                 "--llava-baseline FILE")
     config.stash[_ORACLES] = {}  # what this process's tests used; merged in the collector
     if not _is_worker(config):
@@ -341,8 +281,6 @@ class MetricRecorder:
         self._metrics = metrics
 
     def __call__(self, name: str, value, unit: str, direction: str | None = None) -> None:
-        from .report.results import as_metric
-
         spec = (value, unit) if direction is None else (value, unit, direction)
         self._metrics[name] = as_metric(name, spec)
 
@@ -428,14 +366,10 @@ def pytest_runtest_makereport(item: pytest.Item, call):
         bench = getattr(item, "funcargs", {}).get("benchmark")
         stats = getattr(getattr(bench, "stats", None), "stats", None)
         if stats:  # pytest-benchmark ran: fold its statistics into this case
-            from .report.collector import benchmark_metrics
-
             item.stash.setdefault(_METRICS, {}).update(benchmark_metrics(stats))
     metrics = item.stash.get(_METRICS, {})
-    if metrics:
-        report.llava_metrics = {n: [m.value, m.unit, m.direction,
-                                    list(m.sample.values) if m.sample else None]
-                                for n, m in metrics.items()}
+    if metrics:  # as results.json writes them: plain data that xdist carries
+        report.llava_metrics = {name: metric_to_dict(m) for name, m in metrics.items()}
     oracles = item.config.stash.get(_ORACLES, {})
     if oracles:
         report.llava_oracles = dict(oracles)
@@ -465,9 +399,8 @@ class _Gatherer:
         nodeid = getattr(report, "llava_nodeid", report.nodeid)
         if getattr(report, "llava_doc", None):
             collector.describe(nodeid, report.llava_doc)
-        for name, (value, unit, direction, sample) in getattr(report, "llava_metrics",
-                                                              {}).items():
-            collector.add_metric(nodeid, name, sample if sample else value, unit, direction)
+        for name, entry in getattr(report, "llava_metrics", {}).items():
+            collector.add_metric(nodeid, name, metric_from_dict(entry, f"{nodeid} {name}"))
         collector.oracles.update(getattr(report, "llava_oracles", {}))
         if report.passed and not hasattr(report, "wasxfail"):
             collector.outcome(nodeid, "passed")

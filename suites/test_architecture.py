@@ -24,6 +24,7 @@ LAYERS = [
     {"report"},  # results, environment, gate, reports
     {"oracle"},  # LLaVA's own code as the reference
     {"bench"},  # whole-process benchmarks
+    {"options"},  # the run's options, declared once for the plugin and `llava-harness run`
     {"cli"},  # the command line and its commands
     {"plugin"},  # the pytest plugin
 ]

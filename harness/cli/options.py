@@ -3,7 +3,9 @@
 - `-o/--output PATH`: what the command writes. Where that is a file, `-` means stdout.
 - `--json`: print the command's result as one JSON object on stdout; the usual lines go to
   stderr (harness.console), so `... --json | jq` always parses.
-- Bad values are refused while parsing, naming the value (exit 2, one line).
+- Bad values are refused while parsing, naming the value (exit 2, one line); a check that
+  raises HarnessError becomes a parser through `argument_type` (harness/options.py, which also
+  declares the options `run` shares with the pytest plugin).
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..options import argument_type
 from ..synth.presets import PRESET_NAMES, build_spec
-from ..synth.specs import (DTYPES, FORMATS, PLACEMENTS, QUANTIZATIONS, SpecError,
-                           check_projector_type, parse_size)
+from ..synth.specs import (DTYPES, FORMATS, PLACEMENTS, QUANTIZATIONS, check_projector_type,
+                           parse_size)
 
 STDOUT = "-"
 
@@ -29,19 +32,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+@argument_type
 def _projector(text: str) -> str:
-    try:
-        check_projector_type(text)
-    except SpecError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    check_projector_type(text)
     return text
 
 
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except SpecError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+_size = argument_type(parse_size)
 
 
 def _file_or_stdout(text: str) -> Path | str:
@@ -120,15 +117,6 @@ def spec_from_args(args: argparse.Namespace):
         ck["legacy_buffers"] = False
     return build_spec(args.preset, model=model, checkpoint=ck,
                       with_vision_tower=True if args.with_vision_tower else None)
-
-
-def run_id(text: str) -> str:
-    from ..report.results import ResultsError, check_run_id
-
-    try:
-        return check_run_id(text)
-    except ResultsError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_bench_sources(b: argparse.ArgumentParser) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..data import SUITES
 from ..errors import HarnessError
+from ..options import unanchored_check
 
 # The default: what a user means by "check the tiny default end to end" and what CI can afford
 # before the full `pytest suites` (which runs everything anyway): the builder (build, layout,
@@ -147,9 +148,9 @@ def _check_inputs(opts: RunOptions) -> Path:
         from ..checkpoint.reader import open_folder
 
         open_folder(Path(opts.checkpoint))  # not a checkpoint at all: one line, exit 2
-    if any(c.needs_baseline for c in opts.checks) and opts.baseline is None:
-        first = next(c for c in opts.checks if c.needs_baseline)
-        raise RunError(f"--fail {first.text!r} is relative and needs --baseline")
+    relative = unanchored_check(opts.checks, opts.baseline)
+    if relative is not None:
+        raise RunError(f"--fail {relative.text!r} is relative and needs --baseline")
     return suites_dir
 
 

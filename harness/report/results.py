@@ -318,7 +318,7 @@ class Results:
     def _record_dict(self, record: Record) -> dict:
         out = {"suite": record.suite, "case": record.case, "outcome": record.outcome,
                "reason": record.reason, "timestamp": record.timestamp,
-               "metrics": {name: _metric_dict(m) for name, m in record.metrics.items()}}
+               "metrics": {name: metric_to_dict(m) for name, m in record.metrics.items()}}
         if record.run_id != self.run_id:
             out["run_id"] = record.run_id
         if record.environment != self.environment:
@@ -425,14 +425,18 @@ def _environment(data, where: str) -> Environment:
     return env
 
 
-def _metric_dict(metric: Metric) -> dict:
+def metric_to_dict(metric: Metric) -> dict:
+    """A metric as results.json holds it: plain JSON, so it also travels on a pytest report
+    from an xdist worker to the controller (the plugin), read back by metric_from_dict."""
     out = {"value": _encode(metric.value), "unit": metric.unit, "direction": metric.direction}
     if metric.sample is not None:
         out["sample"] = list(metric.sample.values)
     return out
 
 
-def _metric(entry, here: str) -> Metric:
+def metric_from_dict(entry, here: str) -> Metric:
+    """metric_to_dict's output back to a Metric, every field checked; `here` names it in an
+    error."""
     if not isinstance(entry, dict) or not {"value", "unit", "direction"} <= set(entry) \
             or not set(entry) <= {"value", "unit", "direction", "sample"}:
         raise ResultsError(f"{here}: expected an object with value, unit, direction and "
@@ -483,7 +487,7 @@ def _record(item, where: str) -> Record:
         raise ResultsError(f"{where}: metrics must be an object")
     metrics = {}
     for name, entry in metrics_raw.items():
-        metrics[name] = _metric(entry, f"{where}.metrics[{brief(name)}]")
+        metrics[name] = metric_from_dict(entry, f"{where}.metrics[{brief(name)}]")
     env = item.get("environment")
     try:
         return Record(suite=item.get("suite"), case=item.get("case"),

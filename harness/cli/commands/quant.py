@@ -9,18 +9,17 @@ import argparse
 import sys
 from pathlib import Path
 
+from ...options import argument_type
 from ..options import add_output, add_results_output, positive_int, results_target
 
 DEFAULT_MODES = "fp16,bf16,int8,nf4,nf4-dq,fp4"
 
 
+@argument_type
 def _modes(text: str) -> tuple[str, ...]:
-    from ...ops.quant import QuantError, parse_modes
+    from ...ops.quant import parse_modes
 
-    try:
-        return parse_modes(text)
-    except QuantError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse_modes(text)
 
 
 def register(sub, bench) -> None:
