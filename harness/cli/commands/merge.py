@@ -7,14 +7,12 @@ import argparse
 from pathlib import Path
 
 from ..options import add_json, add_output, add_results_output, positive_int, results_target
+from ..target import add_target, resolve
 
 DTYPE_NAMES = ("float16", "bfloat16", "float32")
 
 
 def register(sub, bench) -> None:
-    from ...synth.presets import PRESET_NAMES
-    from ...synth.specs import FORMATS
-
     p = sub.add_parser("merge-lora", help="merge a LLaVA LoRA (adapter + non_lora_trainables) "
                                           "into its base: a full LLaVA checkpoint, streamed")
     p.add_argument("--adapter", "--model-path", dest="adapter", type=Path, required=True,
@@ -34,10 +32,8 @@ def register(sub, bench) -> None:
 
     b = bench.add_parser("merge", help="streamed LoRA merge into a real-size checkpoint: wall "
                                        "time and peak memory (optionally vs loading it all)")
-    b.add_argument("--preset", default="llava-v1.5-7b", choices=PRESET_NAMES,
-                   help="cached synthetic base to merge into (built into the cache if missing)")
-    b.add_argument("--format", choices=FORMATS, help="default: the preset's")
-    b.add_argument("--base", type=Path, metavar="DIR", help="merge into this folder instead")
+    add_target(b, folder_flag="--base", folder_help="merge into this folder instead",
+               preset_help="cached synthetic base to merge into (built into the cache if missing)")
     b.add_argument("--rank", type=positive_int, default=128, help="LoRA rank (default 128)")
     b.add_argument("--alpha", type=positive_int, default=256, help="LoRA alpha (default 256)")
     b.add_argument("--targets", choices=("attention", "all-linear"), default="all-linear")
@@ -112,17 +108,8 @@ def cmd_bench_merge(args: argparse.Namespace) -> int:
     from ...bench.merge import MergeBench, bench_merge
 
     device = _device(args.device)
-    if args.base is not None:
-        base, case = args.base, args.base.name
-    else:
-        from ...synth.cache import cached_build
-        from ...synth.presets import build_spec
-
-        spec = build_spec(args.preset,
-                          checkpoint={"format": args.format} if args.format else None)
-        base = cached_build(spec)
-        case = f"{spec.model.name}-{spec.checkpoint.format}"
-    bench = MergeBench(base=base, case=case, rank=args.rank, alpha=args.alpha,
+    base = resolve(args.base, args.preset, args.format, flag="--base")
+    bench = MergeBench(base=base.folder, case=base.name, rank=args.rank, alpha=args.alpha,
                        targets=args.targets, dtype=args.dtype, device=device, work=args.work,
                        naive=args.naive)
     return bench_merge(bench, results_target(args))

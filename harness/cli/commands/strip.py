@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..options import (add_bench_sources, add_json, add_output, add_results_output,
-                       bench_folders, positive_int, results_target)
+from ..options import add_json, add_output, add_results_output, positive_int, results_target
+from ..target import add_targets, resolve_all
 
 
 def register(sub, bench) -> None:
@@ -37,7 +37,7 @@ def register(sub, bench) -> None:
 
     b = bench.add_parser("strip", help="streaming strip against a naive load/filter/save and "
                                        "a raw copy of the output's bytes")
-    add_bench_sources(b)
+    add_targets(b)
     b.add_argument("--legacy", choices=("drop", "keep", "both"), default="both",
                    help="run without and/or with --keep-legacy-buffers (default both)")
     b.add_argument("--layout", choices=("hf", "litgpt"), default="hf",
@@ -101,5 +101,6 @@ def cmd_bench_strip(args: argparse.Namespace) -> int:
     from ...bench.strip import bench_strip
 
     keeps = {"drop": (False,), "keep": (True,), "both": (False, True)}[args.legacy]
-    return bench_strip(bench_folders(args), keeps, args.repeat, args.work, args.naive,
+    folders = [(t.folder, t.name) for t in resolve_all(args)]
+    return bench_strip(folders, keeps, args.repeat, args.work, args.naive,
                        results_target(args), args.layout)
