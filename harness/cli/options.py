@@ -74,6 +74,13 @@ def add_results_output(p: argparse.ArgumentParser, what: str) -> None:
     add_json(where, f"the {what} (results JSON)")
 
 
+def add_work(p: argparse.ArgumentParser, what: str) -> None:
+    """A benchmark's `--work DIR`: its scratch space, on the disk under test by default."""
+    p.add_argument("--work", type=Path, metavar="DIR",
+                   help=f"where {what} are written (default: a scratch folder beside the "
+                        "input); removed afterwards")
+
+
 def results_target(args: argparse.Namespace) -> Path | str | None:
     return STDOUT if args.json else args.output
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..options import add_json, add_output, add_results_output, positive_int, results_target
+from ..options import (add_json, add_output, add_results_output, add_work, positive_int,
+                       results_target)
 from ..target import add_target, resolve
 
 DTYPE_NAMES = ("float16", "bfloat16", "float32")
@@ -40,9 +41,7 @@ def register(sub, bench) -> None:
     b.add_argument("--dtype", choices=DTYPE_NAMES, default="bfloat16",
                    help="merge dtype (default bfloat16)")
     b.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    b.add_argument("--work", type=Path, metavar="DIR",
-                   help="scratch folder for the adapter and outputs (default: a temporary "
-                        "folder beside the base); removed afterwards")
+    add_work(b, "the adapter and the outputs")
     b.add_argument("--naive", action="store_true",
                    help="also time LLaVA's way (load the whole model, merge_and_unload, "
                         "save_pretrained) when there is memory for it")
@@ -55,9 +54,7 @@ def register(sub, bench) -> None:
     c.add_argument("--base", type=Path, required=True, help="the base checkpoint folder")
     c.add_argument("--repeat", type=positive_int, default=3,
                    help="measured rounds, alternating which goes first (default 3)")
-    c.add_argument("--work", type=Path, metavar="DIR",
-                   help="where the merge and the copy are written, one at a time (default: a "
-                        "temporary folder beside the base); removed afterwards")
+    add_work(c, "the merge and the copy, one at a time,")
     add_results_output(c, "figures")
     c.set_defaults(func=cmd_bench_merge_copy)
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..options import add_json, add_output, add_results_output, positive_int, results_target
+from ..options import (add_json, add_output, add_results_output, add_work, positive_int,
+                       results_target)
 from ..target import add_targets, resolve_all
 
 
@@ -42,8 +43,7 @@ def register(sub, bench) -> None:
                    help="run without and/or with --keep-legacy-buffers (default both)")
     b.add_argument("--layout", choices=("hf", "litgpt"), default="hf",
                    help="benchmark strip's hf output (default) or the litgpt export")
-    b.add_argument("--work", type=Path, metavar="DIR",
-                   help="where outputs are written and deleted (default: beside the input)")
+    add_work(b, "the outputs")
     b.add_argument("--repeat", type=positive_int, default=1,
                    help="measured rounds; medians are reported (default 1)")
     b.add_argument("--no-naive", dest="naive", action="store_false",
