@@ -30,9 +30,9 @@ def register(sub, bench) -> None:
     p.add_argument("--layout", choices=("hf", "litgpt"), default="hf",
                    help="hf (default): a transformers Llama/Mistral folder; litgpt: "
                         "lit_model.pth + model_config.yaml as litgpt.GPT loads them, streamed")
-    p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the strict check against the target class (meta device)")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
     add_json(p, "a summary (layout, kept and dropped tensors, shards)")
     p.set_defaults(func=cmd_strip)
 
