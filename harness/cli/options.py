@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from ..options import argument_type
@@ -72,6 +71,13 @@ def add_results_output(p: argparse.ArgumentParser, what: str) -> None:
     add_json(where, f"the {what} (results JSON)")
 
 
+def add_work(p: argparse.ArgumentParser, what: str) -> None:
+    """A benchmark's `--work DIR`: its scratch space, on the disk under test by default."""
+    p.add_argument("--work", type=Path, metavar="DIR",
+                   help=f"where {what} are written (default: a scratch folder beside the "
+                        "input); removed afterwards")
+
+
 def results_target(args: argparse.Namespace) -> Path | str | None:
     return STDOUT if args.json else args.output
 
@@ -117,33 +123,5 @@ def spec_from_args(args: argparse.Namespace):
         ck["legacy_buffers"] = False
     return build_spec(args.preset, model=model, checkpoint=ck,
                       with_vision_tower=True if args.with_vision_tower else None)
-
-
-def add_bench_sources(b: argparse.ArgumentParser) -> None:
-    """What a real-size benchmark runs on: a cached preset build per format, or folders."""
-    b.add_argument("--preset", default="llava-v1.5-7b", choices=PRESET_NAMES,
-                   help="cached synthetic checkpoint (built into the cache if missing)")
-    b.add_argument("--format", choices=FORMATS, action="append", dest="formats",
-                   help="repeatable; default: both")
-    b.add_argument("--checkpoint", type=Path, action="append", dest="checkpoints",
-                   metavar="DIR", help="benchmark this folder instead of a preset (repeatable)")
-
-
-def bench_folders(args: argparse.Namespace) -> list[tuple[Path, str]]:
-    if args.checkpoints:
-        from ..checkpoint.reader import open_folder
-
-        return [(open_folder(p).path, p.name) for p in args.checkpoints]
-    from ..synth.cache import cache_path, cache_root, cached_build, is_valid
-    from ..synth.presets import build_spec
-
-    out = []
-    for fmt in args.formats or ("bin", "safetensors"):
-        spec = build_spec(args.preset, checkpoint={"format": fmt})
-        if not is_valid(cache_path(spec, cache_root())):
-            print(f"building {spec.model.name} ({fmt}) into the cache at {cache_root()} first "
-                  "(set LLAVA_HARNESS_CACHE to use another)", file=sys.stderr)
-        out.append((cached_build(spec, cache_root()), f"{spec.model.name}-{fmt}"))
-    return out
 
 

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 from ...errors import HarnessError
-from ..options import (add_bench_sources, add_json, add_results_output, bench_folders,
-                       positive_int, results_target)
+from ..options import add_json, add_results_output, positive_int, results_target
+from ..target import add_targets, resolve_all
 
 
 class CheckUsageError(HarnessError):
@@ -39,7 +39,7 @@ def register(sub, bench) -> None:
 
     b = bench.add_parser("check", help="check on a real-size folder against one read of its "
                                        "bytes, each from a cold page cache")
-    add_bench_sources(b)
+    add_targets(b)
     b.add_argument("--repeat", type=positive_int, default=3,
                    help="measured rounds, alternating check and read (default 3)")
     add_results_output(b, "figures")
@@ -49,7 +49,7 @@ def register(sub, bench) -> None:
 def cmd_bench_check(args: argparse.Namespace) -> int:
     from ...bench.check import bench_reads, check_bench
 
-    return bench_reads([(check_bench(folder), name) for folder, name in bench_folders(args)],
+    return bench_reads([(check_bench(t.folder), t.name) for t in resolve_all(args)],
                        args.repeat, results_target(args))
 
 

@@ -7,10 +7,10 @@ Extraction never imports torch: the command is done in about the time Python tak
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from ..options import add_json, add_output, add_results_output, positive_int, results_target
+from ..target import add_target, resolve
 
 
 def _keys(text: str) -> tuple[str, ...]:
@@ -22,9 +22,6 @@ def _keys(text: str) -> tuple[str, ...]:
 
 
 def register(sub, bench) -> None:
-    from ...synth.presets import PRESET_NAMES
-    from ...synth.specs import FORMATS
-
     p = sub.add_parser("extract", help="copy the projector's tensors out of a checkpoint, "
                                        "reading only the shards that hold them")
     source = p.add_mutually_exclusive_group(required=True)
@@ -41,11 +38,9 @@ def register(sub, bench) -> None:
     p.set_defaults(func=cmd_extract)
 
     b = bench.add_parser("extract", help="extraction CLI against a naive whole-shard load")
-    b.add_argument("--preset", default="llava-v1.5-7b", choices=PRESET_NAMES,
-                   help="cached synthetic checkpoint to use (built into the cache if missing)")
-    b.add_argument("--format", choices=FORMATS, help="default: the preset's")
-    b.add_argument("--checkpoint", type=Path, metavar="DIR",
-                   help="benchmark this folder instead of a preset")
+    add_target(b, folder_flag="--checkpoint",
+               folder_help="benchmark this folder instead of a preset",
+               preset_help="cached synthetic checkpoint to use (built into the cache if missing)")
     b.add_argument("--keys", type=_keys, default=("mm_projector",),
                    help="comma-separated substrings a tensor name must contain "
                         "(default: mm_projector)")
@@ -72,20 +67,6 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def cmd_bench_extract(args: argparse.Namespace) -> int:
     from ...bench.extract import bench_extract
 
-    if args.checkpoint is not None:
-        from ...checkpoint.reader import open_folder
-
-        folder = open_folder(args.checkpoint)
-        return bench_extract(folder.path, folder.format, folder.path.name, args.keys,
-                             args.repeat, results_target(args))
-    from ...synth.cache import cache_path, cache_root, cached_build, is_valid
-    from ...synth.presets import build_spec
-
-    spec = build_spec(args.preset, checkpoint={"format": args.format} if args.format else None)
-    if not is_valid(cache_path(spec, cache_root())):
-        print(f"building {spec.model.name} ({spec.checkpoint.format}) into the cache at "
-              f"{cache_root()} first (set LLAVA_HARNESS_CACHE to use another)", file=sys.stderr)
-    folder = cached_build(spec, cache_root())
-    return bench_extract(folder, spec.checkpoint.format,
-                         f"{spec.model.name}-{spec.checkpoint.format}", args.keys, args.repeat,
+    target = resolve(args.checkpoint, args.preset, args.format)
+    return bench_extract(target.folder, target.format, target.name, args.keys, args.repeat,
                          results_target(args))

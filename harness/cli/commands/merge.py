@@ -6,15 +6,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..options import add_json, add_output, add_results_output, positive_int, results_target
+from ..options import (add_json, add_output, add_results_output, add_work, positive_int,
+                       results_target)
+from ..target import add_target, resolve
 
 DTYPE_NAMES = ("float16", "bfloat16", "float32")
 
 
 def register(sub, bench) -> None:
-    from ...synth.presets import PRESET_NAMES
-    from ...synth.specs import FORMATS
-
     p = sub.add_parser("merge-lora", help="merge a LLaVA LoRA (adapter + non_lora_trainables) "
                                           "into its base: a full LLaVA checkpoint, streamed")
     p.add_argument("--adapter", "--model-path", dest="adapter", type=Path, required=True,
@@ -34,19 +33,15 @@ def register(sub, bench) -> None:
 
     b = bench.add_parser("merge", help="streamed LoRA merge into a real-size checkpoint: wall "
                                        "time and peak memory (optionally vs loading it all)")
-    b.add_argument("--preset", default="llava-v1.5-7b", choices=PRESET_NAMES,
-                   help="cached synthetic base to merge into (built into the cache if missing)")
-    b.add_argument("--format", choices=FORMATS, help="default: the preset's")
-    b.add_argument("--base", type=Path, metavar="DIR", help="merge into this folder instead")
+    add_target(b, folder_flag="--base", folder_help="merge into this folder instead",
+               preset_help="cached synthetic base to merge into (built into the cache if missing)")
     b.add_argument("--rank", type=positive_int, default=128, help="LoRA rank (default 128)")
     b.add_argument("--alpha", type=positive_int, default=256, help="LoRA alpha (default 256)")
     b.add_argument("--targets", choices=("attention", "all-linear"), default="all-linear")
     b.add_argument("--dtype", choices=DTYPE_NAMES, default="bfloat16",
                    help="merge dtype (default bfloat16)")
     b.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    b.add_argument("--work", type=Path, metavar="DIR",
-                   help="scratch folder for the adapter and outputs (default: a temporary "
-                        "folder beside the base); removed afterwards")
+    add_work(b, "the adapter and the outputs")
     b.add_argument("--naive", action="store_true",
                    help="also time LLaVA's way (load the whole model, merge_and_unload, "
                         "save_pretrained) when there is memory for it")
@@ -59,9 +54,7 @@ def register(sub, bench) -> None:
     c.add_argument("--base", type=Path, required=True, help="the base checkpoint folder")
     c.add_argument("--repeat", type=positive_int, default=3,
                    help="measured rounds, alternating which goes first (default 3)")
-    c.add_argument("--work", type=Path, metavar="DIR",
-                   help="where the merge and the copy are written, one at a time (default: a "
-                        "temporary folder beside the base); removed afterwards")
+    add_work(c, "the merge and the copy, one at a time,")
     add_results_output(c, "figures")
     c.set_defaults(func=cmd_bench_merge_copy)
 
@@ -112,17 +105,8 @@ def cmd_bench_merge(args: argparse.Namespace) -> int:
     from ...bench.merge import MergeBench, bench_merge
 
     device = _device(args.device)
-    if args.base is not None:
-        base, case = args.base, args.base.name
-    else:
-        from ...synth.cache import cached_build
-        from ...synth.presets import build_spec
-
-        spec = build_spec(args.preset,
-                          checkpoint={"format": args.format} if args.format else None)
-        base = cached_build(spec)
-        case = f"{spec.model.name}-{spec.checkpoint.format}"
-    bench = MergeBench(base=base, case=case, rank=args.rank, alpha=args.alpha,
+    base = resolve(args.base, args.preset, args.format, flag="--base")
+    bench = MergeBench(base=base.folder, case=base.name, rank=args.rank, alpha=args.alpha,
                        targets=args.targets, dtype=args.dtype, device=device, work=args.work,
                        naive=args.naive)
     return bench_merge(bench, results_target(args))

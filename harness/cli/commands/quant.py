@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ...options import argument_type
 from ..options import add_output, add_results_output, positive_int, results_target
+from ..target import resolve
 
 DEFAULT_MODES = "fp16,bf16,int8,nf4,nf4-dq,fp4"
 
@@ -75,17 +76,6 @@ def _device(requested: str | None) -> str:
 def _checkpoint(args: argparse.Namespace) -> tuple[Path, str]:
     """The folder and the name records carry: the user's folder, or the cached preset (built
     with its vision tower: the benchmark loads and runs the whole model)."""
-    from ...bench.measure import BenchError
-
-    if args.checkpoint is not None:
-        if args.format is not None:
-            raise BenchError("--format applies to --preset only (a folder has its own)")
-        if not args.checkpoint.is_dir():
-            raise BenchError(f"--checkpoint {args.checkpoint}: not a folder")
-        return args.checkpoint, args.checkpoint.resolve().name
-    from ...synth.cache import cache_path, cache_root, cached_build, is_valid
-    from ...synth.presets import build_spec
-
     preset = args.preset
     if preset == "tiny":
         # tiny's 172-wide MLP fails bitsandbytes' CPU 4-bit kernel (out_features % 32), which
@@ -93,12 +83,10 @@ def _checkpoint(args: argparse.Namespace) -> tuple[Path, str]:
         preset = "tiny-quant"
         print("bench quant: measuring tiny-quant (tiny with a 192-wide MLP, so that every mode "
               "runs on bitsandbytes' CPU kernels)", file=sys.stderr)
-    spec = build_spec(preset, checkpoint={"format": args.format} if args.format else None,
-                      with_vision_tower=True)
-    if not is_valid(cache_path(spec, cache_root())):
-        print(f"building {spec.model.name} ({spec.checkpoint.format}) into the cache at "
-              f"{cache_root()} first (set LLAVA_HARNESS_CACHE to use another)", file=sys.stderr)
-    return cached_build(spec, cache_root()), spec.model.name
+    target = resolve(args.checkpoint, preset, args.format, with_vision_tower=True)
+    # Quant's records have always named a preset by its model alone (`tiny-quant-int8-cpu`);
+    # keeping that keeps them comparable with earlier runs' records and baselines.
+    return target.folder, target.spec.model.name if target.spec else target.name
 
 
 def cmd_bench_quant(args: argparse.Namespace) -> int:

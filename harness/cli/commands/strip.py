@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..options import (add_bench_sources, add_json, add_output, add_results_output,
-                       bench_folders, positive_int, results_target)
+from ..options import (add_json, add_output, add_results_output, add_work, positive_int,
+                       results_target)
+from ..target import add_targets, resolve_all
 
 
 def register(sub, bench) -> None:
@@ -29,21 +30,20 @@ def register(sub, bench) -> None:
     p.add_argument("--layout", choices=("hf", "litgpt"), default="hf",
                    help="hf (default): a transformers Llama/Mistral folder; litgpt: "
                         "lit_model.pth + model_config.yaml as litgpt.GPT loads them, streamed")
-    p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the strict check against the target class (meta device)")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
     add_json(p, "a summary (layout, kept and dropped tensors, shards)")
     p.set_defaults(func=cmd_strip)
 
     b = bench.add_parser("strip", help="streaming strip against a naive load/filter/save and "
                                        "a raw copy of the output's bytes")
-    add_bench_sources(b)
+    add_targets(b)
     b.add_argument("--legacy", choices=("drop", "keep", "both"), default="both",
                    help="run without and/or with --keep-legacy-buffers (default both)")
     b.add_argument("--layout", choices=("hf", "litgpt"), default="hf",
                    help="benchmark strip's hf output (default) or the litgpt export")
-    b.add_argument("--work", type=Path, metavar="DIR",
-                   help="where outputs are written and deleted (default: beside the input)")
+    add_work(b, "the outputs")
     b.add_argument("--repeat", type=positive_int, default=1,
                    help="measured rounds; medians are reported (default 1)")
     b.add_argument("--no-naive", dest="naive", action="store_false",
@@ -101,5 +101,6 @@ def cmd_bench_strip(args: argparse.Namespace) -> int:
     from ...bench.strip import bench_strip
 
     keeps = {"drop": (False,), "keep": (True,), "both": (False, True)}[args.legacy]
-    return bench_strip(bench_folders(args), keeps, args.repeat, args.work, args.naive,
+    folders = [(t.folder, t.name) for t in resolve_all(args)]
+    return bench_strip(folders, keeps, args.repeat, args.work, args.naive,
                        results_target(args), args.layout)
