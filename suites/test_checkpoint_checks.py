@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pickle
 import shutil
 import subprocess
@@ -213,6 +214,38 @@ def test_measured_peak_is_the_childs_own():
     assert child.returncode == 0
     assert 200 * 2**20 <= child.peak_rss_bytes < 350 * 2**20
     del ballast
+
+
+def test_a_launched_child_runs_this_harness_by_name(tmp_path, monkeypatch):
+    """The launcher runs a harness function in a fresh process, measured, and the child imports
+    the harness this process runs, even from a folder that holds another `harness`."""
+    from harness.bench.floors import raw_copy
+    from harness.bench.launcher import HARNESS_ROOT, child_env, launch
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.bin").write_bytes(bytes(range(100)))
+    decoy = tmp_path / "harness"
+    decoy.mkdir()
+    (decoy / "__init__.py").write_text("raise ImportError('the decoy harness was imported')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    assert child_env()["PYTHONPATH"].split(os.pathsep)[0] == HARNESS_ROOT
+    child = launch(raw_copy, str(tmp_path / "src"), {"a.bin": 150}, str(tmp_path / "out"))
+    assert child.returncode == 0, child.stderr
+    assert (tmp_path / "out" / "a.bin").read_bytes() == bytes(range(100)) + bytes(range(50))
+    assert child.wall_s > 0 and child.peak_rss_bytes > 0
+
+
+def test_a_child_past_its_timeout_is_killed_and_named():
+    from harness.bench.launcher import launch
+    from harness.bench.measure import BenchError, checked, run_measured
+
+    child = run_measured([sys.executable, "-c", "import time; time.sleep(60)"], timeout_s=0.5)
+    assert child.returncode != 0 and child.wall_s < 30
+    with pytest.raises(BenchError, match="sleeper: exit -9: timed out after 0.5 s: killed"):
+        checked("sleeper", child)
+    with pytest.raises(BenchError, match="module-level function of the harness"):
+        launch(len, [1])
 
 
 def test_console_script_build_and_verify(tmp_path):

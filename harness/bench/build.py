@@ -2,13 +2,13 @@
 
 The raw write is `dd` from /dev/zero with `conv=fdatasync`, the fastest this disk takes the
 same byte count durably; the builder fsyncs every shard too, so the ratio compares like with
-like. Both run as child processes: their wall time and peak RSS are theirs alone.
+like. Both run as child processes (the build through the launcher, build_child.py): their wall
+time and peak RSS are theirs alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import sys
@@ -21,15 +21,13 @@ from ..checkpoint.atomic import check_target
 from ..synth.cache import cache_root, ensure_space
 from ..synth.plan import make_plan
 from ..synth.specs import BuildSpec
+from .build_child import build_child
+from .launcher import launch
 from .measure import run_measured
 
 SUITE = "bench-build"
 SPEED_GOAL = 0.70  # build speed over raw write speed
 RSS_GOAL = 2**30
-
-_CHILD = ("import json, sys; from harness.synth.specs import spec_from_dict; "
-          "from harness.synth.builder import build; "
-          "build(spec_from_dict(json.loads(sys.argv[1])), sys.argv[2], force=True)")
 
 
 def _raw_write(folder: Path, nbytes: int):
@@ -74,8 +72,7 @@ def bench_build(spec: BuildSpec, work: Path | None = None, output: Path | str | 
     check_target(target, force or not work)
     ensure_space(spec, root)
     raw = _raw_write(root, nbytes)
-    built = run_measured([sys.executable, "-c", _CHILD,
-                          json.dumps(dataclasses.asdict(spec)), str(target)])
+    built = launch(build_child, dataclasses.asdict(spec), str(target))
     if not work:
         shutil.rmtree(target, ignore_errors=True)
     if raw.returncode or built.returncode:

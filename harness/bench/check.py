@@ -3,7 +3,7 @@
 
 The question they answer: is the command about as fast as reading what it must read, with
 bounded memory? Each round drops the folders' pages from the page cache, runs the command in a
-child process (harness/bench/measure.py: wall time, peak RSS, peak anonymous memory), drops them
+child process (harness/bench/launcher.py: wall time, peak RSS, peak anonymous memory), drops them
 again and reads every file of the folders with `cat` to /dev/null: the floor for touching every
 byte. Rounds alternate which goes first. A command that finds faults (exit 1) is still a
 measurement; only a refusal (exit 2) is an error.
@@ -21,7 +21,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .measure import BenchError, Step, drop_cache, median_step, run_step
+from .launcher import launch_cli
+from .measure import BenchError, Step, drop_cache, median_step, run_step, step
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,7 @@ def _cold(paths: list[Path]) -> None:
 def _command(bench: ReadBench) -> Step:
     _cold(bench.reads)
     try:
-        return run_step("command", [sys.executable, "-m", "harness.cli", *bench.args],
-                        ok=(0, 1))
+        return step("command", launch_cli(*bench.args), ok=(0, 1))
     finally:
         _remove(bench.outputs)
 
@@ -105,7 +105,7 @@ def measure(bench: ReadBench, repeat: int) -> dict:
     rounds = []
     for i in range(repeat):
         order = (_command, _read) if i % 2 == 0 else (_read, _command)
-        rounds.append({s.name: s for s in (step(bench) for step in order)})
+        rounds.append({s.name: s for s in (take(bench) for take in order)})
     steps = {name: median_step(rounds, name) for name in ("command", "read")}
     return {"steps": steps, "rounds": repeat,
             "bytes": sum(Path(f).stat().st_size for f in _files(bench.reads)),
@@ -126,11 +126,11 @@ def record(bench: ReadBench, case: str, f: dict):
     what = bench.suite.removeprefix("bench-").replace("-", "_")
     metrics = {"bytes": (f["bytes"], "B"), f"{what}_over_read": (f["over_read"], "ratio",
                                                                    "lower")}
-    for name, step in f["steps"].items():
+    for name, s in f["steps"].items():
         prefix = what if name == "command" else "read"
         metrics |= {f"{prefix}_wall_s": (f["wall_rounds"][name], "s"),
-                    f"{prefix}_peak_rss": (step.peak_rss_mb, "MB"),
-                    f"{prefix}_peak_anon": (step.peak_anon_mb, "MB")}
+                    f"{prefix}_peak_rss": (s.peak_rss_mb, "MB"),
+                    f"{prefix}_peak_anon": (s.peak_anon_mb, "MB")}
     missed = [what for what, value, goal in goals(bench, f) if value > goal]
     return make_record(bench.suite, case, metrics, outcome="failed" if missed else "passed",
                        reason=f"missed: {'; '.join(missed)}" if missed else None)

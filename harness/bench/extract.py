@@ -2,56 +2,27 @@
 
 Both run as child processes on the same folder, alternating, after one untimed warm-up each
 so both read from the page cache (dropping caches would need root and disturb other users).
-The naive child does what `scripts/extract_mm_projector.py` does: read the index, load every
-shard that holds a match whole (`torch.load`, weights-only; for safetensors `load_file`, the
-whole-shard API), keep the matches, `torch.save` them. Each child reports its own work time
-(after its imports); wall time, peak RSS and peak anonymous memory come from run_measured.
+The naive child (naive.whole_shard_extract) does what `scripts/extract_mm_projector.py` does:
+read the index, load every shard that holds a match whole (`torch.load`, weights-only; for
+safetensors `load_file`, the whole-shard API), keep the matches, `torch.save` them. Each child
+reports its own work time (after its imports); wall time, peak RSS and peak anonymous memory
+come from the launcher.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .measure import BenchError, Measured, run_measured
+from .launcher import launch, launch_cli
+from .measure import Measured, checked
+from .naive import whole_shard_extract
 
 SUITE = "bench-extract"
 GOALS = {"work_s": 0.2, "wall_ratio": 0.4, "rss_ratio": 0.1}
-
-_NAIVE = r"""
-import json, os, sys, time
-import torch
-start = time.perf_counter()
-folder, fmt, patterns, out, stats = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), \
-    sys.argv[4], sys.argv[5]
-index = os.path.join(folder, {"bin": "pytorch_model.bin.index.json",
-                              "safetensors": "model.safetensors.index.json"}[fmt])
-if os.path.exists(index):
-    files = {}
-    for key, file in json.load(open(index))["weight_map"].items():
-        if any(p in key for p in patterns):
-            files.setdefault(file, []).append(key)
-else:
-    files = {{"bin": "pytorch_model.bin", "safetensors": "model.safetensors"}[fmt]: None}
-picked = {}
-for file, keys in files.items():
-    path = os.path.join(folder, file)
-    if fmt == "bin":
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    else:
-        from safetensors.torch import load_file
-        state = load_file(path)
-    keys = keys or [k for k in state if any(p in k for p in patterns)]
-    picked.update({k: state[k] for k in keys})
-    del state
-torch.save(picked, out)
-json.dump({"work_s": time.perf_counter() - start}, open(stats, "w"))
-"""
-
 
 @dataclass(frozen=True)
 class Run:
@@ -59,24 +30,22 @@ class Run:
     work_s: float
 
 
-def _run(cmd: list[str], stats: Path, stdout: bool = False) -> Run:
-    measured = run_measured(cmd, stdout=stats if stdout else None)
-    if measured.returncode:
-        last = measured.stderr.strip().splitlines()[-1:] or ["no output"]
-        raise BenchError(f"{' '.join(cmd[:5])} ...: exit {measured.returncode}: {last[0]}")
-    return Run(measured, json.loads(stats.read_text())["work_s"])
+def _run(what: str, measured: Measured, stats: Path) -> Run:
+    return Run(checked(what, measured), json.loads(stats.read_text())["work_s"])
 
 
 def _cli(folder: Path, patterns: tuple[str, ...], work: Path, i: int) -> Run:
     out, stats = work / f"cli-{i}.bin", work / f"cli-{i}.json"
-    return _run([sys.executable, "-m", "harness.cli", "extract", str(folder), "-o", str(out),
-                 "--keys", ",".join(patterns), "--json", "--force"], stats, stdout=True)
+    measured = launch_cli("extract", str(folder), "-o", str(out), "--keys", ",".join(patterns),
+                          "--json", "--force", stdout=stats)
+    return _run("extract CLI", measured, stats)
 
 
 def _naive(folder: Path, fmt: str, patterns: tuple[str, ...], work: Path, i: int) -> Run:
     out, stats = work / f"naive-{i}.bin", work / f"naive-{i}.json"
-    return _run([sys.executable, "-c", _NAIVE, str(folder), fmt, json.dumps(list(patterns)),
-                 str(out), str(stats)], stats)
+    measured = launch(whole_shard_extract, str(folder), fmt, list(patterns), str(out),
+                      str(stats))
+    return _run("naive whole-shard load", measured, stats)
 
 
 def _same_tensors(a: Path, b: Path) -> bool:

@@ -2,7 +2,7 @@
 inside a process, its own RSS peaks and its device memory.
 
 Benchmarks run the measured work in a child process so the parent's imports and caches never
-count. Peak RSS is the child's `VmHWM`, which the kernel resets at exec (the rusage max RSS
+count (a harness function or command through launcher.py; a tool such as cat or dd directly). Peak RSS is the child's `VmHWM`, which the kernel resets at exec (the rusage max RSS
 does not: it inherits the forking parent's high-water mark). RSS counts file-backed mmap
 pages too, so lazy readers are also judged by anonymous memory (`RssAnon`). Both are sampled
 from /proc while the child runs; VmHWM is a high-water mark, so sampling loses nothing but
@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import HarnessError
+
+MIB = 2**20
 
 
 class BenchError(HarnessError):
@@ -69,14 +71,16 @@ def reset_peak_rss() -> bool:
 
 
 def run_measured(cmd: list[str], env: dict | None = None, sample_s: float = 0.02,
-                 stdout: Path | None = None) -> Measured:
+                 stdout: Path | None = None, timeout_s: float | None = None) -> Measured:
     """Run `cmd` and measure its wall time, peak RSS and peak anonymous memory; its stdout
-    goes to the file `stdout` (a command's --json, say), else nowhere."""
+    goes to the file `stdout` (a command's --json, say), else nowhere. A child still running
+    after `timeout_s` is killed; its stderr then ends in a line saying so."""
     with open(stdout, "wb") if stdout else open(os.devnull, "wb") as sink:
-        return _measured(cmd, env, sample_s, sink)
+        return _measured(cmd, env, sample_s, sink, timeout_s)
 
 
-def _measured(cmd: list[str], env: dict | None, sample_s: float, sink) -> Measured:
+def _measured(cmd: list[str], env: dict | None, sample_s: float, sink,
+              timeout_s: float | None) -> Measured:
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.PIPE, text=True)
     peaks = {"VmHWM": 0, "RssAnon": 0}
@@ -90,13 +94,26 @@ def _measured(cmd: list[str], env: dict | None, sample_s: float, sink) -> Measur
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    stderr_chunks = proc.stderr.read()
-    proc.wait()
+    try:
+        _, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, stderr = proc.communicate()
+        stderr += f"\ntimed out after {timeout_s:g} s: killed\n"
     wall = time.perf_counter() - start
     done.set()
     sampler.join()
     return Measured(wall, peaks["VmHWM"], peaks["RssAnon"] or None, proc.returncode,
-                    stderr_chunks[-4000:])
+                    stderr[-4000:])
+
+
+def checked(what: str, measured: Measured, ok: tuple[int, ...] = (0,)) -> Measured:
+    """`measured` itself; an exit code outside `ok` is a BenchError naming `what` and the last
+    line of the child's stderr (its exception, or the timeout)."""
+    if measured.returncode not in ok:
+        last = measured.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise BenchError(f"{what}: exit {measured.returncode}: {last[0]}")
+    return measured
 
 
 def self_peak_rss_bytes() -> int:
@@ -214,13 +231,15 @@ class Step:
     peak_anon_mb: float
 
 
-def run_step(name: str, cmd: list[str], ok: tuple[int, ...] = (0,)) -> Step:
-    """`cmd` measured; an exit code outside `ok` is a BenchError naming its last line."""
-    m = run_measured(cmd)
-    if m.returncode not in ok:
-        last = m.stderr.strip().splitlines()[-1:] or ["no output"]
-        raise BenchError(f"{name}: exit {m.returncode}: {last[0]}")
+def step(name: str, measured: Measured, ok: tuple[int, ...] = (0,)) -> Step:
+    """A finished child as a round's step (checked: see `checked`)."""
+    m = checked(name, measured, ok)
     return Step(name, m.wall_s, m.peak_rss_bytes / 1e6, (m.peak_anon_bytes or 0) / 1e6)
+
+
+def run_step(name: str, cmd: list[str], ok: tuple[int, ...] = (0,)) -> Step:
+    """`cmd` (a tool: cat, cp, dd) measured as a step."""
+    return step(name, run_measured(cmd), ok)
 
 
 def median_step(rounds: list[dict[str, Step]], name: str) -> Step | None:

@@ -3,58 +3,33 @@
 A synthetic adapter of the requested rank is written first (random A/B of the base's shapes,
 saved the peft way; its build time is reported apart). The merge then runs as a child process
 (`llava-harness merge-lora`), so only its own imports and work count; wall time, peak RSS and
-peak anonymous memory come from `run_measured` (RSS includes the page cache of mmap'd input
+peak anonymous memory come from the launcher (RSS includes the page cache of mmap'd input
 shards, anonymous memory is what the process really holds). The output is spot-checked: the
 first and last adapted weights against an independent float32 formula, bit for bit, and an
 untouched tensor against the base.
 
-`--naive` adds LLaVA's own way for comparison (load the whole base in the merge dtype, load the
-trainables, `PeftModel.from_pretrained(...).merge_and_unload()`, `save_pretrained`), only when
-the machine has the memory for it; otherwise its peak is estimated (model + float32 adapter, as
-peft upcasts it) and reported as an estimate.
+`--naive` adds LLaVA's own way for comparison (naive.load_all_merge: load the whole base in the
+merge dtype, load the trainables, `PeftModel.from_pretrained(...).merge_and_unload()`,
+`save_pretrained`), only when the machine has the memory for it; otherwise its peak is
+estimated (model + float32 adapter, as peft upcasts it) and reported as an estimate.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .measure import BenchError, Measured, run_measured
+from .launcher import launch, launch_cli
+from .measure import BenchError, Measured, checked
+from .naive import load_all_merge
 
 SUITE = "bench-merge"
 # Headroom over the estimated peak before the naive child is started on a shared machine.
 NAIVE_HEADROOM = 1.25
-
-_NAIVE = r"""
-import json, sys, time
-from pathlib import Path
-import torch
-start = time.perf_counter()
-from peft import PeftModel
-from harness.model.config import llava_config
-from harness.model.llava import MODEL_CLASSES
-from harness.ops.load import normalise_trainable_keys
-adapter, base, out, dtype, stats = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], \
-    sys.argv[5]
-arch, config = llava_config(adapter)
-model = MODEL_CLASSES[arch].from_pretrained(base, config=config, dtype=getattr(torch, dtype))
-state = model.state_dict()
-# LLaVA's own way: the whole file through torch.load (its own synthetic adapter, trusted).
-raw = torch.load(adapter / "non_lora_trainables.bin", map_location="cpu", weights_only=True)
-trainables = normalise_trainable_keys(dict(raw), set(state), adapter)
-with torch.no_grad():
-    for key, value in trainables.items():
-        state[key].copy_(value.to(state[key].dtype))
-model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-model.save_pretrained(out)
-json.dump({"work_s": time.perf_counter() - start}, open(stats, "w"))
-"""
-
 
 @dataclass(frozen=True)
 class MergeBench:
@@ -84,13 +59,9 @@ def _check_disk(work: Path, need: int) -> None:
                          f"{need / 2**30:.1f} GiB")
 
 
-def _child(cmd: list[str], stats: Path, stdout: bool = False) -> tuple[Measured, float]:
-    """Run and measure; `stats` is the child's figures file (its stdout, with `stdout`)."""
-    measured = run_measured(cmd, stdout=stats if stdout else None)
-    if measured.returncode:
-        last = measured.stderr.strip().splitlines()[-1:] or ["no output"]
-        raise BenchError(f"{' '.join(cmd[:4])} ...: exit {measured.returncode}: {last[0]}")
-    return measured, json.loads(stats.read_text())["work_s"]
+def _work_s(what: str, measured: Measured, stats: Path) -> tuple[Measured, float]:
+    """The child checked, and the work time from its figures file `stats`."""
+    return checked(what, measured), json.loads(stats.read_text())["work_s"]
 
 
 def spot_check(base: Path, adapter: Path, merged: Path, dtype: str) -> list[str]:
@@ -144,10 +115,10 @@ def _run(bench: MergeBench, work: Path) -> dict:
     figures = {"adapter_build_s": time.perf_counter() - start, "model_bytes": model_bytes,
                "adapter_bytes": (adapter / "adapter_model.safetensors").stat().st_size}
     stats = work / "merge.json"
-    measured, work_s = _child(
-        [sys.executable, "-m", "harness.cli", "merge-lora", "--adapter", str(adapter),
-         "--base", str(bench.base), "-o", str(work / "merged"), "--dtype", bench.dtype,
-         "--device", bench.device, "--json"], stats, stdout=True)
+    measured, work_s = _work_s("merge-lora", launch_cli(
+        "merge-lora", "--adapter", str(adapter), "--base", str(bench.base), "-o",
+        str(work / "merged"), "--dtype", bench.dtype, "--device", bench.device, "--json",
+        stdout=stats), stats)
     summary = json.loads(stats.read_text())
     figures |= {"wall_s": measured.wall_s, "work_s": work_s,
                 "peak_rss": measured.peak_rss_bytes, "peak_anon": measured.peak_anon_bytes or 0,
@@ -167,8 +138,9 @@ def _run_naive(bench: MergeBench, adapter: Path, work: Path, estimate: int) -> d
         return {"naive_skipped": f"needs ~{estimate / 2**30:.1f} GiB (+{NAIVE_HEADROOM - 1:.0%}"
                                  f" headroom), {available / 2**30:.1f} GiB available"}
     stats = work / "naive.json"
-    measured, work_s = _child([sys.executable, "-c", _NAIVE, str(adapter), str(bench.base),
-                               str(work / "naive"), bench.dtype, str(stats)], stats)
+    measured, work_s = _work_s("naive merge", launch(
+        load_all_merge, str(adapter), str(bench.base), str(work / "naive"), bench.dtype,
+        str(stats)), stats)
     shutil.rmtree(work / "naive", ignore_errors=True)
     return {"naive_wall_s": measured.wall_s, "naive_work_s": work_s,
             "naive_peak_rss": measured.peak_rss_bytes,

@@ -14,20 +14,19 @@ theory, the table and records); what runs in each child is harness/bench/quant_c
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..ops.quant import cpu_4bit_problem, mode as quant_mode
-from .measure import BenchError, run_measured
+from .launcher import launch
+from .measure import MIB, BenchError
+from .quant_child import child_main
 
 SUITE = "bench-quant"
 # The goal: NF4 with double quant peaks at load within 10% of the theoretical footprint.
 GOALS = {"nf4-dq": 1.10}
-MIB = 2**20
-_CHILD = "from harness.bench.quant_child import child_main; child_main()"
 # What every measured mode's record holds (a complete record); NVML figures come on top where
 # the driver answers, as nvml_process_peak_* or nvml_device_peak_*.
 REQUIRED_METRICS = (
@@ -131,8 +130,8 @@ def child_job(bench: QuantBench, mode: str, parts, work: Path, measure: bool = T
 def _run_mode(job: dict, work: Path) -> ModeResult:
     spec = work / f"{job['mode']}.job.json"
     spec.write_text(json.dumps(job))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    measured = run_measured([sys.executable, "-c", _CHILD, str(spec)], env=env)
+    measured = launch(child_main, str(spec),
+                      env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     if measured.returncode:
         lines = [x for x in measured.stderr.strip().splitlines() if x.strip()]
         return ModeResult(job["mode"], {}, [], lines[-1] if lines else

@@ -1,7 +1,9 @@
 """Quantized-load benchmark, the child's side: one mode measured in this fresh process.
 
-harness/bench/quant.py starts one such process per mode and hands it a job (JSON); this writes
-back the figures as JSON. Imports first (timed apart), then the load: wall time, CUDA peak
+harness/bench/quant.py starts one such process per mode through the launcher (`child_main`)
+and hands it a job (JSON); this writes back the figures as JSON. torch and transformers are
+imported inside the functions, so the parent, which imports this module to name its child,
+stays light. Imports first (timed apart), then the load: wall time, CUDA peak
 allocated and reserved (reset just before), NVML device memory (sampled), peak RSS (VmHWM,
 reset just before); the footprint counted tensor by tensor; dtype and structure checks; the
 probe's drift against the reference. Then LLaVA's generate as warm-up, and `repeat` timed
@@ -17,14 +19,12 @@ generation peak above it.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
 from ..ops.quant import mode as quant_mode
 from ..report.sample import Sample
-from .measure import NvmlSampler, reset_peak_rss, status_bytes
-from .quant import MIB
+from .measure import MIB, NvmlSampler, reset_peak_rss, status_bytes
 
 
 class _Cuda:
@@ -250,10 +250,12 @@ def run_child(job: dict) -> dict:
     return {"metrics": metrics, "problems": problems}
 
 
-def child_main() -> None:
+def child_main(job_file: str) -> None:
+    """The child's whole work (launcher.launch starts it): the job from `job_file`, the
+    figures to the job's `out`."""
     from ..console import quiet_third_party, quiet_transformers
 
-    job = json.loads(Path(sys.argv[1]).read_text())
+    job = json.loads(Path(job_file).read_text())
     with quiet_third_party():
         quiet_transformers()
         result = run_child(job)

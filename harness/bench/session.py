@@ -25,15 +25,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import HarnessError
+from .launcher import child_env
+from .measure import BenchError
 
 GPU_MODES = ("fp16", "bf16", "int8", "nf4", "nf4-dq", "fp4")
 CPU_MODES = ("fp32", "fp16", "bf16", "int8", "nf4", "nf4-dq", "fp4")
 PYTEST_TIMEOUT_S = 1800
-
-
-class SessionError(HarnessError):
-    pass
 
 
 @dataclass
@@ -66,7 +63,7 @@ def check_machine(session: Session) -> dict:
     from ..report.environment import collect
 
     if not session.dry_run and not torch.cuda.is_available():
-        raise SessionError("torch sees no CUDA device (use --dry-run to rehearse on CPU)")
+        raise BenchError("torch sees no CUDA device (use --dry-run to rehearse on CPU)")
     import bitsandbytes  # noqa: F401 - carried as a wheel on the GPU image
     env = collect()
     print(f"   {env.label()}; torch {env.libraries.get('torch')}, "
@@ -101,9 +98,11 @@ def gpu_suites(session: Session, suites: Path) -> int:
             "--llava-run-id", f"session-{session.device}", *_plugin_args()]
     if not session.dry_run:
         args.append("--llava-realsize")
-    done = subprocess.run(args, timeout=PYTEST_TIMEOUT_S)
+    # Not launcher.launch: pytest's output goes to the terminal as it runs, and this step is
+    # timed by the session, not measured; but it imports the same harness as this process.
+    done = subprocess.run(args, env=child_env(), timeout=PYTEST_TIMEOUT_S)
     if done.returncode not in (0, 5):  # 5: no test selected, as on a CPU without gpu tests
-        raise SessionError(f"pytest -m gpu exited {done.returncode}")
+        raise BenchError(f"pytest -m gpu exited {done.returncode}")
     return done.returncode
 
 
@@ -118,7 +117,7 @@ def quant_bench(session: Session, folder: Path) -> Path:
                        new_tokens=8 if session.dry_run else 64,
                        repeat=3 if session.dry_run else 5)
     if bench_quant(bench, out) != 0:
-        raise SessionError(f"bench quant: a mode failed (records in {out})")
+        raise BenchError(f"bench quant: a mode failed (records in {out})")
     return out
 
 
