@@ -310,3 +310,19 @@ def test_a_cache_entry_is_built_once_by_concurrent_processes(tmp_path):
     assert [p.returncode for p in procs] == [0, 0]
     assert len(folders) == 1 and Path(folders.pop()).is_dir()
     assert log.read_text().count("built") == 1
+
+
+def test_bench_build_records_its_figures_as_json(tmp_path, monkeypatch, capsys):
+    """`bench build --json`: the build child and the raw write, measured, as one results file
+    on stdout (the table goes to stderr) and nothing left in the cache (it once passed an
+    argument the benchmark did not take, and no test ran it)."""
+    from harness.cli.app import main
+
+    monkeypatch.setenv("LLAVA_HARNESS_CACHE", str(tmp_path))
+    assert main(["bench", "build", "--preset", "tiny", "--json"]) == 0
+    out = capsys.readouterr()
+    records = json.loads(out.out)["records"]
+    assert [r["case"] for r in records] == ["tiny-bin"]
+    assert {"build_wall_s", "raw_write_s", "build_peak_rss"} <= set(records[0]["metrics"]), records[0]["metrics"]
+    assert "build tiny bin" in out.err
+    assert list(tmp_path.iterdir()) == []

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..options import (add_json, add_output, add_results_output, add_spec_options,
+from ..options import (add_json, add_output, add_results_output, add_spec_options, results_target,
                        spec_from_args)
 
 
@@ -55,5 +55,5 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_bench_build(args: argparse.Namespace) -> int:
     from ...bench.build import bench_build
 
-    return bench_build(spec_from_args(args), work=args.work, output=args.output,
-                       force=args.force, as_json=args.json)
+    return bench_build(spec_from_args(args), work=args.work, output=results_target(args),
+                       force=args.force)
