@@ -52,11 +52,14 @@ def _not_stdout(text: str) -> Path:
 
 
 def add_output(p: argparse.ArgumentParser, help: str, *, metavar: str, stdout: bool = False,
-               required: bool = False, aliases: tuple[str, ...] = ()) -> None:
-    """`-o/--output`; `stdout=True` where the output is one text file (then `-` is stdout)."""
+               required: bool = False, aliases: tuple[str, ...] = (), force: bool = False) -> None:
+    """`-o/--output`; `stdout=True` where the output is one text file (then `-` is stdout);
+    `force=True` where an existing output is refused unless `--force` replaces it."""
     p.add_argument("-o", "--output", *aliases, dest="output", metavar=metavar,
                    required=required, type=_file_or_stdout if stdout else _not_stdout,
                    help=help + ("; - for stdout" if stdout else ""))
+    if force:
+        p.add_argument("--force", action="store_true", help="replace an existing output")
 
 
 def add_json(p: argparse.ArgumentParser, what: str = "the result") -> None:

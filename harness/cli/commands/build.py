@@ -13,8 +13,7 @@ from ..options import (add_json, add_output, add_results_output, add_spec_option
 def register(sub, bench) -> None:
     p = sub.add_parser("build", help="write a synthetic LLaVA checkpoint")
     add_spec_options(p)
-    add_output(p, "the checkpoint folder to write (atomically)", metavar="DIR")
-    p.add_argument("--force", action="store_true", help="replace an existing output")
+    add_output(p, "the checkpoint folder to write (atomically)", metavar="DIR", force=True)
     p.add_argument("--plan", action="store_true",
                    help="print the index it would write, as JSON, and write nothing")
     add_json(p, "what was built")

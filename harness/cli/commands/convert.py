@@ -15,12 +15,11 @@ def register(sub, bench) -> None:
     p = sub.add_parser("convert", help="convert between the original LLaVA layout and "
                                        "llava-hf (LlavaForConditionalGeneration)")
     p.add_argument("checkpoint", type=Path, help="checkpoint folder")
-    add_output(p, "output folder (written atomically)", metavar="DIR", required=True)
+    add_output(p, "output folder (written atomically)", metavar="DIR", required=True, force=True)
     p.add_argument("--to", required=True, choices=("hf", "original"), help="target layout")
     p.add_argument("--vision-tower", type=Path, metavar="DIR",
                    help="to hf: the CLIP tower folder (default: config.json's mm_vision_tower)")
     p.add_argument("--to-format", choices=FORMATS, help="default: the checkpoint's own")
-    p.add_argument("--force", action="store_true", help="replace an existing output")
     add_json(p, "a summary (tensors, format, vocabulary rows, dropped buffers)")
     p.set_defaults(func=cmd_convert)
 

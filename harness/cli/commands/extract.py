@@ -29,11 +29,10 @@ def register(sub, bench) -> None:
     source.add_argument("--model-path", type=Path, dest="model_path",
                         help="the checkpoint folder (LLaVA's extract_mm_projector.py flag)")
     add_output(p, "output file: .bin (torch) or .safetensors; a folder gets "
-                  "mm_projector.bin inside it", metavar="PATH", required=True)
+                  "mm_projector.bin inside it", metavar="PATH", required=True, force=True)
     p.add_argument("--keys", type=_keys, default=("mm_projector",),
                    help="comma-separated substrings a tensor name must contain "
                         "(default: mm_projector)")
-    p.add_argument("--force", action="store_true", help="replace an existing output")
     add_json(p, "a summary (keys, files read, bytes, work seconds)")
     p.set_defaults(func=cmd_extract)
 

@@ -22,12 +22,11 @@ def register(sub, bench) -> None:
     p.add_argument("--base", "--model-base", dest="base", type=Path, required=True,
                    help="the base checkpoint folder the LoRA was trained on")
     add_output(p, "output folder (written atomically)", metavar="DIR", required=True,
-               aliases=("--save-model-path",))
+               aliases=("--save-model-path",), force=True)
     p.add_argument("--dtype", choices=DTYPE_NAMES,
                    help="dtype of the merged weights (default: the base's)")
     p.add_argument("--device", default="cpu",
                    help="where the updates are computed: cpu (default) or cuda")
-    p.add_argument("--force", action="store_true", help="replace an existing output")
     add_json(p, "a summary (layers merged, tensors, bytes, seconds)")
     p.set_defaults(func=cmd_merge)
 

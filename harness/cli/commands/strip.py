@@ -22,7 +22,7 @@ def register(sub, bench) -> None:
     p = sub.add_parser("strip", help="write the plain Llama/Mistral language model of a LLaVA "
                                      "checkpoint (original or llava-hf layout)")
     p.add_argument("checkpoint", type=Path, help="LLaVA checkpoint folder")
-    add_output(p, "output folder (written atomically)", metavar="DIR", required=True)
+    add_output(p, "output folder (written atomically)", metavar="DIR", required=True, force=True)
     p.add_argument("--keep-legacy-buffers", action="store_true",
                    help="keep the per-layer rotary_emb.inv_freq buffers (then shards holding "
                         "only language-model tensors are hard-linked, not rewritten)")
@@ -32,7 +32,6 @@ def register(sub, bench) -> None:
                         "lit_model.pth + model_config.yaml as litgpt.GPT loads them, streamed")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the strict check against the target class (meta device)")
-    p.add_argument("--force", action="store_true", help="replace an existing output")
     add_json(p, "a summary (layout, kept and dropped tensors, shards)")
     p.set_defaults(func=cmd_strip)
 
