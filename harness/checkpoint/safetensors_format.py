@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from .files import Output
-from .formats import DTYPE_BYTES
+from .files import DEFAULT_MODE, Output
+from .formats import DTYPE_BYTES, Entry
 from .problems import CheckpointError, shown
 from .tensors import SAFETENSORS_CODES, SAFETENSORS_NAMES, Piece, Source
 
 MAX_HEADER_BYTES = 100 * 10**6
 _ENTRY_FIELDS = {"dtype", "shape", "data_offsets"}
+# A new tensor's bytes, produced in pieces (the builder's fill, the merge's tensors).
+Chunks = Callable[[Entry], Iterable[bytes | memoryview]]
+Progress = Callable[[int], None]
 
 
 def _no_duplicates(pairs):
@@ -125,8 +128,14 @@ def scan_safetensors(path: Path, label: Path | None = None) -> tuple[dict[str, S
 
 def safetensors_order(tensors: list) -> list:
     """Wider dtypes first, so every tensor stays aligned to its element size (safetensors'
-    own rule); within a width, the order given."""
+    own rule); within a width, the order given (a rewritten shard keeps its source's order)."""
     return sorted(tensors, key=lambda t: -DTYPE_BYTES[t.dtype])
+
+
+def save_file_order(tensors: list) -> list:
+    """The order safetensors' own `save_file` lays tensors out in: wider dtypes first, then by
+    name. New files (the builder's, the merge's, an extraction) are written in it."""
+    return safetensors_order(sorted(tensors, key=lambda t: t.key))
 
 
 def header_bytes(tensors: list, metadata: dict | None) -> bytes:
@@ -142,24 +151,33 @@ def header_bytes(tensors: list, metadata: dict | None) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
-def _put_pieces(out: Output, t: Source) -> None:
-    for piece in t.byte_pieces(out.path):
-        out.put(piece)
+def _write_bytes(out: Output, t, chunks: Chunks | None) -> None:
+    if chunks is not None:
+        for chunk in chunks(t):
+            out.write(chunk)
+    else:
+        for piece in t.byte_pieces(out.path):
+            out.put(piece)
 
 
-def write_safetensors(path: Path, tensors: list, metadata: dict | None = None, *,
-                      mode: int = 0o644, emit: Callable | None = None) -> None:
-    """Write `tensors` in the order given (callers order them: `safetensors_order`).
-    `emit(out, tensor)` writes one tensor's bytes; by default its pieces, in the kernel."""
-    emit = emit or _put_pieces
+def write_safetensors(path: Path, tensors: list, chunks: Chunks | None = None, *,
+                      metadata: dict | None = None, progress: Progress | None = None,
+                      mode: int = DEFAULT_MODE) -> None:
+    """The one safetensors writer: `tensors` in the order given (callers order them:
+    `safetensors_order`, `save_file_order`), header first (every offset is known up front),
+    then each tensor's bytes. Those are its file pieces, copied in the kernel, or, for new
+    tensors (the builder's fill, the merge's results), whatever `chunks(tensor)` yields,
+    written as it comes with no intermediate copy. `progress(nbytes)` follows each tensor."""
     out = Output(path, mode)
     try:
         out.write(header_bytes(tensors, metadata))
         for t in tensors:
             start = out.pos
-            emit(out, t)
+            _write_bytes(out, t, chunks)
             if out.pos - start != t.nbytes:
                 raise CheckpointError(f"{shown(path)}: {shown(t.key)} produced "
                                       f"{out.pos - start} bytes, expected {t.nbytes}")
+            if progress:
+                progress(t.nbytes)
     finally:
         out.close()

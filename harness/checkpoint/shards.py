@@ -1,6 +1,8 @@
-"""Rewriting a checkpoint folder shard by shard: the streaming layer strip, convert and merge
-stand on. Each source shard becomes an output shard of the tensors a mapper keeps; a shard
-kept whole in the same format is hard-linked, any other is rewritten from file ranges."""
+"""Writing a checkpoint's shards: each format's one writer, picked by format name (the builder,
+strip, convert and the merge all write through `write_shard`), and rewriting a folder shard by
+shard, the streaming layer strip, convert and merge stand on. Each source shard becomes an
+output shard of the tensors a mapper keeps; a shard kept whole in the same format is
+hard-linked, any other is rewritten from file ranges."""
 
 from __future__ import annotations
 
@@ -8,10 +10,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .files import link_or_copy, mode_of
+from .files import DEFAULT_MODE, link_or_copy, mode_of
 from .formats import INDEX_NAMES, index_json, index_of, shard_name
 from .reader import ScannedFolder
-from .safetensors_format import safetensors_order, write_safetensors
+from .safetensors_format import (
+    Chunks,
+    Progress,
+    safetensors_order,
+    save_file_order,
+    write_safetensors,
+)
 from .tensors import Source
 from .torch_zip import write_bin
 
@@ -28,12 +36,29 @@ class OutShard:
 Mapper = Callable[[str, Source], Source | None]
 
 
-def _write(fmt: str, path: Path, shard: OutShard) -> None:
+def new_shard_order(fmt: str, tensors: list) -> list:
+    """The order a new shard of `fmt` holds `tensors` in, as torch.save and safetensors'
+    `save_file` lay them out; its writer writes them, and asks `chunks` for them, in it."""
+    return list(tensors) if fmt == "bin" else save_file_order(tensors)
+
+
+def write_shard(fmt: str, path: Path, tensors: list, chunks: Chunks | None = None, *,
+                progress: Progress | None = None, metadata: dict | None = None,
+                mode: int = DEFAULT_MODE) -> None:
+    """One shard of `tensors`, in the order given, through `fmt`'s one writer: copied from
+    their files, or made by `chunks` (see `write_bin`, `write_safetensors`). `metadata` is
+    safetensors' `__metadata__`; a `.bin` file has none."""
     if fmt == "bin":
-        write_bin(path, shard.tensors, mode=shard.mode)
+        write_bin(path, tensors, chunks, progress=progress, mode=mode)
     else:
-        write_safetensors(path, safetensors_order(shard.tensors), shard.metadata,
-                          mode=shard.mode)
+        write_safetensors(path, tensors, chunks, metadata=metadata, progress=progress,
+                          mode=mode)
+
+
+def _rewrite(fmt: str, path: Path, shard: OutShard) -> None:
+    # A rewritten shard keeps its source's tensor order (safetensors: within each dtype width).
+    tensors = shard.tensors if fmt == "bin" else safetensors_order(shard.tensors)
+    write_shard(fmt, path, tensors, metadata=shard.metadata, mode=shard.mode)
 
 
 def plan_shards(scanned: ScannedFolder, mapper: Mapper, fmt: str) -> list[OutShard]:
@@ -64,7 +89,7 @@ def write_shards(out: Path, shards: list[OutShard], fmt: str, indexed: bool) -> 
         if shard.link_from is not None:
             done[shard.name] = link_or_copy(shard.link_from, out / shard.name)
         else:
-            _write(fmt, out / shard.name, shard)
+            _rewrite(fmt, out / shard.name, shard)
             done[shard.name] = "rewritten"
     if indexed or len(shards) > 1:
         index = index_of((s.name, s.tensors) for s in shards)

@@ -1,5 +1,4 @@
-"""`.bin` (torch zip) checkpoints: the one restricted reader and the one streaming writer,
-both without torch.
+"""`.bin` (torch zip) checkpoints: the one restricted reader, without torch, and the one writer.
 
 Reading trusts nothing: the zip must be a torch archive with one stored (not compressed)
 `data.pkl` of bounded size, little-endian; the pickle is run by a pure-Python unpickler that
@@ -11,9 +10,11 @@ stored record of exactly the bytes its dtype and element count need, inside the 
 each tensor's view must lie inside its storage.
 
 Writing produces what `torch.load(weights_only=True, mmap=True)` reads as it reads
-`torch.save`'s files: stored records, data 64-byte aligned, zip64 where needed; `.bin` storages
-are copied whole (their CRC is known, the copy stays in the kernel), any other tensor becomes a
-record of its own bytes.
+`torch.save`'s files. Tensors copied from checkpoints are written without torch: stored
+records, data 64-byte aligned, zip64 where needed; `.bin` storages are copied whole (their CRC
+is known, the copy stays in the kernel), any other tensor becomes a record of its own bytes.
+New tensors (the builder's, the merge's) stream through torch's own record writer, so their
+file is what `torch.save` writes of the same state dict.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .files import Output
-from .formats import DTYPE_BYTES, shape_numel
+from .files import DEFAULT_MODE, Output, fsync_path
+from .formats import DTYPE_BYTES, Entry, shape_numel
 from .crc import combined
 from .problems import CheckpointError, shown
 from .tensors import (
@@ -43,6 +44,10 @@ from .tensors import (
     contiguous_strides,
     is_contiguous,
 )
+
+# A new tensor's bytes, produced in pieces (the builder's fill, the merge's tensors).
+Chunks = Callable[[Entry], Iterable[bytes | memoryview]]
+Progress = Callable[[int], None]
 
 MAX_PICKLE_BYTES = 64 << 20  # a 13B's data.pkl is ~60 KB
 MAX_PICKLE_OPS = 5_000_000
@@ -318,6 +323,9 @@ _ZIP64_LIMIT = 0xFFFFFFFF  # sizes and offsets from here on need zip64 fields
 _SENTINEL = 0xFFFFFFFF  # what a 32-bit field says when the zip64 field holds the value
 _ALIGN = 64
 _PAGE = 4096
+# The records torch.save writes between data.pkl and the storages (only little-endian is read).
+_HEAD_RECORDS = ((".format_version", b"1"), (".storage_alignment", str(_ALIGN).encode()),
+                 ("byteorder", b"little"))
 
 
 @dataclass
@@ -424,27 +432,47 @@ def _p_tuple(items: Iterable[int]) -> bytes:
     return b"(" + b"".join(_p_int(i) for i in items) + b"t"
 
 
+def _storage_class(key: str, dtype: str) -> str:
+    """The legacy storage class torch.save names a `dtype` tensor's storage by."""
+    if dtype not in STORAGE_CLASSES:
+        raise CheckpointError(f"{shown(key)} is {dtype}, which a .bin file cannot hold; "
+                              "write .safetensors instead")
+    return STORAGE_CLASSES[dtype]
+
+
 def state_pickle(entries: list[tuple[str, str, str, int, int, tuple, tuple]]) -> bytes:
     """`entries`: (key, storage name, dtype, storage numel, offset, shape, stride)."""
     out = bytearray(b"\x80\x02}(")
     for key, storage, dtype, numel, offset, shape, stride in entries:
-        if dtype not in STORAGE_CLASSES:
-            raise CheckpointError(f"{shown(key)} is {dtype}, which a .bin file cannot hold; "
-                                  "write .safetensors instead")
         out += _p_str(key) + b"ctorch._utils\n_rebuild_tensor_v2\n("
-        out += (b"(" + _p_str("storage") + f"ctorch\n{STORAGE_CLASSES[dtype]}\n".encode()
+        out += (b"(" + _p_str("storage") + f"ctorch\n{_storage_class(key, dtype)}\n".encode()
                 + _p_str(storage) + _p_str("cpu") + _p_int(numel) + b"tQ")
         out += _p_int(offset) + _p_tuple(shape) + _p_tuple(stride) + b"\x89"
         out += b"ccollections\nOrderedDict\n)RtR"
     return bytes(out + b"u.")
 
 
-def write_bin(path: Path, tensors: list[Source], archive: str | None = None,
-              mode: int = 0o644) -> None:
-    """A torch zip checkpoint: `.bin` storages copied whole (known CRC, in the kernel), any
-    other tensor as a new record of its own bytes. `archive` is the record folder name
-    (torch.save uses the file's stem; the default is this file's)."""
-    archive = archive or path.name.rsplit(".", 1)[0]
+def write_bin(path: Path, tensors: list, chunks: Chunks | None = None, *,
+              progress: Progress | None = None, archive: str | None = None,
+              mode: int = DEFAULT_MODE) -> None:
+    """The one `.bin` writer: a torch zip checkpoint of `tensors` in the order given.
+
+    Tensors read from checkpoints (`Source`s; `chunks` None) are copied without torch: `.bin`
+    storages whole (known CRC, in the kernel), any other tensor as a new record of its own
+    bytes, under the record folder `archive` (torch.save uses the file's stem, the default).
+    New tensors, whose bytes `chunks(tensor)` yields (the builder's fill, the merge's results),
+    go through torch's own record writer, so the file is what torch.save writes of the same
+    dict; `progress(nbytes)` follows each."""
+    if chunks is None:
+        _write_copies(path, tensors, archive or path.name.rsplit(".", 1)[0], mode)
+    elif archive not in (None, path.name.rsplit(".", 1)[0]):
+        raise ValueError("new tensors are written by torch's writer, which names the record "
+                         "folder after the file")
+    else:
+        _write_new(path, tensors, chunks, progress, mode)
+
+
+def _write_copies(path: Path, tensors: list[Source], archive: str, mode: int) -> None:
     names: dict[tuple, str] = {}
     records: list[tuple[str, Source]] = []
     entries = []
@@ -465,8 +493,7 @@ def write_bin(path: Path, tensors: list[Source], archive: str | None = None,
     try:
         zf = _TorchZip(out)
         zf.add(f"{archive}/data.pkl", pickled)
-        for name, data in ((".format_version", b"1"), (".storage_alignment", b"64"),
-                           ("byteorder", b"little")):
+        for name, data in _HEAD_RECORDS:
             zf.add(f"{archive}/{name}", data)
         crc = 0
         for name, t in records:
@@ -483,3 +510,83 @@ def write_bin(path: Path, tensors: list[Source], archive: str | None = None,
         zf.close()
     finally:
         out.close()
+
+
+# --- new tensors, through torch's own writer -------------------------------------------------
+# torch.save's zip records (data descriptors, miniz's headers, its serialization id) are only
+# ever exactly torch's when torch writes them: a synthetic checkpoint must be byte for byte what
+# torch.save of the same state dict writes. Only the builder and the merge come here, and both
+# hold torch already; the copies above never import it.
+
+
+class _NewStorage:
+    """Stands for a new tensor's storage while pickling; becomes torch's persistent id."""
+
+    def __init__(self, name: str, tensor: Entry):
+        self.name, self.tensor = name, tensor
+
+
+class _NewTensor:
+    """Pickles exactly as torch.save pickles a contiguous CPU tensor."""
+
+    def __init__(self, storage: _NewStorage):
+        self.storage = storage
+
+    def __reduce_ex__(self, protocol):
+        import torch._utils  # torch is loaded: only _write_new pickles these
+
+        shape = self.storage.tensor.shape
+        return (torch._utils._rebuild_tensor_v2,
+                (self.storage, 0, shape, contiguous_strides(shape), False, OrderedDict()))
+
+
+class _NewPickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if not isinstance(obj, _NewStorage):
+            return None
+        import torch  # loaded already: only _write_new pickles these
+
+        t = obj.tensor
+        return ("storage", getattr(torch, _storage_class(t.key, t.dtype)), obj.name, "cpu",
+                t.numel)
+
+
+def _new_pickle(tensors: list) -> bytes:
+    # A plain dict, as transformers' shard_checkpoint hands to torch.save; protocol 2 as torch.
+    state = {t.key: _NewTensor(_NewStorage(str(i), t)) for i, t in enumerate(tensors)}
+    buf = io.BytesIO()
+    _NewPickler(buf, protocol=2).dump(state)
+    return buf.getvalue()
+
+
+def _write_new(path: Path, tensors: list, chunks: Chunks, progress: Progress | None,
+               mode: int) -> None:
+    import torch  # the builder and the merge hold torch already; copies never come here
+
+    # One reusable buffer the size of the largest tensor: the only tensor-sized allocation.
+    buffer = torch.empty(max((t.nbytes for t in tensors), default=0), dtype=torch.uint8)
+    view, storage = buffer.numpy(), buffer.untyped_storage()
+    writer = torch._C.PyTorchFileWriter(str(path), True, _ALIGN)
+    for name, data in (("data.pkl", _new_pickle(tensors)), *_HEAD_RECORDS):
+        writer.write_record(name, data, len(data))
+    for i, t in enumerate(tensors):
+        _fill(view, t, chunks, path)
+        # The writer takes the first nbytes of the storage: this tensor's bytes.
+        writer.write_record(f"data/{i}", storage, t.nbytes)
+        if progress:
+            progress(t.nbytes)
+    writer.write_end_of_file()
+    del writer  # closes the file, so the fsync below covers everything
+    os.chmod(path, mode)  # exactly `mode`, whatever the umask, as the copies get it
+    fsync_path(path)
+
+
+def _fill(view, t, chunks: Chunks, path: Path) -> None:
+    """`t`'s bytes, as `chunks` yields them, into the front of the reusable buffer."""
+    pos = 0
+    for chunk in chunks(t):
+        view[pos:pos + len(chunk)] = memoryview(chunk).cast("B")
+        pos += len(chunk)
+    if pos != t.nbytes:
+        raise CheckpointError(f"{shown(path)}: {shown(t.key)} produced {pos} bytes, expected "
+                              f"{t.nbytes}")

@@ -588,7 +588,7 @@ def write_tower_folder(path: Path, tensors: list[Source], vision: dict, image: d
     if len(dtypes) == 1:
         config["torch_dtype"] = dtypes.pop()
     _dump(path / "config.json", config)
-    write_safetensors(path / "model.safetensors", safetensors_order(tensors), None)
+    write_safetensors(path / "model.safetensors", safetensors_order(tensors))
     processor = dict(image) or clip_processor_defaults(vision["image_size"])
     for name in ("do_pad", "processor_class", "image_grid_pinpoints"):
         processor.pop(name, None)

@@ -21,10 +21,9 @@ from pathlib import Path
 
 from ..checkpoint.atomic import atomic_file, check_target
 from ..checkpoint.files import mode_of
-from ..checkpoint.formats import DTYPE_BYTES
 from ..checkpoint.paths import check_output
 from ..checkpoint.reader import CheckpointError, open_folder, scan_file
-from ..checkpoint.safetensors_format import write_safetensors
+from ..checkpoint.safetensors_format import save_file_order, write_safetensors
 from ..checkpoint.tensors import Source
 from ..checkpoint.torch_zip import write_bin
 
@@ -125,8 +124,7 @@ def extract(checkpoint: Path, output: Path, patterns: tuple[str, ...] = DEFAULT_
         if fmt == "bin":
             write_bin(tmp, tensors, archive=target.stem, mode=mode)
         else:
-            order = sorted(tensors, key=lambda t: (-DTYPE_BYTES[t.dtype], t.key))
-            write_safetensors(tmp, order, mode=mode)
+            write_safetensors(tmp, save_file_order(tensors), mode=mode)
     return Extraction(target, tuple(t.key for t in tensors), tuple(by_file),
                       len(folder.files), sum(t.numel for t in tensors),
                       sum(t.nbytes for t in tensors), time.perf_counter() - start)

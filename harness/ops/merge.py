@@ -40,7 +40,7 @@ from ..checkpoint.files import copy_files
 from ..checkpoint.formats import Tensor, index_json, index_of
 from ..checkpoint.paths import check_output, inside
 from ..checkpoint.reader import as_tensor, open_folder, read_file
-from ..checkpoint.writers import WRITE_ORDER, WRITERS
+from ..checkpoint.shards import new_shard_order, write_shard
 from ..errors import HarnessError
 from ..llava.adapter import NON_LORA_TRAINABLES, LoraModule, empty_adapter
 from ..llava.claims import check_folder_claims
@@ -417,9 +417,10 @@ def _write(folder, plan: MergePlan, producer: _Producer, out: Path) -> tuple[int
             infos.append(Tensor(key, tuple(shape), _DTYPE_NAMES[dtype]))
         with ExitStack() as stack:
             shard = _Shard(folder, file, stack)
-            ahead = _Ahead(producer, shard, WRITE_ORDER[folder.format](infos))
+            order = new_shard_order(folder.format, infos)
+            ahead = _Ahead(producer, shard, order)
             stack.callback(ahead.close)
-            WRITERS[folder.format](out / file, infos, ahead.chunks)
+            write_shard(folder.format, out / file, order, ahead.chunks)
         written.append((file, infos))
     index = index_of(written)
     if folder.index_file:

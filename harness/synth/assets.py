@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint.writers import write_safetensors
+from ..checkpoint.safetensors_format import save_file_order, write_safetensors
 from .content import tensor_chunks
 from .layout import clip_tensors, clip_tower_config
 from .specs import VisionSpec
@@ -321,6 +321,7 @@ def build_clip_tower(out_dir: Path, *, hidden_size: int, num_hidden_layers: int,
     _write_json(out_dir / "config.json", clip_tower_config(vision, _DTYPE_NAMES[dtype]))
     # The same deterministic fill and streaming writer as the checkpoint shards: one tensor
     # window at a time, values a function of (seed, key) only.
-    write_safetensors(out_dir / "model.safetensors", clip_tensors(vision, _DTYPE_NAMES[dtype]),
+    write_safetensors(out_dir / "model.safetensors",
+                      save_file_order(clip_tensors(vision, _DTYPE_NAMES[dtype])),
                       lambda info: tensor_chunks(seed, info, None))
     _write_json(out_dir / "preprocessor_config.json", _preprocessor_config(image_size))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..checkpoint.atomic import atomic_dir
 from ..checkpoint.formats import index_json
-from ..checkpoint.writers import WRITERS
+from ..checkpoint.shards import new_shard_order, write_shard
 from . import configs
 from .content import tensor_chunks
 from .plan import CheckpointPlan, make_plan
@@ -41,12 +41,12 @@ def _progress_bar(total: int):
 
 
 def write_tensors(spec: BuildSpec, plan: CheckpointPlan, folder: Path) -> None:
-    write = WRITERS[plan.format]
     seed, model = spec.checkpoint.seed, spec.model
     with _progress_bar(plan.total_size) as bar:
         for shard in plan.shards:
-            write(folder / shard.name, shard.tensors,
-                  lambda info: tensor_chunks(seed, info, model), bar.update)
+            write_shard(plan.format, folder / shard.name,
+                        new_shard_order(plan.format, shard.tensors),
+                        lambda info: tensor_chunks(seed, info, model), progress=bar.update)
     if plan.index_name:
         (folder / plan.index_name).write_text(index_json(plan.index()))
 
