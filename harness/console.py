@@ -10,7 +10,13 @@ document or the file that `-` stands for) and the human lines go to stderr, so
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
+import os
 import sys
+import warnings
+
+from .checkpoint.atomic import atomic_file
 
 # Warnings attributed to any module but the harness's own (and its suites'): a deprecation the
 # harness causes is attributed to its line by the library that raises it.
@@ -46,15 +52,12 @@ def write_text(path, text: str) -> None:
     if str(path) == "-":
         write_machine(text)
         return
-    from .checkpoint.atomic import atomic_file
 
     with atomic_file(path, force=True) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
 def print_json(data) -> None:
-    import json
-
     write_machine(json.dumps(data, indent=2, default=str) + "\n")
 
 
@@ -87,10 +90,6 @@ def quiet_third_party():
     (and, with quiet_transformers, shows no progress bars), and bitsandbytes' hub-kernel notice
     is dropped. Everything is
     as it was afterwards, so calling the CLI in-process (the suites do) leaves no trace."""
-    import logging
-    import os
-    import warnings
-
     names = {"TRANSFORMERS_VERBOSITY": "error"}  # read by transformers at its import
     saved_env = {name: os.environ.get(name) for name in names}
     saved_format = warnings.formatwarning
@@ -122,15 +121,13 @@ def quiet_third_party():
 def quiet_transformers() -> None:
     """transformers to errors only and no progress bars: what a command that loads models calls
     once transformers is imported (quiet_third_party puts it back as it was afterwards)."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # heavy: transformers
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
 
 def _restore_transformers(state) -> None:
-    import logging
-
     hf = sys.modules.get("transformers.utils.logging")
     if hf is None:
         return

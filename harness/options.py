@@ -30,7 +30,6 @@ BOTH_SPELLINGS = {"realsize"}
 def argument_type(parse):
     """`parse(text)` as an argparse / pytest `type=`: the one-line message of a HarnessError it
     raises becomes the parse error, as it is."""
-
     @functools.wraps(parse)
     def parse_argument(text: str):
         try:

@@ -18,16 +18,23 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from .data import SUITES
+from .data import SUITES, suites_dir
 from .options import (PLUGIN_PREFIX, add_run_options, existing_file, folder_to_write,
                       unanchored_check)
+from .oracle import source
+from .oracle.cases import checkpoints
 from .oracle.source import MODES as ORACLE_MODES
+from .oracle.venv import default_env
 from .report.collector import Collector, benchmark_metrics
+from .report.environment import current
+from .report.gate import evaluate
 from .report.results import as_metric, metric_from_dict, metric_to_dict
+from .synth.cache import cache_root, cached_build
 from .synth.presets import TINY_PRESETS, build_spec
 
 MARKERS = {
@@ -97,7 +104,6 @@ def _add_folder_validation(config: pytest.Config) -> None:
     of the harness's suites (then they chose which: `run --checkpoint DIR --suites x`)."""
     if config.getoption("--llava-checkpoint") is None:
         return
-    from .data import suites_dir
 
     suites = suites_dir().resolve()
     for arg in config.args:
@@ -111,7 +117,6 @@ def _add_release_verification(config: pytest.Config) -> None:
     """`pytest --llava-release MANIFEST` anywhere runs one test per relation of the release."""
     if config.getoption("--llava-release") is None:
         return
-    from .data import suites_dir
 
     suite = str(suites_dir() / RELEASE_SUITE)
     if suite not in config.args:
@@ -154,7 +159,7 @@ def llava_offline():
 
 
 def _cuda_available() -> bool:
-    import torch
+    import torch  # heavy: torch
 
     return torch.cuda.is_available()
 
@@ -182,7 +187,7 @@ class CheckpointFactory:
 
     def __call__(self, preset: str = "tiny", *, model: dict | None = None,
                  checkpoint: dict | None = None) -> Path:
-        from .synth.builder import build
+        from .synth.builder import build  # heavy: torch
 
         spec = build_spec(preset, model=model, checkpoint=checkpoint)
         if spec not in self._built:
@@ -212,16 +217,12 @@ def tiny_checkpoint(tiny_checkpoint_factory: CheckpointFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def llava_cache(pytestconfig: pytest.Config) -> Path:
-    from .synth.cache import cache_root
-
     return pytestconfig.getoption("--llava-cache") or cache_root()
 
 
 @pytest.fixture(scope="session")
 def realsize_checkpoint_factory(llava_cache: Path):
     """`factory(preset, model={...}, checkpoint={...})` -> a cached real-size folder."""
-    from .synth.cache import cached_build
-
     def factory(preset: str = "llava-v1.5-7b", *, model: dict | None = None,
                 checkpoint: dict | None = None) -> Path:
         with hub_offline():
@@ -233,8 +234,6 @@ def realsize_checkpoint_factory(llava_cache: Path):
 @pytest.fixture(scope="session")
 def llava_oracle_folders(tiny_checkpoint_factory: CheckpointFactory) -> dict[str, Path]:
     """The tiny checkpoints the original-LLaVA oracle reads, by their oracle id."""
-    from .oracle.cases import checkpoints
-
     return {entry["id"]: tiny_checkpoint_factory(entry["preset"], model=entry["model"],
                                                  checkpoint=entry["checkpoint"])
             for entry in checkpoints()}
@@ -245,9 +244,6 @@ def llava_oracle(request: pytest.FixtureRequest, llava_oracle_folders):
     """The oracle named by the indirect parameter: "live" (computed on this machine by
     LLaVA's code; bit for bit) or "stored:<copy>" (a committed copy; bit for bit on a machine
     like the one that made it, else within the cross-machine ulp bounds)."""
-    from .oracle import source
-    from .oracle.venv import default_env
-
     name = getattr(request, "param", "live")
     mode = request.config.getoption("--llava-oracle")
     if name == "live":
@@ -294,8 +290,6 @@ class MetricRecorder:
         sample under `name` (seconds) and returns the last round's result. A timing measured
         once says nothing about its noise, so timings go through here (or pytest-benchmark's
         `benchmark`)."""
-        import time
-
         result = None
         for _ in range(warmup):
             result = work()
@@ -334,7 +328,6 @@ def llava_checkpoint(pytestconfig: pytest.Config, llava_checkpoint_spec,
         return tiny_checkpoint_factory(preset)
     if not pytestconfig.getoption("llava_realsize"):
         pytest.skip(f"--llava-preset {preset}: {_NO_REALSIZE}")
-    from .synth.cache import cache_root, cached_build
 
     root = pytestconfig.getoption("--llava-cache") or cache_root()
     with hub_offline():
@@ -448,18 +441,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
     checks = config.getoption("--llava-fail")
     if report_dir is None and not checks:
         return  # the default run writes nothing and measures nothing
-    from .report.environment import current
 
     results = config.stash[_COLLECTOR].results(config.getoption("--llava-run-id"), current(),
                                                _settings(config))
     if report_dir is not None:
-        from .report.single import write_report
+        from .report.single import write_report  # heavy: tabulate
 
         paths = write_report(results, Path(report_dir) / results.run_id)
         config.stash[_REPORT_PATH] = paths["markdown"]
     if checks:
-        from .report.gate import evaluate
-
         gate = evaluate(checks, results, config.getoption("--llava-baseline"), outcomes=False)
         warnings, lines = gate.printed(len(checks))
         config.stash[_GATE_LINES] = warnings + lines

@@ -63,7 +63,7 @@ def ulp_at_scale(expected, dtype):
     """The spacing of `dtype` at the largest |value| of `expected`: the scale its sums were
     accumulated at. (A value's own ulp is no yardstick for logits near zero, which come from
     cancellation between terms hundreds of times larger.)"""
-    import torch
+    import torch  # heavy: torch
 
     top = expected.detach().abs().max().to(dtype)
     return (torch.nextafter(top, torch.tensor(float("inf"), dtype=dtype)) - top).float()
@@ -91,7 +91,7 @@ class Apart:
 
 def apart(a, b) -> Apart:
     """max |a - b| (equal infinities and NaN in both places count as equal), where, how many."""
-    import torch
+    import torch  # heavy: torch
 
     x, y = a.double(), b.double()
     diff = (x - y).abs()

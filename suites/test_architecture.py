@@ -210,3 +210,143 @@ def test_nothing_below_the_command_line_imports_it():
     wrong = [f"{path.relative_to(PACKAGE)}:{line}" for path in _modules()
              if _unit(path) != "cli" for line, target in _imported_units(path) if target == "cli"]
     assert not wrong, "imports of the command line from below it:\n" + "\n".join(wrong)
+
+
+# --- a function-level import is there to keep a heavy library off a module's import ----------
+
+# Libraries whose import costs a path that never needs them (torch alone is ~1.2 GB, seconds
+# from a cold page cache; matplotlib, numpy and tabulate tens of milliseconds), and libraries the
+# harness's own install does not have. Anything else is imported at the top, where a reader
+# sees the module's arrows at a glance.
+HEAVY = {"torch", "transformers", "peft", "bitsandbytes", "safetensors.torch", "numpy", "PIL",
+         "matplotlib", "tabulate", "tokenizers", "sentencepiece", "huggingface_hub", "accelerate"}
+OPTIONAL = {"llava", "litgpt", "pynvml"}
+# Run by path with another interpreter (`ab`'s other side): it imports that side's harness
+# once it runs, and copes with one too old to have a module.
+OTHER_INTERPRETERS = {"bench/ab_child.py"}
+
+
+def _targets(path: Path, node) -> list[str]:
+    """Dotted names an import statement loads: harness modules resolved, others as written."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    if node.level:
+        package = _module_name(path).split(".") if path.name != "__init__.py" else \
+            [*_module_name(path).split("."), ""]
+        base = ["harness", *[p for p in package[: len(package) - node.level] if p]]
+        name = ".".join([*base, *([node.module] if node.module else [])])
+    else:
+        name = node.module or ""
+    return [name, *(f"{name}.{a.name}" for a in node.names)]
+
+
+def _import_statements(path: Path):
+    """(statement, at function level) for each import, `if TYPE_CHECKING:` blocks left out."""
+    tree = ast.parse(path.read_text())
+    hidden = {id(n) for block in ast.walk(tree)
+              if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+              for n in ast.walk(block)}
+    lazy = {id(n) for fn in ast.walk(tree)
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) for n in ast.walk(fn)}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in hidden:
+            yield node, id(node) in lazy
+
+
+def _heavy_loaded() -> dict:
+    """A function: dotted name -> the heavy or optional libraries importing it loads."""
+    files = {"harness." + _module_name(p) if _module_name(p) else "harness": p
+             for p in [*_modules(), PACKAGE / "__init__.py"]}
+    eager = {name: {t for node, lazy in _import_statements(path) if not lazy
+                    for t in _targets(path, node)} for name, path in files.items()}
+    memo: dict[str, set[str]] = {}
+
+    def loads(name: str) -> set[str]:
+        if name not in memo:
+            memo[name] = set()  # no circles (tested above); this only guards the walk
+            parts = name.split(".")
+            found = set()
+            for i in range(1, len(parts) + 1):
+                prefix = ".".join(parts[:i])
+                found |= {prefix} & HEAVY | {parts[0]} & OPTIONAL
+                for target in eager.get(prefix, ()):
+                    found |= loads(target)
+            memo[name] = found
+        return memo[name]
+
+    return loads
+
+
+def needless_lazy_imports(package: Path) -> list[str]:
+    global PACKAGE
+    saved, PACKAGE = PACKAGE, package
+    try:
+        loads, found = _heavy_loaded(), []
+        for path in _modules():
+            rel = path.relative_to(PACKAGE).as_posix()
+            if rel in OTHER_INTERPRETERS:
+                continue
+            mine = loads("harness." + _module_name(path))
+            lines = path.read_text().splitlines()
+            for node, lazy in _import_statements(path):
+                if not lazy:
+                    continue
+                kept_off = set().union(*map(loads, _targets(path, node))) - mine
+                said = " ".join(lines[node.lineno - 2: node.lineno])
+                if not kept_off:
+                    found.append(f"{rel}:{node.lineno}: {ast.unparse(node)} (keeps nothing "
+                                 "heavy off this module: import it at the top)")
+                elif not any(f"# heavy: {lib}" in said or f"# optional: {lib}" in said
+                             for lib in kept_off):
+                    heavy = sorted(kept_off - OPTIONAL)
+                    why = f"heavy: {', '.join(heavy)}" if heavy else \
+                        f"optional: {', '.join(sorted(kept_off))}"
+                    found.append(f"{rel}:{node.lineno}: {ast.unparse(node)} (say why: '# {why}')")
+        return found
+    finally:
+        PACKAGE = saved
+
+
+def test_function_level_imports_only_keep_heavy_libraries_off():
+    """An import inside a function hides an arrow from the reader; it earns its place only by
+    keeping torch (or another heavy or optional library) off the module's import, and it says
+    which on its line or the line above."""
+    found = needless_lazy_imports(PACKAGE)
+    assert not found, "function-level imports:\n" + "\n".join(found)
+
+
+def test_the_lazy_import_check_catches_a_needless_one(tmp_path):
+    package = tmp_path / "harness"
+    (package / "ops").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "ops" / "__init__.py").write_text("")
+    (package / "ops" / "light.py").write_text("import json\n")
+    (package / "ops" / "heavy.py").write_text("import torch\n")
+    (package / "ops" / "user.py").write_text(
+        "def a():\n    from .light import json\n"            # needless
+        "def b():\n    from .heavy import torch\n"           # heavy, but says nothing
+        "def c():\n    from .heavy import torch  # heavy: torch\n"
+        "def d():\n    # optional: llava\n    import llava\n")
+    found = needless_lazy_imports(package)
+    assert [f.split(" (")[0] for f in found] == [
+        "ops/user.py:2: from .light import json", "ops/user.py:4: from .heavy import torch"]
+
+
+def private_imports(package: Path) -> list[str]:
+    """`from .module import _name` across modules: a private name is its module's business; one
+    that another module needs is part of an interface and gets a public name."""
+    found = []
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (
+                    node.level or (node.module or "").split(".")[0] == "harness"):
+                found += [f"{path.relative_to(package)}:{node.lineno}: {a.name}"
+                          for a in node.names if a.name.startswith("_")
+                          and not a.name.startswith("__")]
+    return found
+
+
+def test_no_module_imports_another_modules_private_name(tmp_path):
+    assert not private_imports(PACKAGE), private_imports(PACKAGE)
+    (tmp_path / "litgpt.py").write_text("from .strip import LM_AUX_FILES, _read_config\n")
+    assert private_imports(tmp_path) == ["litgpt.py:1: _read_config"]

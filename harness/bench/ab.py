@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 
+from ..llava.kinds import detect_kind
+from ..report.environment import Environment, current
+from ..report.results import Metric, Results, make_record, now
 from ..report.stats import ALPHA, Shift, min_pairs, paired_shift
 from .measure import BenchError
 
@@ -71,8 +74,6 @@ def interpreter(text: str) -> Path:
 def checkpoint(path: Path) -> Path:
     """A folder the figures can run on: a full LLaVA checkpoint (extract, strip and count
     need its projector and language model)."""
-    from ..llava.kinds import detect_kind
-
     found = detect_kind(path).kind
     if found != "llava":
         raise AbError(f"{path}: a {found} folder; ab's figures need a full LLaVA checkpoint")
@@ -187,8 +188,6 @@ def breaks(check, shift: Shift | None) -> bool:
     """A relative check (gate syntax) fails only on a significant change beyond its limit:
     the gate's own range test, on B/A against a baseline of 1 (the figures are timings, so
     'worse' is a rise)."""
-    from ..report.results import Metric
-
     if shift is None or not shift.significant:
         return False
     return not check.passes(Metric(shift.ratio, "s", "lower"), 1.0)
@@ -219,9 +218,6 @@ def verdicts(run: AbRun, checks=(), alpha: float = ALPHA) -> list[Verdict]:
 def side_results(run: AbRun, side: Side, run_id: str, settings: dict):
     """One side's figures as an ordinary results file: suite `ab`, a case per figure, every
     round's value as the metric's sample."""
-    from ..report.environment import Environment, current
-    from ..report.results import Metric, Results, make_record, now
-
     # The side's own environment (its torch, transformers, harness), as its child saw it.
     raw = run.environments.get(side.label)
     environment = Environment.from_dict(raw, f"side {side.label}") if raw else current()

@@ -27,6 +27,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..checkpoint.atomic import atomic_dir
+from ..console import write_text
+from ..report.environment import current
+from ..report.gate import evaluate, parse_check
+from ..report.results import Metric, Record, Results, ResultsError, load_json
 from ..report.stats import ALPHA, paired_shift
 from .ab import AbError, Side, measure_side, metric_name
 
@@ -63,9 +68,6 @@ class Rate:
 def _gate_fails(baseline: list[float], run: list[float], figure: str, environment) -> bool:
     """The gate itself (report/gate.evaluate: its noise allowance and its rank test) on one
     figure, a baseline of some rounds against a run of others."""
-    from ..report.gate import evaluate, parse_check
-    from ..report.results import Metric, Record, Results
-
     name = metric_name(figure)
 
     def run_of(values: list[float]) -> Results:
@@ -82,7 +84,6 @@ def power_table(pool: dict, size: int, draws: int = DRAWS, alpha: float = ALPHA)
     rounds = len(next(iter(pool["A"].values())))
     if rounds < 2 * size:
         raise ValueError(f"{rounds} rounds: the gate's comparison needs at least {2 * size}")
-    from ..report.environment import current
 
     rng, environment = random.Random(SEED), current()
     rows = []
@@ -119,8 +120,6 @@ def render(rows: list[dict], size: int, rounds: int, alpha: float, wall_s: float
 def read_pool(pool_file: Path) -> tuple[dict, float]:
     """A stored pool.json (untrusted: it may come from another machine), checked whole: every
     arm, the same figures in each, one positive finite value per round. (pool, wall_s)."""
-    from ..report.results import ResultsError, load_json
-
     try:
         data = load_json(pool_file)
     except ResultsError as exc:
@@ -160,9 +159,6 @@ def bench_ab_power(python: Path, checkpoint: Path, figures: tuple[str, ...], rou
                    size: int, scratch: Path, out: Path, alpha: float = ALPHA,
                    progress=None) -> str:
     """Collect the pool, write it (pool.json) and the table (power.md) into `out`."""
-    from ..checkpoint.atomic import atomic_dir
-    from ..console import write_text
-
     start = time.perf_counter()
     pool = collect(python, checkpoint, figures, rounds, scratch, progress)
     wall_s = time.perf_counter() - start

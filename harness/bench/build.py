@@ -18,6 +18,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from ..checkpoint.atomic import check_target
+from ..report.results import make_record, save_records
 from ..synth.cache import cache_root, ensure_space
 from ..synth.plan import make_plan
 from ..synth.specs import BuildSpec
@@ -48,8 +49,6 @@ def _row(name: str, nbytes: int, m) -> dict:
 
 
 def records(spec: BuildSpec, nbytes: int, raw, built, ratio: float) -> list:
-    from ..report.results import make_record
-
     metrics = {"raw_write_s": (raw.wall_s, "s"), "build_wall_s": (built.wall_s, "s"),
                "build_peak_rss": (built.peak_rss_bytes / 2**20, "MiB"),
                "build_MB_per_s": (nbytes / built.wall_s / 1e6, "MB/s", "higher"),
@@ -86,8 +85,6 @@ def bench_build(spec: BuildSpec, work: Path | None = None, output: Path | str | 
     print(f"\nbuild speed / raw write speed: {ratio:.2f}x (goal >= {SPEED_GOAL:.2f}x); "
           f"peak RSS {built.peak_rss_bytes / 2**30:.2f} GiB (goal <= {RSS_GOAL / 2**30:.0f} GiB)")
     if output:
-        from ..report.results import save_records
-
         save_records(records(spec, nbytes, raw, built, ratio), output)
         if output != "-":
             print(f"figures written to {output}")

@@ -10,6 +10,6 @@ def build_child(spec: dict, target: str) -> None:
     """The builder on `spec` (a BuildSpec as a dict), replacing `target`."""
     # The builder imports torch: inside the function, so the parent (which imports this module
     # to name its child) stays light.
-    from ..synth.builder import build
+    from ..synth.builder import build  # heavy: torch
 
     build(spec_from_dict(spec), target, force=True)

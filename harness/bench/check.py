@@ -21,6 +21,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..release.manifest import read_manifest
+from ..report.results import make_record, save_records
 from .launcher import launch_cli
 from .measure import BenchError, Step, drop_cache, median_step, run_step, step
 
@@ -46,8 +48,6 @@ def check_bench(folder: Path) -> ReadBench:
 
 
 def verify_release_bench(manifest: Path) -> ReadBench:
-    from ..release.manifest import read_manifest
-
     parsed = read_manifest(manifest)
     return ReadBench("bench-verify-release", "llava-harness verify-release",
                      ["verify-release", str(manifest)], sorted(parsed.artifacts.values()), 2.0,
@@ -121,8 +121,6 @@ def goals(bench: ReadBench, f: dict) -> list[tuple[str, float, float]]:
 
 
 def record(bench: ReadBench, case: str, f: dict):
-    from ..report.results import make_record
-
     what = bench.suite.removeprefix("bench-").replace("-", "_")
     metrics = {"bytes": (f["bytes"], "B"), f"{what}_over_read": (f["over_read"], "ratio",
                                                                    "lower")}
@@ -137,7 +135,7 @@ def record(bench: ReadBench, case: str, f: dict):
 
 
 def _print(bench: ReadBench, case: str, f: dict) -> None:
-    from tabulate import tabulate
+    from tabulate import tabulate  # heavy: tabulate
 
     labels = {"command": bench.label,
               "read": bench.floor[0] if bench.floor else "cat of every file (one read)"}
@@ -152,8 +150,6 @@ def _print(bench: ReadBench, case: str, f: dict) -> None:
 
 
 def bench_reads(benches: list[tuple[ReadBench, str]], repeat: int, out) -> int:
-    from ..report.results import make_record, save_records
-
     records = []
     for bench, name in benches:
         try:

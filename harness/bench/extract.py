@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..report.results import make_record, save_records
 from .launcher import launch, launch_cli
 from .measure import Measured, checked
 from .naive import whole_shard_extract
@@ -49,7 +50,7 @@ def _naive(folder: Path, fmt: str, patterns: tuple[str, ...], work: Path, i: int
 
 
 def _same_tensors(a: Path, b: Path) -> bool:
-    import torch
+    import torch  # heavy: torch
 
     x, y = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
     return x.keys() == y.keys() and all(
@@ -101,8 +102,6 @@ def goal_lines(f: dict) -> list[str]:
 
 
 def records(case: str, f: dict) -> list:
-    from ..report.results import make_record
-
     metrics = {}
     for side, name in (("cli", "extract"), ("naive", "naive")):
         s = f[side]
@@ -123,7 +122,7 @@ def records(case: str, f: dict) -> list:
 
 def bench_extract(folder: Path, fmt: str, case: str, patterns: tuple[str, ...], repeat: int,
                   out: Path | None) -> int:
-    from tabulate import tabulate
+    from tabulate import tabulate  # heavy: tabulate
 
     figures = measure(folder, fmt, patterns, repeat)
     rows = [[name, f"{s['wall_s']:.3f}", f"{s['work_s']:.3f}", f"{s['peak_rss_MiB']:.1f}",
@@ -135,8 +134,6 @@ def bench_extract(folder: Path, fmt: str, case: str, patterns: tuple[str, ...], 
                                   "peak anon MiB"], tablefmt="github"))
     print("\n" + "\n".join(goal_lines(figures)))
     if out:
-        from ..report.results import save_records
-
         save_records(records(case, figures), out)
         if out != "-":
             print(f"figures written to {out}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import resource
+import statistics
 import subprocess
 import threading
 import time
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import HarnessError
+from ..report.nvml import driver
 
 MIB = 2**20
 
@@ -132,8 +134,6 @@ class NvmlSampler:
     """
 
     def __init__(self, nvml=None, interval_s: float = 0.005):
-        from ..report.nvml import driver
-
         self.nvml = nvml if nvml is not None else driver()
         self.interval_s = interval_s
         self.source, self.handle = "none", None
@@ -244,8 +244,6 @@ def run_step(name: str, cmd: list[str], ok: tuple[int, ...] = (0,)) -> Step:
 
 def median_step(rounds: list[dict[str, Step]], name: str) -> Step | None:
     """The median wall time of a step over rounds, with its highest memory peaks."""
-    import statistics
-
     steps = [r[name] for r in rounds if name in r]
     if not steps:
         return None

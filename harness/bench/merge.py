@@ -23,6 +23,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors import safe_open
+
+from ..checkpoint.reader import open_folder
+from ..report.results import make_record, save_records
 from .launcher import launch, launch_cli
 from .measure import BenchError, Measured, checked
 from .naive import load_all_merge
@@ -67,11 +71,9 @@ def _work_s(what: str, measured: Measured, stats: Path) -> tuple[Measured, float
 def spot_check(base: Path, adapter: Path, merged: Path, dtype: str) -> list[str]:
     """Problems (empty: none) in the first and last adapted weights, recomputed as
     dtype(float32(W in dtype) + s * float32(B) @ float32(A)), and in one untouched tensor."""
-    import torch
-    from safetensors import safe_open
+    import torch  # heavy: torch
 
-    from ..checkpoint.reader import open_folder
-    from ..ops.adapter import AdapterConfig
+    from ..ops.adapter import AdapterConfig  # heavy: torch
 
     cfg = AdapterConfig.read(adapter)
     src, out = open_folder(base), open_folder(merged)
@@ -95,17 +97,14 @@ def spot_check(base: Path, adapter: Path, merged: Path, dtype: str) -> list[str]
 
 
 def _naive_estimate(base: Path, adapter_bytes_fp32: int, dtype: str) -> int:
-    from ..checkpoint.reader import open_folder
-
     numel = sum(m.numel for m in open_folder(base).tensors.values())
     return numel * (4 if dtype == "float32" else 2) + adapter_bytes_fp32
 
 
 def _run(bench: MergeBench, work: Path) -> dict:
-    import torch
+    import torch  # heavy: torch
 
-    from ..checkpoint.reader import open_folder
-    from ..ops.lora import LoraSpec, synthetic_adapter
+    from ..ops.lora import LoraSpec, synthetic_adapter  # heavy: torch
 
     model_bytes = sum(m.nbytes for m in open_folder(bench.base).tensors.values())
     _check_disk(work, int(model_bytes * (2.2 if bench.naive else 1.2)))
@@ -173,8 +172,6 @@ def measure(bench: MergeBench) -> dict:
 
 
 def records(bench: MergeBench, f: dict) -> list:
-    from ..report.results import make_record
-
     mib = 2**20
     metrics = {"merge_wall_s": (f["wall_s"], "s"), "merge_work_s": (f["work_s"], "s"),
                "peak_rss": (f["peak_rss"] / mib, "MiB"),
@@ -197,7 +194,7 @@ def records(bench: MergeBench, f: dict) -> list:
 
 
 def bench_merge(bench: MergeBench, out: Path | None) -> int:
-    from tabulate import tabulate
+    from tabulate import tabulate  # heavy: tabulate
 
     f = measure(bench)
     gib = 2**30
@@ -219,8 +216,6 @@ def bench_merge(bench: MergeBench, out: Path | None) -> int:
     print("spot check: " + ("; ".join(f["problems"]) or "merged tensors bit-identical to "
                                                         "W + s * B @ A"))
     if out:
-        from ..report.results import save_records
-
         save_records(records(bench, f), out)
         if out != "-":
             print(f"figures written to {out}")

@@ -17,6 +17,8 @@ import os
 import time
 from pathlib import Path
 
+from ..model.config import llava_config
+
 # Format: (index file, single-file checkpoint).
 _NAMES = {"bin": ("pytorch_model.bin.index.json", "pytorch_model.bin"),
           "safetensors": ("model.safetensors.index.json", "model.safetensors")}
@@ -25,11 +27,12 @@ _MULTIMODAL = ("mm_projector", "vision_tower", "vision_resampler", "image_newlin
 
 
 def _load_whole(path: str, fmt: str) -> dict:
+    # heavy: torch
     import torch  # heavy: the child's, never the parent's
 
     if fmt == "bin":
         return torch.load(path, map_location="cpu", weights_only=True)
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # heavy: safetensors.torch
 
     return load_file(path)
 
@@ -42,6 +45,7 @@ def _write_stats(stats: str, start: float) -> None:
 def whole_shard_extract(folder: str, fmt: str, patterns: list[str], out: str, stats: str) -> None:
     """The keys matching any of `patterns`, from every shard that holds one (each loaded
     whole), `torch.save`d to `out`; the work time to `stats`."""
+    # heavy: torch
     import torch  # heavy: the child's, never the parent's
 
     start = time.perf_counter()
@@ -99,12 +103,13 @@ def whole_shard_strip(src: str, out: str, keep: bool) -> None:
 
 def _save_whole(state: dict, target: str, fmt: str) -> None:
     """`state` saved in one go and fsynced, so the step ends with its bytes on disk."""
+    # heavy: torch
     import torch  # heavy: the child's, never the parent's
 
     if fmt == "bin":
         torch.save(state, target)
     else:
-        from safetensors.torch import save_file
+        from safetensors.torch import save_file  # heavy: safetensors.torch
 
         save_file(state, target, metadata={"format": "pt"})
     fd = os.open(target, os.O_RDONLY)
@@ -126,15 +131,15 @@ def load_all_merge(adapter: str, base: str, out: str, dtype: str, stats: str) ->
     """LLaVA's own merge: the whole base loaded in `dtype`, the trainables copied in (their
     file through torch.load), `PeftModel.from_pretrained(...).merge_and_unload()`,
     `save_pretrained`; the work time to `stats`."""
+    # heavy: torch
     import torch  # heavy: the child's, never the parent's
 
     start = time.perf_counter()
     # Imported after `start`, as before: loading peft and transformers is part of the work.
-    from peft import PeftModel
+    from peft import PeftModel  # heavy: peft
 
-    from ..model.config import llava_config
-    from ..model.llava import MODEL_CLASSES
-    from ..ops.load import normalise_trainable_keys
+    from ..model.llava import MODEL_CLASSES  # heavy: torch, transformers
+    from ..ops.load import normalise_trainable_keys  # heavy: torch, transformers
 
     adapter = Path(adapter)
     arch, config = llava_config(adapter)

@@ -19,7 +19,15 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..ops.quant import cpu_4bit_problem, mode as quant_mode
+from ..model.config import read_config_json
+from ..ops.quant import (cpu_4bit_problem, parts_from_config, parts_from_folder,
+                         theoretical_footprint)
+from ..ops.quant import mode as quant_mode
+from ..report.environment import current
+from ..report.results import Results, make_record, new_run_id, now, write_results
+from ..synth import configs
+from ..synth.layout import clip_vision_config
+from ..tolerances import tolerance
 from .launcher import launch
 from .measure import MIB, BenchError
 from .quant_child import child_main
@@ -93,9 +101,7 @@ class ModeResult:
 def _check_lengths(bench: QuantBench) -> None:
     """Prompt + image patches + new tokens must fit the positions and the splice's
     truncation length, or the figures would be for a truncated prompt."""
-    from transformers import CLIPVisionConfig
-
-    from ..model.config import read_config_json
+    from transformers import CLIPVisionConfig  # heavy: transformers
 
     config = read_config_json(bench.checkpoint)
     tower = bench.vision_tower or Path(config.get("mm_vision_tower") or "")
@@ -145,9 +151,6 @@ def _run_mode(job: dict, work: Path) -> ModeResult:
 
 def with_theory(result: ModeResult, bench: QuantBench, parts) -> tuple[dict, list[str]]:
     """The child's figures plus theory, ratios and the goal check."""
-    from ..ops.quant import theoretical_footprint
-    from ..tolerances import tolerance
-
     theory = theoretical_footprint(result.mode, parts, bench.compute_dtype)
     metrics = dict(result.metrics)
     metrics["theory"] = (theory.total, "B")
@@ -170,8 +173,6 @@ def with_theory(result: ModeResult, bench: QuantBench, parts) -> tuple[dict, lis
 
 
 def mode_record(bench: QuantBench, result: ModeResult, parts, skip: str | None):
-    from ..report.results import make_record
-
     if skip is not None:
         return make_record(SUITE, bench.case(result.mode), {}, outcome="skipped", reason=skip)
     metrics, problems = with_theory(result, bench, parts)
@@ -205,8 +206,6 @@ def _reference(bench: QuantBench, parts, work: Path) -> None:
 
 def run(bench: QuantBench):
     """Every mode of `bench`, reference first; returns the records in mode order."""
-    from ..ops.quant import parts_from_folder
-
     parts = parts_from_folder(bench.checkpoint, bench.vision_tower)
     _check_lengths(bench)
     order = sorted(bench.modes, key=lambda name: name != bench.reference_mode)
@@ -243,7 +242,7 @@ SUMMARY_COLUMNS = (
 
 
 def summary_table(records) -> str:
-    from tabulate import tabulate
+    from tabulate import tabulate  # heavy: tabulate
 
     present = [c for c in SUMMARY_COLUMNS if any(c[0] in r.metrics for r in records)]
     rows = []
@@ -264,9 +263,6 @@ def settings(bench: QuantBench) -> dict[str, str]:
 
 def bench_quant(bench: QuantBench, out: Path | None = None) -> int:
     """Run, print the table, write the results file; exit 1 when a mode failed or errored."""
-    from ..report.environment import current
-    from ..report.results import Results, new_run_id, now, write_results
-
     records = run(bench)
     print(f"{bench.name} on {bench.device} ({current().label()}): prompt {bench.prompt_tokens} "
           f"tokens + 1 image, {bench.new_tokens} new tokens, batch {bench.batch}, median of "
@@ -287,9 +283,5 @@ def bench_quant(bench: QuantBench, out: Path | None = None) -> int:
 def parts_from_spec(model):
     """Parts of the model a ModelSpec describes (a preset's, say), from its config alone: the
     builder's config and tower config, counted by the operation."""
-    from ..ops.quant import parts_from_config
-    from ..synth import configs
-    from ..synth.layout import clip_vision_config
-
     return parts_from_config(configs.llava_config_json(model, model.vision.tower_name),
                              clip_vision_config(model.vision))

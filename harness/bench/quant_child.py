@@ -22,6 +22,9 @@ import json
 import time
 from pathlib import Path
 
+from ..console import quiet_third_party, quiet_transformers
+from ..model.kv_cache import carried
+from ..ops.quant import bnb_config, measured_footprint
 from ..ops.quant import mode as quant_mode
 from ..report.sample import Sample
 from .measure import MIB, NvmlSampler, reset_peak_rss, status_bytes
@@ -31,7 +34,7 @@ class _Cuda:
     """CUDA allocator peaks and NVML device memory, or nothing on CPU."""
 
     def __init__(self, device: str):
-        import torch
+        import torch  # heavy: torch
 
         self.torch = torch
         self.on = device == "cuda"
@@ -73,8 +76,8 @@ class _Cuda:
 def _bench_inputs(model, processor, job: dict):
     """`batch` rows of BOS + text + one image token, and one probe image per row, in the
     projector's dtype (quantized models keep it unquantized)."""
-    from ..model.images import process_images
-    from ..model.probe import probe_ids, probe_image
+    from ..model.images import process_images  # heavy: torch
+    from ..model.probe import probe_ids, probe_image  # heavy: torch
 
     ids = probe_ids(model.config.vocab_size, job["prompt_tokens"], images=1)
     ids = ids.repeat(job["batch"], 1).to(model.device)
@@ -88,9 +91,7 @@ def _prefill_decode(model, ids, pixels, new_tokens: int, cuda: _Cuda) -> tuple[f
     prompt's forward and first token, then new_tokens - 1 single-token steps on the cache.
     Timing the phases directly (rather than generate(1) subtracted from generate(M)) keeps
     decode positive and exact however noisy the machine."""
-    import torch
-
-    from ..model.kv_cache import carried
+    import torch  # heavy: torch
 
     cuda.sync()
     start = time.perf_counter()
@@ -167,7 +168,7 @@ def structure_problems(model, load_dtype, job: dict) -> list[str]:
 
 
 def drift_metrics(logits, job: dict) -> dict:
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save_file  # heavy: safetensors.torch
 
     logits = logits.float().cpu()
     if job.get("write_reference"):
@@ -181,10 +182,9 @@ def drift_metrics(logits, job: dict) -> dict:
 
 
 def _load(job: dict, cuda: _Cuda):
-    import torch
+    import torch  # heavy: torch
 
-    from ..ops.load import load
-    from ..ops.quant import bnb_config
+    from ..ops.load import load  # heavy: torch, transformers
 
     m = quant_mode(job["mode"])
     dtype = m.load_dtype(job["compute_dtype"])
@@ -215,14 +215,15 @@ def _load(job: dict, cuda: _Cuda):
 def run_child(job: dict) -> dict:
     """One mode, in this (fresh) process: the figures as {name: (value, unit[, direction])}."""
     start = time.perf_counter()
-    import torch
+    import torch  # heavy: torch
+    # heavy: transformers
     import transformers  # noqa: F401  (imported here so the load time is the load's alone)
 
     if quant_mode(job["mode"]).quantized:
+        # heavy: bitsandbytes
         import bitsandbytes  # noqa: F401
 
-    from ..model.probe import probe_logits
-    from ..ops.quant import measured_footprint
+    from ..model.probe import probe_logits  # heavy: torch
 
     cuda = _Cuda(job["device"])
     metrics = {"import_s": (time.perf_counter() - start, "s")}
@@ -253,8 +254,6 @@ def run_child(job: dict) -> dict:
 def child_main(job_file: str) -> None:
     """The child's whole work (launcher.launch starts it): the job from `job_file`, the
     figures to the job's `out`."""
-    from ..console import quiet_third_party, quiet_transformers
-
     job = json.loads(Path(job_file).read_text())
     with quiet_third_party():
         quiet_transformers()

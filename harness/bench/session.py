@@ -23,10 +23,16 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from pathlib import Path
 
+from ..report.environment import collect
+from ..report.gate import write_baseline as write
+from ..synth.cache import cache_root, cached_build
+from ..synth.presets import build_spec
 from .launcher import child_env
 from .measure import BenchError
+from .quant import QuantBench, bench_quant
 
 GPU_MODES = ("fp16", "bf16", "int8", "nf4", "nf4-dq", "fp4")
 CPU_MODES = ("fp32", "fp16", "bf16", "int8", "nf4", "nf4-dq", "fp4")
@@ -58,12 +64,11 @@ class Session:
 
 
 def check_machine(session: Session) -> dict:
-    import torch
-
-    from ..report.environment import collect
+    import torch  # heavy: torch
 
     if not session.dry_run and not torch.cuda.is_available():
         raise BenchError("torch sees no CUDA device (use --dry-run to rehearse on CPU)")
+    # heavy: bitsandbytes
     import bitsandbytes  # noqa: F401 - carried as a wheel on the GPU image
     env = collect()
     print(f"   {env.label()}; torch {env.libraries.get('torch')}, "
@@ -73,9 +78,6 @@ def check_machine(session: Session) -> dict:
 
 
 def build_checkpoint(session: Session) -> Path:
-    from ..synth.cache import cache_root, cached_build
-    from ..synth.presets import build_spec
-
     spec = build_spec(session.preset, checkpoint={"format": "safetensors"},
                       with_vision_tower=True)
     folder = cached_build(spec, cache_root())
@@ -86,8 +88,6 @@ def build_checkpoint(session: Session) -> Path:
 def _plugin_args() -> list[str]:
     """`-p harness.plugin` where the package is used from a source tree (PYTHONPATH) rather
     than installed, so pytest finds the plugin without its entry point."""
-    from importlib.metadata import entry_points
-
     names = {ep.name for ep in entry_points(group="pytest11")}
     return [] if "llava_harness" in names else ["-p", "harness.plugin"]
 
@@ -107,8 +107,6 @@ def gpu_suites(session: Session, suites: Path) -> int:
 
 
 def quant_bench(session: Session, folder: Path) -> Path:
-    from .quant import QuantBench, bench_quant
-
     out = session.out / f"quant-{session.device}.json"
     bench = QuantBench(checkpoint=folder, name=session.preset,
                        modes=CPU_MODES if session.dry_run else GPU_MODES,
@@ -131,8 +129,6 @@ def baseline_name(environment: dict | None, dry_run: bool) -> str:
 
 
 def write_baseline(session: Session, records: Path, environment: dict | None) -> Path:
-    from ..report.gate import write_baseline as write
-
     target = session.out / f"{baseline_name(environment, session.dry_run)}.json"
     return write(records, target, force=True)
 

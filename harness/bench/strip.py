@@ -35,6 +35,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from ..report.results import make_record, save_records
 from .floors import raw_concat, raw_copy
 from .launcher import launch, launch_cli
 from .measure import BenchError, Step, drop_cache, median_step, step
@@ -151,8 +152,6 @@ def goals(f: dict, keep: bool) -> list[tuple[str, float, float]]:
 
 
 def record(case: str, f: dict, keep: bool):
-    from ..report.results import make_record
-
     metrics = {"bytes": (f["bytes"], "B")}
     for name, s in f["steps"].items():
         metrics |= {f"{name}_wall_s": (f.get("wall_rounds", {}).get(name) or s.wall_s, "s"),
@@ -169,7 +168,7 @@ def record(case: str, f: dict, keep: bool):
 
 
 def _print(case: str, src: Path, f: dict, keep: bool) -> None:
-    from tabulate import tabulate
+    from tabulate import tabulate  # heavy: tabulate
 
     labels = {"naive": "naive load/filter/save", "strip": "strip (with its strict check)"
               if "litgpt" not in case else "strip --layout litgpt (with its key/shape check)",
@@ -208,8 +207,6 @@ def bench_strip(folders: list[tuple[Path, str]], keeps: tuple[bool, ...], repeat
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     if out:
-        from ..report.results import save_records
-
         save_records(records, out)
         if out != "-":
             print(f"\nfigures written to {out}")
@@ -217,6 +214,4 @@ def bench_strip(folders: list[tuple[Path, str]], keeps: tuple[bool, ...], repeat
 
 
 def _error_record(case: str, reason: str):
-    from ..report.results import make_record
-
     return make_record(SUITE, case, outcome="error", reason=reason)

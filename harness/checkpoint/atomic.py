@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -60,8 +61,6 @@ def _signals_held() -> Iterator[None]:
     """Hold SIGINT, SIGTERM and SIGHUP while a temporary is created and named: delivered
     between the two, the unwinding would find nothing to remove. They arrive on release,
     inside the cleanup's reach."""
-    import signal
-
     held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
     try:
         old = signal.pthread_sigmask(signal.SIG_BLOCK, held)

@@ -11,6 +11,7 @@ import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
+from .paths import inside
 from .problems import CheckpointError
 from .tensors import Piece, piece_chunks
 
@@ -135,8 +136,6 @@ def copy_file(src: Path, dst: Path) -> None:
 def copy_files(src: Path, out: Path, names: Iterable[str]) -> list[str]:
     """Copy the side files (tokenizer, generation config) that exist, each resolved safely
     inside `src`; returns the names copied."""
-    from .paths import inside
-
     copied = []
     for name in names:
         path = inside(src, name, must_exist=False)

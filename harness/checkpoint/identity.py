@@ -26,6 +26,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..tolerances import apart
 from .paths import inside
 from .problems import CheckpointError, shown
 from .reader import MAX_JSON_BYTES, as_tensor
@@ -220,8 +221,6 @@ def differences(recorded: dict[str, dict], found: dict[str, dict]) -> list[Diffe
 def _magnitude(a: Source, b: Source) -> str:
     """How far apart two stored tensors of one shape are (a NaN on one side only counts as an
     infinite difference)."""
-    from ..tolerances import apart
-
     found = apart(as_tensor(a, {}), as_tensor(b, {}))
     return f"differs: {found}" if found.numel else "bytes differ (no elements)"
 

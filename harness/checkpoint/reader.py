@@ -130,8 +130,8 @@ class CheckpointFolder:
 
 
 def as_tensor(source: Source, maps: dict):
-    import numpy as np
-    import torch
+    import numpy as np  # heavy: numpy
+    import torch  # heavy: torch
 
     dtype = getattr(torch, source.dtype)
     if source.storage is not None:

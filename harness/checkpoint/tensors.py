@@ -9,6 +9,7 @@ these in from validated headers only; writers stream from them without holding a
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +68,6 @@ class Source(Shaped):
     view: tuple[int, tuple[int, ...], tuple[int, ...]] | None = None  # offset, shape, stride
     file: str | None = None
 
-
     def renamed(self, key: str) -> Source:
         return dataclasses.replace(self, key=key)
 
@@ -125,8 +125,6 @@ def prefetch(source: Source, buffer: bytearray | None = None) -> None:
     """Bring a tensor's bytes into the page cache now, read into `buffer` and dropped (run in
     a thread: a reader that works tensor by tensor reads the next one while it computes this
     one, its arithmetic and the disk overlapping). Faults are left to the real read."""
-    import os
-
     ranges = [(p.path, p.offset, p.nbytes) for p in source.pieces or () if p.path is not None]
     if source.storage is not None and not ranges:
         ranges = [(source.storage.path, source.storage.offset, source.storage.nbytes)]
@@ -149,7 +147,7 @@ def prefetch(source: Source, buffer: bytearray | None = None) -> None:
 
 def gathered_bytes(source: Source) -> bytes:
     """A strided `.bin` view's elements in row-major order."""
-    import numpy as np
+    import numpy as np  # heavy: numpy
 
     storage, (offset, shape, stride) = source.storage, source.view
     itemsize = DTYPE_BYTES[source.dtype]

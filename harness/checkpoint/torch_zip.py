@@ -35,15 +35,8 @@ from .files import DEFAULT_MODE, Output, fsync_path
 from .formats import DTYPE_BYTES, Entry, shape_numel
 from .crc import combined
 from .problems import CheckpointError, shown
-from .tensors import (
-    STORAGE_CLASSES,
-    STORAGE_DTYPES,
-    BinStorage,
-    Piece,
-    Source,
-    contiguous_strides,
-    is_contiguous,
-)
+from .tensors import (STORAGE_CLASSES, STORAGE_DTYPES, BinStorage, Piece, Source,
+                      contiguous_strides, is_contiguous)
 
 # A new tensor's bytes, produced in pieces (the builder's fill, the merge's tensors).
 Chunks = Callable[[Entry], Iterable[bytes | memoryview]]
@@ -533,6 +526,7 @@ class _NewTensor:
         self.storage = storage
 
     def __reduce_ex__(self, protocol):
+        # heavy: torch
         import torch._utils  # torch is loaded: only _write_new pickles these
 
         shape = self.storage.tensor.shape
@@ -544,6 +538,7 @@ class _NewPickler(pickle.Pickler):
     def persistent_id(self, obj):
         if not isinstance(obj, _NewStorage):
             return None
+        # heavy: torch
         import torch  # loaded already: only _write_new pickles these
 
         t = obj.tensor
@@ -561,6 +556,7 @@ def _new_pickle(tensors: list) -> bytes:
 
 def _write_new(path: Path, tensors: list, chunks: Chunks, progress: Progress | None,
                mode: int) -> None:
+    # heavy: torch
     import torch  # the builder and the merge hold torch already; copies never come here
 
     # One reusable buffer the size of the largest tensor: the only tensor-sized allocation.

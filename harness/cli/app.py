@@ -8,9 +8,15 @@ non-zero exit; never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+from importlib import metadata
 
+from ..checkpoint.problems import shown
+from ..console import machine_output, quiet_third_party
 from ..errors import HarnessError
+from .commands import register_all
 from .options import wants_machine_output
 
 EXIT_BAD_INPUT = 2
@@ -25,8 +31,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _version() -> str:
-    from importlib import metadata
-
     try:
         return metadata.version("llava-harness")
     except metadata.PackageNotFoundError:
@@ -44,8 +48,6 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks: whole-process figures, written as results JSON")
     bench = p.add_subparsers(dest="bench", required=True, parser_class=_Parser)
-
-    from .commands import register_all
 
     register_all(sub, bench)
     return parser
@@ -70,8 +72,6 @@ def _raise_terminated(signum, _frame):
 
 def _install_signal_handlers() -> dict:
     """Our handlers for SIGTERM and SIGHUP; returns the previous ones, to restore."""
-    import signal
-
     previous = {}
     for sig in (signal.SIGTERM, signal.SIGHUP):
         try:
@@ -82,30 +82,22 @@ def _install_signal_handlers() -> dict:
 
 
 def _stopped(signum: int) -> int:
-    import signal
-
     print(f"llava-harness: {signal.Signals(signum).name}: stopped; nothing was left behind",
           file=sys.stderr)
     return 128 + signum
 
 
 def _error(text: str) -> int:
-    from ..checkpoint.problems import shown
-
     # Names and keys come from untrusted files: escaped, the message stays one line.
     print(f"llava-harness: error: {shown(text)}", file=sys.stderr)
     return EXIT_BAD_INPUT
 
 
 def main(argv: list[str] | None = None) -> int:
-    import signal
-
     args = make_parser().parse_args(argv)
     _received.clear()
     previous = _install_signal_handlers()
     try:
-        from ..console import machine_output, quiet_third_party
-
         with machine_output(wants_machine_output(args)), quiet_third_party():
             return args.func(args)
     except HarnessError as exc:
@@ -117,15 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         print("llava-harness: interrupted; nothing was left behind", file=sys.stderr)
         return 130
     except Exception as exc:  # a fault the harness did not foresee: still one line
-        import os
-
         if _received:  # the signal, surfacing as another error (a C extension's import, say)
             return _stopped(_received[-1])
 
         if os.environ.get("LLAVA_HARNESS_DEBUG"):
             raise
-        from ..checkpoint.problems import shown
-
         print(f"llava-harness: internal error: {type(exc).__name__}: {shown(exc)} (a bug, or "
               "input nothing checks yet; LLAVA_HARNESS_DEBUG=1 shows the traceback)",
               file=sys.stderr)

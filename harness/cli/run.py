@@ -12,6 +12,7 @@ pytest-xdist processes; the plugin gathers their results in the controller.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -19,9 +20,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data import SUITES
+from ..checkpoint.reader import open_folder
+from ..console import print_json
+from ..data import SUITES, suites_dir
 from ..errors import HarnessError
 from ..options import unanchored_check
+from ..report.environment import current
+from ..report.gate import baseline_for, evaluate, machine_class
+from ..report.results import OUTCOMES, ResultsError, load_results, new_run_id
 
 # The default: what a user means by "check the tiny default end to end" and what CI can afford
 # before the full `pytest suites` (which runs everything anyway): the builder (build, layout,
@@ -42,8 +48,6 @@ class RunError(HarnessError):
 
 
 def suites_dir_default() -> Path:
-    from ..data import suites_dir
-
     return suites_dir()
 
 
@@ -140,13 +144,9 @@ def _check_inputs(opts: RunOptions) -> Path:
     if report_dir.exists() and not report_dir.is_dir():
         raise RunError(f"-o {report_dir}: exists and is not a folder")
     if opts.workers:
-        import importlib.util
-
         if importlib.util.find_spec("xdist") is None:
             raise RunError("--workers needs pytest-xdist (pip install pytest-xdist)")
     if opts.checkpoint is not None:
-        from ..checkpoint.reader import open_folder
-
         open_folder(Path(opts.checkpoint))  # not a checkpoint at all: one line, exit 2
     relative = unanchored_check(opts.checks, opts.baseline)
     if relative is not None:
@@ -155,10 +155,9 @@ def _check_inputs(opts: RunOptions) -> Path:
 
 
 def summarize(results) -> list[str]:
-    from tabulate import tabulate
+    from tabulate import tabulate  # heavy: tabulate
 
-    from ..report.results import OUTCOMES
-    from ..report.single import outcome_counts
+    from ..report.single import outcome_counts  # heavy: tabulate
 
     rows = []
     for suite in results.suites:
@@ -172,8 +171,6 @@ def summarize(results) -> list[str]:
 
 
 def run_suites(opts: RunOptions) -> int:
-    from ..report.results import ResultsError, load_results, new_run_id
-
     suites_dir = _check_inputs(opts)
     names = opts.suites or (CHECKPOINT_SUITES if opts.checkpoint is not None
                             else DEFAULT_SUITES)
@@ -236,8 +233,7 @@ def _drop_if_no_benchmarks(path: Path) -> None:
 
 
 def _print_verdict(verdict: int, code: int, results, run_folder: Path, gate_failed: bool):
-    from ..console import print_json
-    from ..report.single import outcome_counts
+    from ..report.single import outcome_counts  # heavy: tabulate
 
     print_json({"exit": verdict, "pytest_exit": code, "run_id": results.run_id,
                 "counts": dict(outcome_counts(results.records)), "gate_failed": gate_failed,
@@ -249,14 +245,10 @@ def _print_verdict(verdict: int, code: int, results, run_folder: Path, gate_fail
 def _baseline(opts: RunOptions):
     """The baseline to gate against: a results file, or with `auto` the committed baseline of
     this machine's class (none committed: the checks are skipped, saying so)."""
-    from ..report.results import load_results
-
     if opts.baseline is None:
         return None
     if str(opts.baseline) != "auto":
         return load_results(opts.baseline)
-    from ..report.environment import current
-    from ..report.gate import baseline_for, machine_class
 
     found = baseline_for(current())
     if found is None:
@@ -272,7 +264,6 @@ def _baseline(opts: RunOptions):
 def _gate(opts: RunOptions, results, baseline) -> bool:
     if not opts.checks:
         return False
-    from ..report.gate import evaluate
 
     gate = evaluate(opts.checks, results, baseline, outcomes=False)
     warnings, lines = gate.printed(len(opts.checks))

@@ -12,9 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..checkpoint.paths import inside
+from ..checkpoint.reader import read_json
 from .errors import ConfigError
-from .fields import (Field, boolean, field_problems, json_object, nullable, one_of,
-                     positive_int, positive_number)
+from .fields import (Field, boolean, field_problems, json_object, nullable, one_of, positive_int,
+                     positive_number)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -76,9 +78,6 @@ def adapter_config_problems(data, where: str) -> list[str]:
 
 def read_adapter_config(folder: Path) -> dict:
     """adapter_config.json, resolved inside the folder and held to the schema."""
-    from ..checkpoint.paths import inside
-    from ..checkpoint.reader import read_json
-
     path = Path(folder) / ADAPTER_CONFIG
     found = inside(Path(folder), ADAPTER_CONFIG, must_exist=False)
     if found is None:

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..checkpoint.paths import inside
+from ..checkpoint.reader import read_json
 from .errors import ConfigError
 from .fields import (DTYPES, LANGUAGE_MODEL, LLAVA, LLAVA_HF, TOWER, Field, field_problems,
                      parse_pinpoints)
+from .projector import DEFAULT_TYPE
 
 CONFIG = "config.json"
 __all__ = ["CONFIG", "DTYPES", "Field", "parse_pinpoints"]
@@ -99,9 +102,6 @@ def checked(data, where: Path | str) -> dict:
 def read_config(folder: Path, name: str = CONFIG, check: bool = True) -> dict:
     """A model folder's config.json, resolved inside the folder (a link out is refused),
     size-capped, and (with `check`) held to the schema."""
-    from ..checkpoint.paths import inside
-    from ..checkpoint.reader import read_json
-
     path = Path(folder) / name
     found = inside(Path(folder), name, must_exist=False)
     if found is None:
@@ -212,8 +212,6 @@ def missing_fields(data: dict) -> list[str]:
 def projector_type_of(data: dict) -> str:
     """The projector the loaders build: llava-hf's is always LLaVA's mlp2x_gelu; the original
     builds `mm_projector_type`, linear when absent."""
-    from .projector import DEFAULT_TYPE
-
     if is_hf_layout(data):
         return "mlp2x_gelu"
     return data.get("mm_projector_type") or DEFAULT_TYPE

@@ -8,8 +8,10 @@ writes the rest into a merged output. Compared here from file headers alone, bef
 
 from __future__ import annotations
 
-from .config import lm_fields
-from .keys import LAYER_TENSORS
+from ..checkpoint.quantized import logical_shapes, quantized_linears, scheme_of
+from .config import CONFIG, is_hf_layout, lm_fields
+from .errors import ConfigError
+from .keys import LAYER_TENSORS, LAYOUT_MAPS
 
 
 def expected_shapes(data: dict, layer: int = 0) -> dict[str, tuple[int, ...]]:
@@ -74,9 +76,6 @@ def shape_problems(data: dict, shapes: dict[str, tuple[int, ...]], config_where:
 def logical_shapes_of(sources: dict, data: dict, folder) -> dict[str, tuple[int, ...]]:
     """Every stored tensor's shape as the unquantized model has it (a pre-quantized linear's
     packed weight and state become its float weight), under its stored name."""
-    from ..checkpoint.quantized import logical_shapes, quantized_linears, scheme_of
-    from .config import CONFIG
-
     scheme = scheme_of(data, f"{folder}/{CONFIG}")
     if scheme is None:
         return {k: tuple(s.shape) for k, s in sources.items()}
@@ -86,9 +85,6 @@ def logical_shapes_of(sources: dict, data: dict, folder) -> dict[str, tuple[int,
 def canonical_shapes(shapes: dict[str, tuple[int, ...]], data: dict) -> dict:
     """Shapes under their original-layout names; a name the layout's map does not cover is
     left out (the linter names it)."""
-    from .config import is_hf_layout
-    from .keys import LAYOUT_MAPS
-
     layout = LAYOUT_MAPS["hf" if is_hf_layout(data) else "original"]
     return {name: shape for key, shape in shapes.items() if layout.covers(key)
             for name in [layout(key)] if name is not None}
@@ -97,9 +93,6 @@ def canonical_shapes(shapes: dict[str, tuple[int, ...]], data: dict) -> dict:
 def check_config_fits(data: dict, sources: dict, folder, error=None) -> None:
     """Raise (`error`, a ConfigError by default) at the first disagreement between the config
     and the stored tensors."""
-    from .config import CONFIG
-    from .errors import ConfigError
-
     shapes = canonical_shapes(logical_shapes_of(sources, data, folder), data)
     problems = shape_problems(data, shapes, f"{folder}/{CONFIG}", str(folder))
     if problems:

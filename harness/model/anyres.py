@@ -58,7 +58,7 @@ def select_best_resolution(size: tuple[int, int],
 def resize_and_pad(image, target: tuple[int, int]):
     """`image` resized into `target` (width, height) keeping its aspect ratio (the long side
     fills it, the other rounds up), centred on black."""
-    from PIL import Image
+    from PIL import Image  # heavy: PIL
 
     width, height = image.size
     target_w, target_h = target

@@ -12,15 +12,14 @@ from ..checkpoint.reader import open_folder
 from ..llava.config import (architecture_of, checked, constructor_fields, is_hf_layout,
                             language_model_fields, lm_fields, read_config)
 from ..llava.keys import LAYOUT_MAPS, is_language_model_key
+from .config import build_config
 
 __all__ = ["is_language_model_key", "language_model_config", "load_language_model"]
 
 
 def language_model_config(llava_config: dict):
     """The plain Llama / Mistral config inside a (checked) LLaVA config of either layout."""
-    from transformers import LlamaConfig, MistralConfig
-
-    from .config import build_config
+    from transformers import LlamaConfig, MistralConfig  # heavy: transformers
 
     checked(llava_config, "config.json")
     mistral = architecture_of(llava_config) == "mistral"
@@ -32,7 +31,7 @@ def load_language_model(folder: Path, dtype=None):
     """The checkpoint's language model as Llama/MistralForCausalLM, strictly: every expected
     key present, nothing left over; raises ValueError listing what differs. Instantiates the
     model in memory: meant for tiny checkpoints (real-size ones are checked from headers)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # heavy: transformers
 
     data = read_config(Path(folder))
     config = language_model_config(data)

@@ -23,7 +23,7 @@ def read_config_json(folder: Path) -> dict:
 
 def llava_config(folder: Path, data: dict | None = None):
     """(arch, config) for the LLaVA model in `folder`."""
-    from .llava import CONFIG_CLASSES
+    from .llava import CONFIG_CLASSES  # heavy: torch, transformers
 
     data = read_config(folder) if data is None else data
     where = Path(folder) / CONFIG
@@ -34,6 +34,7 @@ def llava_config(folder: Path, data: dict | None = None):
 def build_config(cls, fields: dict, where: Path | str):
     """`cls(**fields)`, a refusal by transformers' own validation (a value the contract's
     schema lets through) turned into one ConfigError line naming the file."""
+    # heavy: huggingface_hub
     from huggingface_hub.errors import StrictDataclassError  # transformers 5's field checks
 
     try:

@@ -12,7 +12,7 @@ from .anyres import pinpoints_of, process_anyres_image
 def expand_to_square(image, background: tuple[int, ...]):
     """Paste `image` centred on a square canvas of `background` (the longer side wins; the
     offset rounds down, as the original's integer division does)."""
-    from PIL import Image
+    from PIL import Image  # heavy: PIL
 
     width, height = image.size
     if width == height:

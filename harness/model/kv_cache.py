@@ -13,7 +13,7 @@ from functools import lru_cache
 
 @lru_cache(maxsize=1)
 def cache_name() -> str:
-    from transformers import LlamaModel
+    from transformers import LlamaModel  # heavy: transformers
 
     return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters \
         else "past_key_values"

@@ -16,8 +16,8 @@ from .splice import IMAGE_TOKEN_INDEX
 
 def probe_image(width: int = 37, height: int = 23, salt: int = 0):
     """An RGB image whose pixels are a fixed function of their coordinates."""
-    import numpy as np
-    from PIL import Image
+    import numpy as np  # heavy: numpy
+    from PIL import Image  # heavy: PIL
 
     y, x = np.mgrid[0:height, 0:width]
     channels = [(x * 7 + y * 3 + salt) % 256, (x * y + 11 * salt) % 256,

@@ -51,7 +51,7 @@ def _original_clip_attention(module, query, key, value, attention_mask, scaling,
 
 
 def _register_attention() -> None:
-    from transformers import AttentionInterface
+    from transformers import AttentionInterface  # heavy: transformers
 
     AttentionInterface.register(ORIGINAL_CLIP_ATTENTION, _original_clip_attention)
 
@@ -73,7 +73,7 @@ class VisionTower(nn.Module):
                    device: str | torch.device | None = None) -> None:
         """Read the CLIP weights and image processor from `path` (default: the config's
         `mm_vision_tower`), in `dtype` on `device`."""
-        from transformers import CLIPImageProcessor, CLIPVisionModel
+        from transformers import CLIPImageProcessor, CLIPVisionModel  # heavy: transformers
 
         if self.is_loaded:
             return

@@ -58,7 +58,7 @@ class AdapterConfig:
 
     def rank_and_scaling(self, module: str) -> tuple[int, float]:
         """peft's per-module rank and scaling (patterns matched as peft matches them)."""
-        from peft.utils.other import get_pattern_key
+        from peft.utils.other import get_pattern_key  # heavy: peft
 
         r = self.rank_pattern.get(get_pattern_key(self.rank_pattern.keys(), module), self.r)
         alpha = self.alpha_pattern.get(get_pattern_key(self.alpha_pattern.keys(), module),

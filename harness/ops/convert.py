@@ -45,13 +45,14 @@ from ..checkpoint.files import copy_files
 from ..checkpoint.formats import DTYPE_BYTES
 from ..checkpoint.identity import STAMPED_FIELDS
 from ..checkpoint.paths import check_output, inside
-from ..checkpoint.reader import ScannedFolder, scan_folder
+from ..checkpoint.reader import ScannedFolder, read_json, scan_folder
 from ..checkpoint.safetensors_format import safetensors_order, write_safetensors
 from ..checkpoint.shards import plan_shards, write_shards
 from ..checkpoint.tensors import Piece, Source, piece_chunks
 from ..errors import HarnessError
 from ..llava import keys
 from ..llava.config import is_llava_field, read_tower_config, rope_4x
+from ..model.config import read_config_json
 from .strip import arch_of
 
 IMAGE_TOKEN, PAD_TOKEN = "<image>", "<pad>"
@@ -92,9 +93,6 @@ class ConvertResult:
 
 def _read_json(path: Path) -> dict:
     """A JSON file of a checkpoint folder, resolved inside it (a link out is refused)."""
-    from ..checkpoint.reader import read_json
-    from ..model.config import read_config_json
-
     if path.name == "config.json":
         return read_config_json(path.parent)
     return read_json(inside(path.parent, path.name), path)
@@ -133,7 +131,7 @@ def padded_vocab(vocab: int) -> int:
 def mean_row(source: Source, where: Path) -> bytes:
     """The mean of a [rows, hidden] tensor's rows in its own dtype, summed in float64 over
     chunks read from disk (never the whole matrix in memory)."""
-    import torch
+    import torch  # heavy: torch
 
     rows, hidden = source.shape
     dtype = getattr(torch, source.dtype)
@@ -206,7 +204,7 @@ def check_original_supported(config: dict, where: Path) -> None:
         _refuse(where, "mm_projector_type", projector, "llava-hf has exactly one projector, "
                 "Linear-GELU-Linear with biases (mlp2x_gelu)", target)
     if is_next(config):
-        from ..model.anyres import AnyresError, pinpoints_of
+        from ..model.anyres import AnyresError, pinpoints_of  # heavy: torch
 
         try:
             pinpoints_of(SimpleNamespace(**config))

@@ -43,9 +43,9 @@ def trainable_params(module) -> int:
 
 def module_params(projector_type: str, mm_hidden_size: int, hidden_size: int) -> int:
     """The count of the module `build_projector` makes, built on the meta device."""
-    import torch
+    import torch  # heavy: torch
 
-    from ..model.projector import build_projector
+    from ..model.projector import build_projector  # heavy: torch
 
     with torch.device("meta"):
         return param_count(build_projector(projector_type, mm_hidden_size, hidden_size))

@@ -24,7 +24,8 @@ from ..checkpoint.reader import scan_folder
 from ..checkpoint.tensors import Piece, Source
 from ..checkpoint.torch_zip import write_bin
 from ..llava import keys
-from .strip import LM_AUX_FILES, StripError, _read_config, arch_of, plain_config, strip_mapper
+from ..llava.config import read_config
+from .strip import LM_AUX_FILES, StripError, arch_of, plain_config, strip_mapper
 
 WEIGHTS = "lit_model.pth"
 CONFIG = "model_config.yaml"
@@ -176,7 +177,7 @@ def export_litgpt(ckpt: Path, out: Path, *, force: bool = False) -> ExportResult
     check_output(Path(out), [Path(ckpt)])
     scanned = scan_folder(Path(ckpt))
     folder = scanned.folder
-    config = _read_config(folder.path)
+    config = read_config(folder.path)
     if scheme_of(config, folder.path / "config.json") is not None:
         raise StripError(f"{folder.path / 'config.json'}: a pre-quantized checkpoint; litgpt's "
                          "lit_model.pth holds float weights (strip it with --layout hf)")

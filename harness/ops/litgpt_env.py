@@ -114,7 +114,7 @@ torch.save(logits, out)
 
 def litgpt_logits(folder: Path, ids: list[int], out: Path):
     """litgpt's GPT on an export, in the litgpt environment: the logits tensor."""
-    import torch
+    import torch  # heavy: torch
 
     exe = python()
     if exe is None:

@@ -24,11 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from ..checkpoint.paths import check_side_files, inside
 from ..checkpoint.quantized import UNQUANTIZED_MODULES, quantized_linears, scheme_of
 from ..checkpoint.reader import open_folder, read_file
 from ..errors import HarnessError
+from ..llava import keys
 from ..llava.adapter import empty_adapter, llava_trainable_keys
 from ..llava.claims import check_folder_claims
 from ..llava.keys import IMAGE_NEWLINE, PROJECTOR_MARK, PROJECTOR_PREFIX
@@ -38,6 +40,7 @@ from ..llava.tensors import check_config_fits
 from ..model.config import architecture_of, llava_config, read_config_json
 from ..model.llava import MODEL_CLASSES
 from ..model.projector import projector_type_of_config
+from .adapter import ADAPTER_FILES, unapplied_adapter_problems
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 MULTIMODAL_PREFIXES = (PROJECTOR_PREFIX, IMAGE_NEWLINE)
@@ -80,7 +83,6 @@ def quantization_config(load_8bit: bool, load_4bit: bool, compute_dtype: torch.d
     never quantized."""
     if not (load_8bit or load_4bit):
         return None
-    from transformers import BitsAndBytesConfig
 
     skip = list(UNQUANTIZED_MODULES)  # `_check_unquantized` verifies the result
     if load_8bit:
@@ -203,8 +205,6 @@ class _Options:
 
 
 def _tokenizer(folder: Path):
-    from transformers import AutoTokenizer
-
     check_side_files(folder)
     try:
         with warnings.catch_warnings():
@@ -273,9 +273,7 @@ def _apply_adapter(model, path: Path):
     others without a word; a zero vision-tower LoRA, which LLaVA training leaves behind, is
     inert and allowed), and a merge that puts NaN/inf in a weight is refused (checked after
     the plain merge: peft's `safe_merge` rounds half precision differently)."""
-    from peft import PeftModel
-
-    from .adapter import ADAPTER_FILES, unapplied_adapter_problems
+    from peft import PeftModel  # heavy: peft
 
     for name in ADAPTER_FILES:  # validated before peft's own reader maps it
         found = inside(path, name, must_exist=False)
@@ -308,8 +306,6 @@ def _load_lora(path: Path, base: Path | None, opts: _Options):
 
 
 def _load_language_model(path: Path, base: Path | None, opts: _Options):
-    from transformers import AutoModelForCausalLM
-
     folder = path if base is None else base
     data = read_config_json(folder)
     _check_folder(folder, data)
@@ -348,8 +344,6 @@ def _load_stored_tower(model, folder: Path) -> bool:
     `from_pretrained` then loads the stored tensors over it: the stored tower is the one that
     runs. Same here, strictly: the stored tensors must be exactly the tower's. Returns whether
     a stored tower was loaded."""
-    from ..llava import keys
-
     checkpoint = open_folder(folder)
     if not keys.runs_stored_tower(model.config, checkpoint.tensors):
         return False

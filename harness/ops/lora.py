@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.atomic import atomic_dir
+from ..checkpoint.reader import open_folder
 from ..errors import HarnessError
 from ..llava.adapter import MULTIMODAL_KEYWORDS, NON_LORA_TRAINABLES, PEFT_PREFIX
 from ..llava.config import read_config
@@ -124,7 +125,7 @@ class LoraSpec:
 
 
 def lora_config(model, spec: LoraSpec):
-    from peft import LoraConfig
+    from peft import LoraConfig  # heavy: peft
 
     return LoraConfig(r=spec.r, lora_alpha=spec.alpha,
                       target_modules=target_regex(target_names(model, spec.targets)),
@@ -135,7 +136,7 @@ def lora_config(model, spec: LoraSpec):
 def apply_lora(model, spec: LoraSpec):
     """`get_peft_model` with the spec's config; the vision tower stays frozen and the projector
     trains in full (unless the spec says otherwise), as in LLaVA's LoRA fine-tuning."""
-    from peft import get_peft_model
+    from peft import get_peft_model  # heavy: peft
 
     peft_model = get_peft_model(model, lora_config(model, spec))
     inner = model.get_model() if hasattr(model, "get_model") else None
@@ -152,7 +153,7 @@ def apply_lora(model, spec: LoraSpec):
 
 def lora_layers(peft_model) -> dict[str, torch.nn.Module]:
     """Module name (peft's, `base_model.model.` prefixed) -> each layer carrying an adapter."""
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # heavy: peft
 
     return {name: module for name, module in peft_model.named_modules()
             if isinstance(module, LoraLayer)}
@@ -258,10 +259,8 @@ def synthetic_adapter(base: Path, out: Path, spec: LoraSpec, dtype: torch.dtype,
     """A LLaVA LoRA folder for `base` with random A/B (sized so the update is a fraction of a
     typical weight), written the peft way (adapter_config.json + adapter_model.safetensors)
     without instantiating the model: a real-size adapter costs only its own bytes."""
-    from peft import LoraConfig
-    from safetensors.torch import save_file
-
-    from ..checkpoint.reader import open_folder
+    from peft import LoraConfig  # heavy: peft
+    from safetensors.torch import save_file  # heavy: safetensors.torch
 
     folder = open_folder(base)
     linears = _header_linears(folder)

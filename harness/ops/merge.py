@@ -23,6 +23,8 @@ because a LLaVA checkpoint re-reads its tower from `mm_vision_tower` and cannot 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import queue
 import threading
@@ -48,6 +50,8 @@ from ..llava.config import uses_image_newline
 from ..llava.keys import IMAGE_NEWLINE, PROJECTOR_PREFIX
 from ..llava.kinds import LM_SIDE_FILES
 from ..llava.tensors import check_config_fits
+from ..model.config import read_config_json
+from ..model.projector import build_projector, projector_type_of_config
 from .adapter import AdapterConfig, AdapterWeights, classify
 
 # Files of the base a merged folder keeps (LLaVA's script saves the base's tokenizer).
@@ -169,8 +173,6 @@ class MergeResult:
 
 def _multimodal_shapes(config: dict) -> dict[str, tuple]:
     """The projector (and image_newline) tensors a LLaVA config implies, with shapes."""
-    from ..model.projector import build_projector, projector_type_of_config
-
     if not config.get("mm_vision_tower"):
         return {}
     with torch.device("meta"):
@@ -183,7 +185,7 @@ def _multimodal_shapes(config: dict) -> dict[str, tuple]:
 
 
 def _trainables(adapter: Path, known: dict[str, tuple]) -> dict[str, torch.Tensor]:
-    from .load import normalise_trainable_keys
+    from .load import normalise_trainable_keys  # heavy: transformers
 
     file = inside(adapter, NON_LORA_TRAINABLES, must_exist=False)
     if file is None:
@@ -363,9 +365,6 @@ class _Ahead:
 
 @lru_cache(maxsize=1)
 def _malloc_trim():
-    import ctypes
-    import ctypes.util
-
     name = ctypes.util.find_library("c")
     libc = ctypes.CDLL(name) if name else None
     return getattr(libc, "malloc_trim", None)
@@ -385,8 +384,6 @@ def _check_paths(adapter: Path, base: Path, out: Path) -> None:
 
 
 def _read_llava_config(adapter: Path, base: Path) -> dict:
-    from ..model.config import read_config_json
-
     for folder in (adapter, base):
         if inside(folder, "config.json", must_exist=False) is not None:
             return read_config_json(folder)

@@ -31,8 +31,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..checkpoint.reader import as_tensor
 from ..errors import HarnessError
 from ..llava.keys import IMAGE_NEWLINE, PROJECTOR_PREFIX, VISION_TOWER_PREFIX
+from ..model.config import llava_config
 
 NF4_BLOCK = 64          # values per first-level absmax (bitsandbytes' default blocksize)
 DQ_BLOCK = 256          # first-level absmax values per second-level absmax
@@ -100,10 +102,10 @@ def bnb_config(name: str, compute_dtype: str = "float16"):
     m = mode(name)
     if not m.quantized:
         return None
-    import torch
-    from transformers import BitsAndBytesConfig
+    import torch  # heavy: torch
+    from transformers import BitsAndBytesConfig  # heavy: transformers
 
-    from .load import quantization_config
+    from .load import quantization_config  # heavy: torch, transformers
 
     compute = getattr(torch, compute_dtype)
     base = quantization_config(m.bits == 8, m.bits == 4, compute)
@@ -219,7 +221,7 @@ def parts_of_model(llava, tower=None) -> ModelParts:
     """Parts of a LLaVA model (real or on the meta device) and, when given separately, its
     CLIP vision tower (a tower attached to the model is found there). Every nn.Linear outside
     lm_head, the projector and the tower is one bitsandbytes replaces."""
-    from torch import nn
+    from torch import nn  # heavy: torch
 
     linears, counts = [], {}
     for name, module in llava.named_modules():
@@ -240,10 +242,10 @@ def parts_of_model(llava, tower=None) -> ModelParts:
 
 
 def _parts_on_meta(arch: str, config, tower_config) -> ModelParts:
-    import torch
-    from transformers import CLIPVisionModel
+    import torch  # heavy: torch
+    from transformers import CLIPVisionModel  # heavy: transformers
 
-    from ..model.llava import MODEL_CLASSES
+    from ..model.llava import MODEL_CLASSES  # heavy: torch, transformers
 
     with torch.device("meta"):
         model = MODEL_CLASSES[arch](config)
@@ -254,9 +256,7 @@ def _parts_on_meta(arch: str, config, tower_config) -> ModelParts:
 def parts_from_folder(folder: Path, vision_tower: Path | None = None) -> ModelParts:
     """Parts of the LLaVA model in `folder` built on the meta device from config.json and the
     vision tower's config: no weight is read, so this costs the same for a 7B as for tiny."""
-    from transformers import CLIPVisionConfig
-
-    from ..model.config import llava_config
+    from transformers import CLIPVisionConfig  # heavy: transformers
 
     arch, config = llava_config(Path(folder))
     tower_dir = Path(vision_tower or getattr(config, "mm_vision_tower", "") or "")
@@ -268,8 +268,6 @@ def parts_from_folder(folder: Path, vision_tower: Path | None = None) -> ModelPa
 
 def parts_from_config(data: dict, tower_config) -> ModelParts:
     """Parts of the model a LLaVA config.json (as a dict) and a CLIP tower config describe."""
-    from ..model.config import llava_config
-
     arch, config = llava_config(Path(str(data.get("_name_or_path") or "config")), data)
     return _parts_on_meta(arch, config, tower_config)
 
@@ -322,9 +320,7 @@ def dequantized(linear, scheme) -> "torch.Tensor":  # noqa: F821 (torch is impor
     """The float32 weight a stored bitsandbytes linear (checkpoint.quantized.QuantizedLinear)
     stands for, as bitsandbytes dequantizes it: 4-bit through its QuantState (double quant
     included), LLM.int8 as CB * SCB / 127 row by row."""
-    import torch
-
-    from ..checkpoint.reader import as_tensor
+    import torch  # heavy: torch
 
     stored = {suffix: as_tensor(source, {}) for suffix, source in linear.tensors.items()}
     if scheme.method != "bitsandbytes":
@@ -332,7 +328,7 @@ def dequantized(linear, scheme) -> "torch.Tensor":  # noqa: F821 (torch is impor
                          "(they need their own kernels)")
     if scheme.bits == 8:
         return stored["weight"].float() * stored["SCB"].float().unsqueeze(1) / 127.0
-    import bitsandbytes.functional as F
+    import bitsandbytes.functional as F  # heavy: bitsandbytes
 
     state = F.QuantState.from_dict({k.removeprefix("weight."): v.clone()
                                     for k, v in stored.items() if k != "weight"},
@@ -345,7 +341,7 @@ def cpu_4bit_problem(linears: Iterable[tuple[int, int]]) -> str | None:
     CPU, or None. bitsandbytes 0.50 on a CPU with AVX512-BF16 repacks 4-bit weights on the
     first forward in blocks of 32 output rows: a layer whose out_features is not a multiple of
     32 fails there (an assertion deep inside). Say so up front instead."""
-    from bitsandbytes.functional import has_avx512bf16
+    from bitsandbytes.functional import has_avx512bf16  # heavy: bitsandbytes
 
     if not has_avx512bf16():
         return None

@@ -12,20 +12,25 @@ target class on the meta device) before the atomic output folder appears; buildi
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 from ..checkpoint.atomic import atomic_dir
 from ..checkpoint.files import copy_files
-from ..checkpoint.paths import check_output
 from ..checkpoint.formats import shape_numel
-from ..checkpoint.quantized import (Scheme, logical_shapes, quantized_linears, scheme_of,
-                                    split_key, stored_layout)
+from ..checkpoint.paths import check_output
+from ..checkpoint.quantized import (Scheme, logical_shapes, quantized_linears, scheme_of, split_key,
+                                    stored_layout)
 from ..checkpoint.reader import CheckpointError, scan_folder
 from ..checkpoint.shards import plan_shards, write_shards
 from ..checkpoint.tensors import Source
+from ..data import cache_root
 from ..errors import HarnessError
 from ..llava import keys
 from ..llava.config import architecture_of, is_llava_field, read_config
@@ -119,7 +124,7 @@ def strip(ckpt: Path, out: Path, *, keep_legacy_buffers: bool = False,
     check_output(Path(out), [Path(ckpt)])
     scanned = scan_folder(Path(ckpt), total_size=False)  # checked once the keys are known
     folder = scanned.folder
-    config = _read_config(folder.path)
+    config = read_config(folder.path)
     layout = keys.layout_of(config, scanned.tensors, where=str(folder.path))
     arch = arch_of(config, layout, folder.path / "config.json")
     scheme = scheme_of(config, folder.path / "config.json")
@@ -150,10 +155,6 @@ def strip(ckpt: Path, out: Path, *, keep_legacy_buffers: bool = False,
     return StripResult(Path(out), layout, arch, fmt, sum(len(s.tensors) for s in shards),
                        sorted(dropped), done, files,
                        sum(t.nbytes for s in shards for t in s.tensors), verify)
-
-
-def _read_config(folder: Path) -> dict:
-    return read_config(folder)
 
 
 # --- strict validation ----------------------------------------------------------------------
@@ -193,11 +194,6 @@ def expected_state(folder: Path) -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 def _expected_cache(folder: Path) -> Path | None:
-    import hashlib
-    from importlib import metadata
-
-    from ..data import cache_root
-
     try:
         versions = [metadata.version(d) for d in ("transformers", "torch")]
         config = (folder / "config.json").read_bytes()
@@ -209,9 +205,6 @@ def _expected_cache(folder: Path) -> Path | None:
 
 def _remember(path: Path, state: dict) -> None:
     """Best effort: a read-only cache only costs the next run its import."""
-    import os
-    import tempfile
-
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
@@ -223,8 +216,8 @@ def _remember(path: Path, state: dict) -> None:
 
 
 def _meta_state(folder: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    import torch  # heavy: torch
+    from transformers import AutoConfig, AutoModelForCausalLM  # heavy: transformers
 
     config = AutoConfig.from_pretrained(folder)
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
@@ -307,7 +300,7 @@ def parameter_count(folder: Path) -> int:
     folder counts its logical parameters, those of the float model."""
     folder = Path(folder)
     tensors = scan_folder(folder).tensors
-    scheme = scheme_of(_read_config(folder), folder / "config.json")
+    scheme = scheme_of(read_config(folder), folder / "config.json")
     shapes = {k: s.shape for k, s in tensors.items()} if scheme is None else \
         logical_shapes(tensors, quantized_linears(scheme, tensors, folder))
     return sum(shape_numel(shape) for k, shape in shapes.items()

@@ -6,6 +6,9 @@ the exact call `harness.synth.presets.build_spec(preset, model=..., checkpoint=.
 
 from __future__ import annotations
 
+from ..synth.configs import anyres_grid
+from ..synth.presets import preset
+
 IMAGE_TOKEN_INDEX = -200  # llava.constants.IMAGE_TOKEN_INDEX
 
 MISTRAL = {"arch": "mistral", "num_key_value_heads": 2}  # grouped-query attention, as Mistral-7B
@@ -102,15 +105,11 @@ NEXT_INPUTS = {
 
 def next_crop_side() -> int:
     """The tiny tower's side in pixels: the anyres crop size."""
-    from ..synth.presets import preset
-
     return preset("tiny-next").model.vision.image_size
 
 
 def next_pinpoints() -> list[list[int]]:
     """The grid pinpoints the tiny LLaVA-1.6 checkpoints' config.json lists."""
-    from ..synth.configs import anyres_grid
-
     return anyres_grid(next_crop_side())
 
 
@@ -133,7 +132,7 @@ def _pixel(name: str, x: int, y: int) -> tuple[int, int, int]:
 
 def make_image(name: str):
     """Test image `name` as a PIL RGB image, from pixel arithmetic alone."""
-    from PIL import Image
+    from PIL import Image  # heavy: PIL
 
     width, height = image_sizes()[name]
     image = Image.new("RGB", (width, height))

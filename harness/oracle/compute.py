@@ -47,8 +47,8 @@ class Recorder:
 
 
 def model_class(arch: str):
-    from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
-    from llava.model.language_model.llava_mistral import LlavaMistralForCausalLM
+    from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM  # optional: llava
+    from llava.model.language_model.llava_mistral import LlavaMistralForCausalLM  # optional: llava
 
     return LlavaMistralForCausalLM if arch == "mistral" else LlavaLlamaForCausalLM
 
@@ -97,7 +97,7 @@ class Oracle:
 
     def pixels_of(self, model, names: tuple, aspect):
         """llava.mm_utils.process_images with the checkpoint's processor; aspect None = no pad."""
-        from llava.mm_utils import process_images
+        from llava.mm_utils import process_images  # optional: llava
 
         config = copy.copy(model.config)
         config.image_aspect_ratio = aspect
@@ -153,7 +153,7 @@ class Oracle:
     def anyres_pixels(self, model, name: str):
         """process_images of one image with the checkpoint's config (anyres: [crops, 3, H, W]),
         recorded once per aspect and checked equal across cases."""
-        from llava.mm_utils import process_images
+        from llava.mm_utils import process_images  # optional: llava
 
         processor = model.get_vision_tower().image_processor
         got = process_images([self.images[name]], processor, model.config)[0]
@@ -208,7 +208,7 @@ class Oracle:
     def lpm_case(self, case_id: str, source: str, model_path: Path, model_path_is: str,
                  base: str | None, name: str, arch: str, note: str,
                  inputs: str = "inputs") -> None:
-        from llava.model.builder import load_pretrained_model
+        from llava.model.builder import load_pretrained_model  # optional: llava
 
         base_path = None if base is None else str(self.folders[base])
         _, model, _, context_len = load_pretrained_model(str(model_path), base_path, name,
@@ -333,6 +333,7 @@ def lpm_cases(oracle: Oracle, scratch: Path) -> None:
 
 def anyres_choices(plan: dict, images: dict) -> dict:
     """LLaVA's own grid choice for every anyres image on the tiny pinpoints."""
+    # optional: llava
     from llava.mm_utils import get_anyres_image_grid_shape, select_best_resolution
 
     pinpoints = plan["next_pinpoints"]
@@ -345,7 +346,7 @@ def anyres_choices(plan: dict, images: dict) -> dict:
 
 
 def images_file(oracle: Oracle) -> dict:
-    import numpy as np
+    import numpy as np  # heavy: numpy
 
     rec = Recorder("images.safetensors")
     for name, image in oracle.images.items():

@@ -24,6 +24,7 @@ from ..checkpoint.atomic import atomic_dir
 from ..checkpoint.identity import folder_identity
 from ..report.environment import numeric_fingerprint
 from ..synth.cache import cache_lock
+from ..synth.presets import build_spec
 from . import cases
 from .venv import OracleEnv, OracleEnvError, clean_env, oracle_root, require_env
 
@@ -46,13 +47,11 @@ def sha256(path: Path) -> str:
 
 
 def spec_of(entry: dict):
-    from ..synth.presets import build_spec
-
     return build_spec(entry["preset"], model=entry["model"], checkpoint=entry["checkpoint"])
 
 
 def build_checkpoints(root: Path) -> dict[str, Path]:
-    from ..synth.builder import build
+    from ..synth.builder import build  # heavy: torch
 
     folders = {}
     for entry in cases.checkpoints():

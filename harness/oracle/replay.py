@@ -14,19 +14,20 @@ from types import SimpleNamespace
 
 import torch
 
+from ..checkpoint.reader import open_folder
 from ..llava.keys import PROJECTOR_PREFIX
+from ..model.anyres import grid_shape, pinpoints_of, select_best_resolution
+from ..model.images import process_images
 from .source import Oracle
 
 
 def pil_image(oracle_images: dict, name: str):
-    from PIL import Image
+    from PIL import Image  # heavy: PIL
 
     return Image.fromarray(oracle_images[f"raw.{name}"].numpy(), mode="RGB")
 
 
 def pixels(oracle_images: dict, names: list[str], processor, config) -> torch.Tensor:
-    from ..model.images import process_images
-
     return process_images([pil_image(oracle_images, n) for n in names], processor, config)
 
 
@@ -45,7 +46,7 @@ def input_logits(oracle: Oracle, images: dict, model, processor, dtype) -> dict:
 
 
 def _quiet_load(*args, **kwargs):
-    from ..ops.load import LoadWarning, load, load_pretrained_model
+    from ..ops.load import LoadWarning, load, load_pretrained_model  # heavy: transformers
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LoadWarning)
@@ -115,8 +116,6 @@ def next_outputs(oracle: Oracle, case: dict, folder: Path, loaded=None) -> dict:
 def next_preprocessing_problems(oracle: Oracle, case: dict, folder: Path,
                                 loaded=None) -> list[str]:
     """The harness's grid choice and crops against LLaVA's, for every anyres image."""
-    from ..model.anyres import grid_shape, pinpoints_of, select_best_resolution
-
     images = oracle.images()
     loaded = loaded or load_full(folder, getattr(torch, case["observed"]["model_dtype"]))
     config, problems = loaded.model.config, []
@@ -142,8 +141,6 @@ def next_preprocessing_problems(oracle: Oracle, case: dict, folder: Path,
 def projector_folder(source: Path, out: Path) -> Path:
     """What LLaVA's stage-1 trainer writes: mm_projector.bin with the projector's tensors as
     stored, beside the checkpoint's config.json."""
-    from ..checkpoint.reader import open_folder
-
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     folder = open_folder(source)

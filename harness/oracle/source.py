@@ -18,6 +18,7 @@ from pathlib import Path
 from ..data import fixtures_dir
 from ..report.environment import numeric_fingerprint
 from ..tolerances import tolerance, ulp_at_scale, ulps_apart  # noqa: F401 (re-exported)
+from .live import cached
 from .venv import OracleError
 
 STORED_ROOT = fixtures_dir() / "reference" / "original-llava"
@@ -58,12 +59,12 @@ class Oracle:
         return f"{self.kind} oracle ({code}, {what}): compared {rule}"
 
     def tensors(self, case: dict) -> dict:
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # heavy: safetensors.torch
 
         return load_file(str(self.folder / case["file"]))
 
     def images(self) -> dict:
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # heavy: safetensors.torch
 
         return load_file(str(self.folder / self.manifest["images"]["file"]))
 
@@ -113,8 +114,6 @@ def stored() -> Oracle:
 
 
 def live(folders: dict[str, Path] | None = None) -> Oracle:
-    from .live import cached
-
     folder = cached(folders)
     return Oracle("live", folder, read_manifest(folder), exact=True)
 
@@ -122,7 +121,7 @@ def live(folders: dict[str, Path] | None = None) -> Oracle:
 # --- the comparison -----------------------------------------------------------------------
 
 def mismatch(name: str, ours, expected, dtype, exact: bool) -> str | None:
-    import torch
+    import torch  # heavy: torch
 
     ours, expected = ours.float(), expected.float()
     if ours.shape != expected.shape:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from ..errors import HarnessError
 from ..llava.kinds import TOKENIZER_FILES
+from ..ops.quant import cpu_4bit_problem
 from ..tolerances import tolerance
 from .artifacts import Artifact
 
@@ -25,8 +26,6 @@ PROBE_LIMIT = 256 * 2**20
 def skipped_because(found: Artifact, source: Artifact, scheme: str,
                     shapes: list[tuple[int, int]]) -> str | None:
     """Why the probe cannot run here, or None. `shapes`: the quantized layers' weights."""
-    from ..ops.quant import cpu_4bit_problem
-
     total = found.bytes() + source.bytes()
     if total > PROBE_LIMIT:
         return (f"{total / 2**20:,.0f} MiB together; the probe runs under "
@@ -48,10 +47,10 @@ def skipped_because(found: Artifact, source: Artifact, scheme: str,
 def probe(artifact: Artifact, tower):
     """The probe's float32 logits from `artifact` loaded on CPU (a pre-quantized folder loads
     through its quantization_config, as transformers does)."""
-    import torch
+    import torch  # heavy: torch
 
-    from ..model.probe import probe_logits
-    from ..ops.load import load
+    from ..model.probe import probe_logits  # heavy: torch
+    from ..ops.load import load  # heavy: torch, transformers
 
     loaded = load(artifact.path, None, "llava-release", device="cpu", dtype=torch.float32,
                   detect="files", vision_tower=tower, vision_tower_dtype=torch.float32)

@@ -16,13 +16,17 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..checkpoint.identity import meaning
+from ..checkpoint.quantized import quantized_linears, scheme_of, stored_keys
 from ..checkpoint.reader import as_tensor
+from ..checkpoint.tensors import prefetch
 from ..llava.config import lm_fields, rope_4x
 from ..llava.keys import (PROJECTOR_PREFIX, VISION_TOWER_PREFIX, is_language_model_key,
                           is_legacy_buffer)
+from ..ops.quant import dequantized
 from ..tolerances import apart, tolerance, ulp_at_scale
 from .artifacts import Artifact
 from .drift import logit_drift
@@ -62,7 +66,7 @@ def _dtype_name(t) -> str:
 
 
 def _equal(a, b) -> bool:
-    import torch
+    import torch  # heavy: torch
 
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
@@ -95,8 +99,8 @@ def _ratio_hint(ratio: float, r: int) -> str:
 
 
 def verify_merge(rel: Relation, found: Artifact, base: Artifact, adapter: Artifact) -> Outcome:
-    from ..ops.adapter import AdapterConfig
-    from ..ops.merge import merged_view
+    from ..ops.adapter import AdapterConfig  # heavy: torch
+    from ..ops.merge import merged_view  # heavy: torch
 
     out = Outcome(rel)
     dtype = _dtype_name(found.tensor("model.embed_tokens.weight"))
@@ -124,16 +128,12 @@ class _Reader:
     once, in order, into one buffer (the pages stay cached for the real read)."""
 
     def __enter__(self):
-        from concurrent.futures import ThreadPoolExecutor
-
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="release-read")
         self.buffer = bytearray(16 << 20)
         self.seen: set[int] = set()
         return self
 
     def ahead(self, sources) -> None:
-        from ..checkpoint.tensors import prefetch
-
         for source in sources:
             if id(source) not in self.seen:
                 self.seen.add(id(source))
@@ -330,9 +330,6 @@ def verify_stage1(rel: Relation, found: Artifact, source: Artifact) -> Outcome:
 # --- quantize -----------------------------------------------------------------------------------
 
 def verify_quantize(rel: Relation, found: Artifact, source: Artifact) -> Outcome:
-    from ..checkpoint.quantized import quantized_linears, scheme_of, stored_keys
-    from ..ops.quant import dequantized
-
     out = Outcome(rel)
     scheme = scheme_of(found.config, found.path / "config.json")
     want_name = f"bnb-{rel.arg}"

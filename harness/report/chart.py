@@ -96,10 +96,10 @@ def _bar(metric: Metric | None, scale: float) -> tuple[float, float, float]:
 def comparison_chart(runs: list[Results], path: Path, metrics: list[str] | None = None) \
         -> Path | None:
     """The PNG, or None when there is nothing to chart (no figure A and another run share)."""
-    import matplotlib
+    import matplotlib  # heavy: matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: matplotlib
 
     panels = _entries(runs, metrics)
     if not panels:

@@ -27,8 +27,11 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
+import harness
+
 from ..checkpoint.problems import brief
 from ..errors import HarnessError
+from .nvml import gpus as nvml_gpus
 
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "safetensors", "accelerate",
              "llava-harness")
@@ -163,7 +166,7 @@ def _cpu_facts() -> dict:
 
 def torch_facts() -> dict:
     """What torch computes with; imports torch (call it where torch is loaded anyway)."""
-    import torch
+    import torch  # heavy: torch
 
     config = torch.__config__.show()
     blas = re.search(r"BLAS_INFO=(\w+)", config)
@@ -234,7 +237,6 @@ def _gpu_facts() -> dict:
     """GPU name, count, memory and driver from NVML; from torch when NVML is absent and torch
     is already imported (never imported just for this)."""
     facts: dict = {"cuda_version": _torch_cuda_version()}
-    from .nvml import gpus as nvml_gpus
 
     gpus, driver = nvml_gpus()
     if gpus:
@@ -250,8 +252,6 @@ def _gpu_facts() -> dict:
 
 def harness_repo() -> Path | None:
     """The git work tree the harness package lives in (an editable install), else None."""
-    import harness
-
     root = Path(harness.__file__).resolve().parent.parent  # wherever this module moves
     return root if (root / ".git").exists() else None
 

@@ -35,6 +35,7 @@ metric) with the baseline, the value and the limit.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import re
 import statistics
@@ -43,8 +44,12 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 
+from ..checkpoint.atomic import check_target
+from ..data import fixtures_dir
 from ..errors import HarnessError
-from .results import Metric, Record, Results, is_timing
+from ..tolerances import tolerance
+from .environment import harness_repo
+from .results import Metric, Record, Results, is_timing, load_results, write_results
 from .speed import PROBE_METRIC, allowance, at_scale, scale_factor, speed_scale
 from .stats import ALPHA, MANN_WHITNEY, Shift, shift
 
@@ -179,8 +184,6 @@ def noise_of(metric: Metric, base: Metric | None) -> float:
 
 
 def run_to_run_noise() -> float:
-    from ..tolerances import tolerance
-
     return tolerance("noise.run_to_run.timing").rtol
 
 
@@ -375,8 +378,6 @@ def machine_class(environment) -> str:
 
 def baseline_for(environment) -> Path | None:
     """The committed baseline of this machine class (fixtures/baselines/<class>.json), if any."""
-    from ..data import fixtures_dir
-
     path = fixtures_dir() / "baselines" / f"{machine_class(environment)}.json"
     return path if path.is_file() else None
 
@@ -385,9 +386,6 @@ def baselines_dir() -> Path:
     """`fixtures/baselines/` of the checkout the package lives in (committed with the code it
     describes); an installed harness has no checkout to commit to, and writes nowhere in
     site-packages."""
-    from ..data import fixtures_dir
-    from .environment import harness_repo
-
     if harness_repo() is None:
         raise GateError("baseline --name writes into a checkout's fixtures/baselines/, and this "
                         "harness is installed, not a checkout: pass -o FILE")
@@ -406,8 +404,6 @@ def pool_runs(runs: list[Results]) -> Results:
     """One baseline from several runs of the same code on the same machine: every repeated
     measurement's samples pooled (so its IQR shows the noise between runs, not only within
     one), other figures and outcomes from the first run."""
-    import dataclasses
-
     first = runs[0]
     records = []
     for record in first.records:
@@ -433,9 +429,6 @@ def write_baseline(results_paths, target: Path | str, force: bool = False) -> Pa
     stdout) as a baseline, refusing what cannot be reproduced: a run made from uncommitted
     changes, runs of different commits, or a target that git would commit from a work tree
     with uncommitted changes (the baseline goes in alone, beside its code)."""
-    from ..checkpoint.atomic import check_target
-    from .results import load_results, write_results
-
     paths = [results_paths] if isinstance(results_paths, (str, Path)) else list(results_paths)
     runs = [load_results(path) for path in paths]
     for path, run in zip(paths, runs):

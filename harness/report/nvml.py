@@ -9,7 +9,7 @@ def driver():
     """The initialised `pynvml` module, or None without the package or an NVIDIA driver.
     Initialising twice is harmless: NVML counts its users."""
     try:
-        import pynvml
+        import pynvml  # optional: pynvml
     except ImportError:
         return None
     try:

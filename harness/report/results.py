@@ -37,6 +37,7 @@ from functools import cached_property
 from pathlib import Path
 
 from ..checkpoint.problems import brief, control_character
+from ..console import write_text
 from ..errors import HarnessError
 from .environment import Environment, EnvironmentSchemaError, current
 from .sample import MAX_VALUES, Sample, SampleError
@@ -512,8 +513,6 @@ def make_results(records: Iterable[Record], run_id: str | None = None,
 def write_results(results: Results, path: Path | str) -> Path:
     """Write atomically, replacing an existing file (a reader never sees half a file); `-` is
     the command's machine output (stdout)."""
-    from ..console import write_text
-
     write_text(path, results.to_json())
     return Path(path)
 

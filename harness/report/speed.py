@@ -21,6 +21,7 @@ busy cores slow down 15-30x, far beyond what the figures see (measured 2-2.7x).
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
@@ -37,7 +38,7 @@ _BLOCK = bytes(range(256)) * 4096   # 1 MiB of fixed bytes
 
 
 def _work(folder: Path) -> float:
-    import torch
+    import torch  # heavy: torch
 
     header = {key: {"dtype": "F16", "shape": [i, 64], "data_offsets": [i, i + 64]}
               for i, key in enumerate(_KEYS)}
@@ -66,9 +67,7 @@ def probe_times(folder: Path, rounds: int = PROBE_ROUNDS, calls: int = PROBE_CAL
     the heap the process has built up, not with the machine, and in the default run's
     process one round in six took 50 ms a call instead of 3.5 ms when a collection fell in it.
     """
-    import gc
-
-    import torch
+    import torch  # heavy: torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

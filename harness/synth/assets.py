@@ -164,7 +164,7 @@ def _corpus(vocab_size: int) -> list[str]:
 def _train_sentencepiece(vocab_size: int) -> bytes:
     """Train the Llama-style BPE model in memory and return the serialized proto.
     Options mirror the trainer_spec/normalizer_spec stored in Llama-2's tokenizer.model."""
-    import sentencepiece as spm
+    import sentencepiece as spm  # heavy: sentencepiece
 
     # Only matters if sampling/shuffling kicks in; pinned anyway so builds never depend
     # on std::random_device.
@@ -209,9 +209,10 @@ def _fast_tokenizer_json(model_proto: bytes) -> str:
     """tokenizer.json in the layout of the published Llama-2 / llava-v1.5 files
     (Prepend+Replace normalizer, no pre-tokenizer, BOS template), so it also behaves
     like sentencepiece when read by plain `tokenizers` or transformers 4.x."""
-    import sentencepiece as spm
+    import sentencepiece as spm  # heavy: sentencepiece
+    # heavy: tokenizers
     from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
-    from tokenizers.models import BPE
+    from tokenizers.models import BPE  # heavy: tokenizers
 
     sp = spm.SentencePieceProcessor(model_proto=model_proto)
     vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}

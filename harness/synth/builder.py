@@ -11,10 +11,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import torch
+from tqdm import tqdm
+
 from ..checkpoint.atomic import atomic_dir
 from ..checkpoint.formats import index_json
 from ..checkpoint.shards import new_shard_order, write_shard
-from . import configs
+from . import assets, configs
 from .content import tensor_chunks
 from .plan import CheckpointPlan, make_plan
 from .quantize import quantization_config
@@ -33,8 +36,6 @@ def vision_tower_path(spec: BuildSpec, out: Path) -> str:
 
 
 def _progress_bar(total: int):
-    from tqdm import tqdm
-
     # disable=None: silent when stderr is not a terminal (CI logs, pipes).
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="build",
                 disable=None if total >= PROGRESS_MIN_BYTES else True, file=sys.stderr)
@@ -67,10 +68,6 @@ def write_configs(spec: BuildSpec, folder: Path, vision_tower: str) -> None:
 
 
 def write_assets(spec: BuildSpec, folder: Path) -> None:
-    import torch
-
-    from . import assets
-
     model = spec.model
     if spec.with_tokenizer:
         assets.build_tokenizer(folder, vocab_size=model.vocab_size,

@@ -19,6 +19,8 @@ from ..errors import HarnessError
 
 __all__ = ["CacheError", "ENV_VAR", "cache_lock", "cache_path", "cache_root", "cached_build",
            "ensure_space", "is_valid", "remove", "spec_hash"]
+from filelock import FileLock
+
 from .plan import make_plan
 from .specs import BuildSpec
 
@@ -84,14 +86,13 @@ def ensure_space(spec: BuildSpec, root: Path) -> None:
 def cache_lock(entry: Path):
     """A lock beside a cache entry: of several processes wanting it (pytest-xdist workers,
     two CI jobs on one runner), one builds and the others wait, then find it built."""
-    from filelock import FileLock
-
     entry.parent.mkdir(parents=True, exist_ok=True)
     return FileLock(str(entry) + ".lock")
 
 
 def cached_build(spec: BuildSpec, root: Path | None = None) -> Path:
     """The cached folder for `spec`, building it first when missing or failing the check."""
+    # heavy: torch
     from .builder import build  # imports torch; keep `import harness.synth.cache` light for the CLI
 
     folder = cache_path(spec, root)

@@ -92,7 +92,7 @@ def clip_tower_config(vision: VisionSpec, dtype: str) -> dict:
 
 def clip_vision_config(vision: VisionSpec):
     """The transformers config of that tower."""
-    from transformers import CLIPVisionConfig
+    from transformers import CLIPVisionConfig  # heavy: transformers
 
     fields = clip_tower_config(vision, "float32")
     for name in ("architectures", "dtype", "model_type"):
@@ -103,8 +103,8 @@ def clip_vision_config(vision: VisionSpec):
 @lru_cache(maxsize=16)
 def _clip_state_shapes(vision: VisionSpec) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """The CLIP vision model's persistent state, read off a meta-device instance."""
-    import torch
-    from transformers import CLIPVisionModel
+    import torch  # heavy: torch
+    from transformers import CLIPVisionModel  # heavy: transformers
 
     with torch.device("meta"):
         module = CLIPVisionModel(clip_vision_config(vision))
@@ -152,7 +152,7 @@ def model_tensors(model: ModelSpec, legacy_buffers: bool) -> list[TensorInfo]:
 
 def inv_freq_values(model: ModelSpec):
     """The exact rotary inverse frequencies transformers computed, as a float32 tensor."""
-    import torch
+    import torch  # heavy: torch
 
     exponents = torch.arange(0, model.head_dim, 2, dtype=torch.int64).float() / model.head_dim
     return 1.0 / (model.rope_theta ** exponents)

@@ -96,8 +96,8 @@ def quantization_config(ck: CheckpointSpec, model: ModelSpec) -> dict | None:
     if scheme.method == "awq":
         return {"quant_method": "awq", "bits": scheme.bits, "group_size": scheme.group_size,
                 "zero_point": True, "version": "gemm", "modules_to_not_convert": None}
-    import torch
-    from transformers import BitsAndBytesConfig
+    import torch  # heavy: torch
+    from transformers import BitsAndBytesConfig  # heavy: transformers
 
     compute = getattr(torch, model.dtype)
     if scheme.bits == 8:
@@ -126,16 +126,17 @@ def _quantized(seed: int, weight: TensorInfo, scheme: Scheme, model: ModelSpec
 
 
 def _as_bytes(tensor) -> bytes:
-    import torch
+    import torch  # heavy: torch
 
     return tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
 
 
 def _bitsandbytes(seed: int, weight: TensorInfo, scheme: Scheme, model: ModelSpec
                   ) -> dict[str, bytes]:
-    import bitsandbytes.functional as F
-    import torch
+    import bitsandbytes.functional as F  # heavy: bitsandbytes
+    import torch  # heavy: torch
 
+    # heavy: torch
     from .fill import make_tensor  # fill imports torch: planning stays without it
 
     w = make_tensor(seed, weight, model)
@@ -169,21 +170,23 @@ def _bnb_state(seed: int, weight: TensorInfo, scheme: Scheme, model: ModelSpec) 
 def _mean_absmax(seed: int, weight: TensorInfo, model: ModelSpec) -> float:
     """bitsandbytes' double-quant offset: the mean of the float32 block absmax values, each
     computed as its quantize_4bit computes it (a last, partial block on its own)."""
+    # heavy: torch
     from .fill import make_tensor  # fill imports torch: planning stays without it
 
     flat = make_tensor(seed, weight, model).reshape(-1).float()
     full = flat.numel() - flat.numel() % 64
     absmax = flat[:full].reshape(-1, 64).abs().max(dim=-1)[0]
     if full < flat.numel():
-        import torch
+        import torch  # heavy: torch
 
         absmax = torch.cat([absmax, flat[full:].abs().max().clamp(min=1e-38).unsqueeze(0)])
     return absmax.mean().item()
 
 
 def _packed_integers(seed: int, weight: TensorInfo, scheme: Scheme) -> dict[str, bytes]:
-    import torch
+    import torch  # heavy: torch
 
+    # heavy: torch
     from .fill import RAW_BITS, tensor_bytes  # torch, as above
 
     out_f, in_f = weight.shape

@@ -6,7 +6,12 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint.reader import CheckpointError, CheckpointFolder, consistency_problems, open_folder
+from ..checkpoint.identity import differences, file_identity, json_identity
+from ..checkpoint.paths import inside
+from ..checkpoint.quantized import quantized_linears, scheme_of
+from ..checkpoint.reader import (CheckpointError, CheckpointFolder, consistency_problems,
+                                 open_folder, read_json)
+from .builder import config_files, vision_tower_path
 from .content import tensor_bytes
 from .layout import TensorInfo
 from .plan import make_plan
@@ -46,9 +51,6 @@ def layout_problems(spec: BuildSpec, folder: CheckpointFolder) -> list[str]:
 def config_problems(spec: BuildSpec, folder: Path) -> list[str]:
     """config.json and generation_config.json mean what the spec's build writes (what a save
     stamps, and the absolute path of the folder's own tower, are not part of that)."""
-    from ..checkpoint.identity import differences, file_identity, json_identity
-    from .builder import config_files, vision_tower_path
-
     problems = []
     for name, expected in config_files(spec, vision_tower_path(spec, folder)).items():
         try:
@@ -76,10 +78,6 @@ def data_problems(spec: BuildSpec, folder: CheckpointFolder) -> list[str]:
 def check_quantized(folder: CheckpointFolder) -> None:
     """A pre-quantized folder's linears all whole (CheckpointError otherwise), whatever the
     spec says: its config's quantization_config is read as transformers would read it."""
-    from ..checkpoint.paths import inside
-    from ..checkpoint.quantized import quantized_linears, scheme_of
-    from ..checkpoint.reader import read_json
-
     config_path = folder.path / "config.json"
     found = inside(folder.path, "config.json", must_exist=False)  # a link out is refused
     if found is None:

@@ -56,7 +56,7 @@ def _check_groups(param_groups: list[dict]) -> list[torch.nn.Parameter]:
 
 def make_optimizer(param_groups: list[dict], steps: int, warmup_ratio: float, lr: float,
                    weight_decay: float):
-    from transformers import get_cosine_schedule_with_warmup
+    from transformers import get_cosine_schedule_with_warmup  # heavy: transformers
 
     optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=weight_decay)

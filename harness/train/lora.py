@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.atomic import atomic_dir
+from ..checkpoint.reader import open_folder
 from ..ops.lora import LoraSpec, apply_lora
 from .data import collate, instruct_samples
 from .loop import TrainError, batch_loss, train
@@ -64,7 +65,7 @@ def param_groups(model, lr: float = LORA_LR, mm_projector_lr: float | None = Non
 def prepare_qlora(model):
     """`prepare_model_for_kbit_training` without gradient checkpointing (LLaVA's default
     run has it on; it changes memory, not results)."""
-    from peft import prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training  # heavy: peft
 
     if not getattr(model, "is_loaded_in_4bit", False):
         raise TrainError("QLoRA needs a model loaded in 4 bits (load_4bit=True)")
@@ -155,8 +156,6 @@ def dequantized_base(model, base: Path, out: Path, force: bool = False) -> Path:
     """A copy of the checkpoint `base` in which every weight the 4-bit `model` holds quantized
     is replaced by the weight it effectively applies (`effective_weight`, cast to the base's
     dtype): the base a QLoRA adapter was actually trained against."""
-    from ..checkpoint.reader import open_folder
-
     quantized = {f"{name}.weight": module for name, module in model.named_modules()
                  if type(module).__name__ in ("Linear4bit", "Linear8bitLt")}
     # Under peft a quantized layer is the `base_layer` of its LoRA wrapper.
@@ -180,7 +179,7 @@ def dequantized_base(model, base: Path, out: Path, force: bool = False) -> Path:
 
 def _save_shard(state: dict, path: Path, fmt: str) -> None:
     if fmt == "safetensors":
-        from safetensors.torch import save_file
+        from safetensors.torch import save_file  # heavy: safetensors.torch
 
         save_file(state, path, metadata={"format": "pt"})
     else:

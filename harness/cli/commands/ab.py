@@ -15,7 +15,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from ...bench.ab import (DEFAULT_FIGURES, FIGURES, AbError, Side, applicable, check_rounds,
+                         checkpoint, interpreter, render, run_ab, side_results, verdicts)
+from ...bench.ab_power import bench_ab_power, reanalyse
+from ...checkpoint.atomic import atomic_dir, check_target
 from ...console import print_json, write_text
+from ...report.gate import check_arg
+from ...report.results import new_run_id, write_results
+from ...report.stats import ALPHA
+from ...synth.presets import build_spec
 from ..options import add_json, positive_int
 
 
@@ -39,8 +47,6 @@ def _plant(text: str) -> float:
 
 
 def _figures(text: str) -> tuple[str, ...]:
-    from ...bench.ab import FIGURES
-
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     unknown = [n for n in names if n not in FIGURES]
     if not names or unknown:
@@ -49,10 +55,6 @@ def _figures(text: str) -> tuple[str, ...]:
 
 
 def register(sub, bench) -> None:
-    from ...bench.ab import DEFAULT_FIGURES
-    from ...report.gate import check_arg
-    from ...report.stats import ALPHA
-
     p = sub.add_parser("ab", help="the same figures in two environments on this machine, "
                                   "interleaved, with a rank test per figure")
     p.add_argument("--a", default=sys.executable, metavar="PYTHON",
@@ -100,8 +102,6 @@ def register(sub, bench) -> None:
 
 
 def _sides(args, scratch: Path):
-    from ...bench.ab import AbError, Side, checkpoint, interpreter
-
     if args.checkpoint and (args.checkpoint_a or args.checkpoint_b):
         raise AbError("--checkpoint is both sides' folder: give it, or --checkpoint-a and "
                       "--checkpoint-b, not both")
@@ -117,8 +117,7 @@ def _sides(args, scratch: Path):
 
 
 def _tiny(scratch: Path) -> Path:
-    from ...synth.builder import build
-    from ...synth.presets import build_spec
+    from ...synth.builder import build  # heavy: torch
 
     out = scratch / "tiny"
     if not out.exists():
@@ -127,12 +126,8 @@ def _tiny(scratch: Path) -> Path:
 
 
 def cmd_ab(args: argparse.Namespace) -> int:
-    from ...bench.ab import applicable, check_rounds, run_ab, verdicts
-    from ...report.results import new_run_id
-
     applicable(args.fail, args.figures)
     check_rounds(args.rounds, args.alpha)
-    from ...checkpoint.atomic import check_target
 
     run_id = new_run_id()
     output = args.output or Path("reports") / f"ab-{run_id}"
@@ -165,10 +160,6 @@ def _progress(total: int):
 
 def _write(output: Path, run, found, run_id: str, args) -> None:
     """a.json, b.json and ab.md, all or nothing."""
-    from ...bench.ab import render, side_results
-    from ...checkpoint.atomic import atomic_dir
-    from ...report.results import write_results
-
     settings = {"ab_rounds": str(run.rounds), "ab_alpha": str(args.alpha),
                 "ab_figures": ",".join(run.figures)}
     if run.b.plant:
@@ -181,10 +172,6 @@ def _write(output: Path, run, found, run_id: str, args) -> None:
 
 
 def cmd_bench_ab_power(args: argparse.Namespace) -> int:
-    from ...bench.ab import AbError, check_rounds
-    from ...bench.ab_power import bench_ab_power, reanalyse
-    from ...report.results import new_run_id
-
     check_rounds(args.size, args.alpha)
     if args.pool is not None:
         print(reanalyse(args.pool, args.size, args.alpha), end="")

@@ -13,6 +13,8 @@ import argparse
 import re
 from pathlib import Path
 
+from ...report.gate import baselines_dir, machine_class, write_baseline
+from ...report.results import load_results
 from ..options import add_output
 
 
@@ -24,13 +26,9 @@ def _name(text: str) -> str:
 
 
 def cmd_baseline(args: argparse.Namespace) -> int:
-    from ...report.gate import baselines_dir, write_baseline
-
     if args.name is not None:
         name = args.name
         if name == "auto":  # the run's machine class, the name `run --baseline auto` finds
-            from ...report.gate import machine_class
-            from ...report.results import load_results
 
             name = machine_class(load_results(args.results[0]).environment)
         target = baselines_dir() / f"{name}.json"

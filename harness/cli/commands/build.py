@@ -6,6 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
+from ...console import print_json, write_machine
+from ...synth.plan import make_plan
+from ...synth.specs import SpecError
 from ..options import (add_json, add_output, add_results_output, add_spec_options, results_target,
                        spec_from_args)
 
@@ -29,17 +32,13 @@ def register(sub, bench) -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from ...console import print_json, write_machine
-    from ...synth.plan import make_plan
-    from ...synth.specs import SpecError
-
     spec = spec_from_args(args)
     if args.plan:
         write_machine(json.dumps(make_plan(spec).describe(), indent=2) + "\n")
         return 0
     if args.output is None:
         raise SpecError("-o/--output is required unless --plan is given")
-    from ...synth.builder import build
+    from ...synth.builder import build  # heavy: torch
 
     plan = build(spec, args.output, force=args.force)
     print(f"built {spec.model.name} ({plan.format}, {len(plan.shards)} shard(s), "
@@ -52,7 +51,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_build(args: argparse.Namespace) -> int:
-    from ...bench.build import bench_build
+    from ...bench.build import bench_build  # heavy: tabulate
 
     return bench_build(spec_from_args(args), work=args.work, output=results_target(args),
                        force=args.force)

@@ -11,7 +11,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from ...bench.check import bench_reads, check_bench
+from ...console import print_json
 from ...errors import HarnessError
+from ...llava.check import catalog, check
 from ..options import add_json, add_results_output, positive_int, results_target
 from ..target import add_targets, resolve_all
 
@@ -47,16 +50,11 @@ def register(sub, bench) -> None:
 
 
 def cmd_bench_check(args: argparse.Namespace) -> int:
-    from ...bench.check import bench_reads, check_bench
-
     return bench_reads([(check_bench(t.folder), t.name) for t in resolve_all(args)],
                        args.repeat, results_target(args))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from ...console import print_json
-    from ...llava.check import catalog, check
-
     if args.list:
         print(catalog(), end="")
         return 0

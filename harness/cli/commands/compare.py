@@ -11,12 +11,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ...console import print_json
+from ...report.results import load_results
 from ..options import add_json, add_output
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from ...report.compare_folder import write_comparison
-    from ...report.results import load_results
+    from ...report.compare_folder import write_comparison  # heavy: tabulate
 
     runs = [load_results(path) for path in args.results]
     out = args.output or Path("reports") / ("compare-" + datetime.now(UTC)

@@ -6,12 +6,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ...console import print_json
+from ...ops.convert import convert
+from ...synth.specs import FORMATS
 from ..options import add_json, add_output
 
 
 def register(sub, bench) -> None:
-    from ...synth.specs import FORMATS
-
     p = sub.add_parser("convert", help="convert between the original LLaVA layout and "
                                        "llava-hf (LlavaForConditionalGeneration)")
     p.add_argument("checkpoint", type=Path, help="checkpoint folder")
@@ -25,16 +26,12 @@ def register(sub, bench) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from ...ops.convert import convert
-
     r = convert(args.checkpoint, args.output, args.to, vision_tower=args.vision_tower,
                 to_format=args.to_format, force=args.force)
     target = "llava-hf" if r.to == "hf" else "original LLaVA"
     print(f"converted to the {target} layout: {r.tensors} tensors ({r.format}), token rows "
           f"{r.vocab[0]} -> {r.vocab[1]}, dropped {len(r.dropped)} legacy buffer(s) -> {r.out}")
     if args.json:
-        from ...console import print_json
-
         print_json({"output": str(r.out), "to": r.to, "tensors": r.tensors, "format": r.format,
                     "vocab": list(r.vocab), "dropped": list(r.dropped)})
     return 0

@@ -9,12 +9,14 @@ import sys
 from pathlib import Path
 
 from ...console import print_json
+from ...ops.counts import count, count_checkpoint
+from ...synth.configs import llava_config_json
+from ...synth.layout import model_tensors
+from ...synth.presets import PRESET_NAMES, preset
 from ..options import add_json
 
 
 def register(sub, bench) -> None:
-    from ...synth.presets import PRESET_NAMES
-
     p = sub.add_parser("count", help="projector and model parameter counts of a checkpoint or "
                                      "preset")
     source = p.add_mutually_exclusive_group(required=True)
@@ -25,7 +27,7 @@ def register(sub, bench) -> None:
 
 
 def _table(counts) -> str:
-    from tabulate import tabulate
+    from tabulate import tabulate  # heavy: tabulate
 
     d = counts.to_dict()
     rows = [["projector type (config / tensors)",
@@ -48,11 +50,6 @@ def _table(counts) -> str:
 def count_preset(name: str):
     """Counts for a named preset: the config its build writes and the tensors it plans (the
     builder's side; the counting is the operation's)."""
-    from ...ops.counts import count
-    from ...synth.configs import llava_config_json
-    from ...synth.layout import model_tensors
-    from ...synth.presets import preset
-
     spec = preset(name)
     shapes = {t.key: t.shape for t in model_tensors(spec.model, spec.checkpoint.legacy_buffers)}
     config = llava_config_json(spec.model, spec.model.vision.tower_name)
@@ -61,8 +58,6 @@ def count_preset(name: str):
 
 
 def cmd_count(args: argparse.Namespace) -> int:
-    from ...ops.counts import count_checkpoint
-
     counts = count_preset(args.preset) if args.preset else count_checkpoint(args.checkpoint)
     print(_table(counts))
     if args.json:

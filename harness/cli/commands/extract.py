@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ...bench.extract import bench_extract
+from ...console import print_json
+from ...ops.extract import extract
 from ..options import add_json, add_output, add_results_output, positive_int, results_target
 from ..target import add_target, resolve
 
@@ -50,9 +53,6 @@ def register(sub, bench) -> None:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from ...console import print_json
-    from ...ops.extract import extract
-
     source = args.checkpoint or args.model_path
     result = extract(source, args.output, args.keys, args.force)
     if args.json:
@@ -64,8 +64,6 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_extract(args: argparse.Namespace) -> int:
-    from ...bench.extract import bench_extract
-
     target = resolve(args.checkpoint, args.preset, args.format)
     return bench_extract(target.folder, target.format, target.name, args.keys, args.repeat,
                          results_target(args))

@@ -11,13 +11,12 @@ import sys
 from pathlib import Path
 
 from ...console import print_json
+from ...report.gate import check_arg, evaluate
+from ...report.results import load_results
 from ..options import add_json
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
-    from ...report.gate import evaluate
-    from ...report.results import load_results
-
     results = load_results(args.results)
     baseline = load_results(args.baseline) if args.baseline is not None else None
     outcome = evaluate(args.fail, results, baseline, outcomes=not args.ignore_outcomes)
@@ -33,8 +32,6 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
 
 def register(sub, bench) -> None:
-    from ...report.gate import check_arg
-
     p = sub.add_parser("gate", help="check a run's metrics against a baseline; exit 1 on a "
                                     "regression")
     p.add_argument("results", type=Path, metavar="RESULTS.json")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from ...console import print_json
+from ...ops.litgpt_env import PINNED, env_folder, python, setup
 from ..options import add_json
 
 
@@ -25,16 +27,11 @@ def register(sub, bench) -> None:
 
 
 def cmd_setup(args: argparse.Namespace) -> int:
-    from ...ops.litgpt_env import setup
-
     setup(force=args.force)
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from ...console import print_json
-    from ...ops.litgpt_env import PINNED, env_folder, python
-
     ready = python() is not None
     print(f"litgpt environment {'ready' if ready else 'not made'} at {env_folder()}")
     if args.json:

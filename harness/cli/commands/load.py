@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
-from ...console import print_json
+from ...bench.measure import self_peak_rss_bytes
+from ...console import print_json, quiet_transformers
 from ..options import add_json
 
 DTYPE_NAMES = ("float16", "bfloat16", "float32")
@@ -43,7 +45,7 @@ def _count(module) -> int:
 
 def describe(loaded, device: str, peak_bytes: int) -> dict:
     """The facts the CLI prints about a load."""
-    from ...model.projector import projector_type_of_config
+    from ...model.projector import projector_type_of_config  # heavy: torch
 
     model = loaded.model
     inner = model.get_model() if hasattr(model, "get_model") else None
@@ -71,19 +73,15 @@ def describe(loaded, device: str, peak_bytes: int) -> dict:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    import warnings
+    import torch  # heavy: torch
 
-    import torch
-
-    from ...console import quiet_transformers
-    from ...ops.load import LoadWarning
+    from ...ops.load import LoadWarning  # heavy: torch, transformers
 
     quiet_transformers()
 
     warnings.filterwarnings("ignore", category=LoadWarning)  # printed below, as notes
 
-    from ...bench.measure import self_peak_rss_bytes
-    from ...ops.load import load
+    from ...ops.load import load  # heavy: torch, transformers
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load(args.path, args.base, args.name or args.path.resolve().name,

@@ -4,8 +4,13 @@
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
+from ...bench.check import bench_reads, merge_bench
+from ...bench.merge import MergeBench, bench_merge
+from ...console import print_json, quiet_transformers
+from ...errors import HarnessError
 from ..options import (add_json, add_output, add_results_output, add_work, positive_int,
                        results_target)
 from ..target import add_target, resolve
@@ -59,10 +64,6 @@ def register(sub, bench) -> None:
 
 
 def cmd_bench_merge_copy(args: argparse.Namespace) -> int:
-    import tempfile
-
-    from ...bench.check import bench_reads, merge_bench
-
     parent = args.work or args.base.resolve().parent
     with tempfile.TemporaryDirectory(prefix=".llava-merge-copy-", dir=parent) as work:
         bench = merge_bench(args.adapter, args.base, Path(work))
@@ -70,11 +71,9 @@ def cmd_bench_merge_copy(args: argparse.Namespace) -> int:
 
 
 def _device(text: str) -> str:
-    from ...errors import HarnessError
-
     if text == "cpu" or text.startswith("cuda"):
         if text != "cpu":
-            import torch
+            import torch  # heavy: torch
 
             if not torch.cuda.is_available():
                 raise HarnessError(f"--device {text}: no CUDA device is available")
@@ -83,8 +82,7 @@ def _device(text: str) -> str:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from ...console import print_json, quiet_transformers
-    from ...ops.merge import merge_lora
+    from ...ops.merge import merge_lora  # heavy: torch
 
     quiet_transformers()
 
@@ -101,8 +99,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_merge(args: argparse.Namespace) -> int:
-    from ...bench.merge import MergeBench, bench_merge
-
     device = _device(args.device)
     base = resolve(args.base, args.preset, args.format, flag="--base")
     bench = MergeBench(base=base.folder, case=base.name, rank=args.rank, alpha=args.alpha,

@@ -12,9 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
-from ...console import print_json
+from ...console import print_json, quiet_transformers
+from ...oracle import live, source
+from ...oracle.venv import default_env, setup
+from ...report.environment import numeric_fingerprint
 from ..options import add_json, add_output
 
 
@@ -41,15 +45,11 @@ def register(sub, bench) -> None:
 
 
 def cmd_setup(args: argparse.Namespace) -> int:
-    from ...oracle.venv import setup
-
     setup(force=args.force, log=lambda line: print(line, file=sys.stderr))
     return 0
 
 
 def cmd_compute(args: argparse.Namespace) -> int:
-    from ...oracle import live
-
     folder = live.compute(args.output, force=args.force) if args.output else live.cached()
     manifest = json.loads((folder / live.MANIFEST).read_text())
     print(f"oracle: {len(manifest['cases'])} cases computed by llava-torch "
@@ -59,10 +59,7 @@ def cmd_compute(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    import tempfile
-
-    from ...console import quiet_transformers
-    from ...oracle import live, replay, source
+    from ...oracle import live, replay, source  # heavy: torch
 
     quiet_transformers()
 
@@ -84,10 +81,6 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from ...oracle import source
-    from ...oracle.venv import default_env
-    from ...report.environment import numeric_fingerprint
-
     env = default_env()
     print(f"environment: {env.folder} ({'ready' if env.is_ready() else 'not set up'})")
     print(f"this machine: {json.dumps(numeric_fingerprint(), sort_keys=True)}")

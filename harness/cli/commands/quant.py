@@ -9,8 +9,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from ...bench.measure import BenchError
+from ...bench.quant import QuantBench, bench_quant
+from ...bench.session import run_session
+from ...ops.quant import parse_modes
 from ...options import argument_type
+from ...synth.presets import PRESET_NAMES
+from ...synth.specs import FORMATS
 from ..options import add_output, add_results_output, positive_int, results_target
+from ..run import suites_dir_default
 from ..target import resolve
 
 DEFAULT_MODES = "fp16,bf16,int8,nf4,nf4-dq,fp4"
@@ -18,14 +25,10 @@ DEFAULT_MODES = "fp16,bf16,int8,nf4,nf4-dq,fp4"
 
 @argument_type
 def _modes(text: str) -> tuple[str, ...]:
-    from ...ops.quant import parse_modes
-
     return parse_modes(text)
 
 
 def register(sub, bench) -> None:
-    from ...synth.presets import PRESET_NAMES
-    from ...synth.specs import FORMATS
     b = bench.add_parser("quant", help="quantized load per mode: load time, peak memory, "
                                        "footprint vs theory, prefill/decode speed, drift")
     source = b.add_mutually_exclusive_group(required=True)
@@ -64,9 +67,7 @@ def register(sub, bench) -> None:
 
 
 def _device(requested: str | None) -> str:
-    import torch
-
-    from ...bench.measure import BenchError
+    import torch  # heavy: torch
 
     if requested == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda: no CUDA device is available here")
@@ -90,7 +91,6 @@ def _checkpoint(args: argparse.Namespace) -> tuple[Path, str]:
 
 
 def cmd_bench_quant(args: argparse.Namespace) -> int:
-    from ...bench.quant import QuantBench, bench_quant
     folder, name = _checkpoint(args)
     bench = QuantBench(checkpoint=folder, name=name, modes=args.modes,
                        device=_device(args.device), prompt_tokens=args.prompt_tokens,
@@ -100,7 +100,4 @@ def cmd_bench_quant(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_session(args: argparse.Namespace) -> int:
-    from ...bench.session import run_session
-    from ..run import suites_dir_default
-
     return run_session(args.output, args.suites_dir or suites_dir_default(), args.dry_run)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ...report.results import load_results
 from ..options import add_output
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from ...report.single import render_report, write_report
-    from ...report.results import load_results
-    from ...report.single import csv_text
+    from ...report.single import csv_text, render_report, write_report  # heavy: tabulate
 
     results = load_results(args.results)
     if args.output is not None:

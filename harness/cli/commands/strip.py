@@ -11,14 +11,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ...bench.strip import bench_strip
+from ...console import print_json
+from ...ops.litgpt import export_litgpt
+from ...ops.strip import StripError, strip
+from ...synth.specs import FORMATS
 from ..options import (add_json, add_output, add_results_output, add_work, positive_int,
                        results_target)
 from ..target import add_targets, resolve_all
 
 
 def register(sub, bench) -> None:
-    from ...synth.specs import FORMATS
-
     p = sub.add_parser("strip", help="write the plain Llama/Mistral language model of a LLaVA "
                                      "checkpoint (original or llava-hf layout)")
     p.add_argument("checkpoint", type=Path, help="LLaVA checkpoint folder")
@@ -52,9 +55,6 @@ def register(sub, bench) -> None:
 
 
 def cmd_export_litgpt(args: argparse.Namespace) -> int:
-    from ...ops.litgpt import export_litgpt
-    from ...ops.strip import StripError
-
     if args.keep_legacy_buffers or args.to_format:
         raise StripError("--keep-legacy-buffers and --to-format are for --layout hf; a litgpt "
                          "export is lit_model.pth without legacy buffers")
@@ -62,8 +62,6 @@ def cmd_export_litgpt(args: argparse.Namespace) -> int:
     print(f"exported {r.layout} {r.arch} checkpoint to litgpt: {r.tensors} tensors "
           f"({r.total_size:,} bytes); key set and shapes checked against litgpt's GPT -> {r.out}")
     if args.json:
-        from ...console import print_json
-
         print_json({"output": str(r.out), "layout": "litgpt", "source_layout": r.layout,
                     "architecture": r.arch, "tensors": r.tensors, "total_size": r.total_size,
                     "files": r.files})
@@ -71,8 +69,6 @@ def cmd_export_litgpt(args: argparse.Namespace) -> int:
 
 
 def cmd_strip(args: argparse.Namespace) -> int:
-    from ...ops.strip import strip
-
     if args.layout == "litgpt":
         return cmd_export_litgpt(args)
 
@@ -87,8 +83,6 @@ def cmd_strip(args: argparse.Namespace) -> int:
           f"({r.total_size:,} bytes, {r.format}), dropped {len(r.dropped)}; shards: {shards}; "
           f"{check} -> {r.out}")
     if args.json:
-        from ...console import print_json
-
         print_json({"output": str(r.out), "layout": r.layout, "architecture": r.arch,
                     "format": r.format, "kept": r.kept, "dropped": list(r.dropped),
                     "total_size": r.total_size, "shards": dict(r.shards),
@@ -97,8 +91,6 @@ def cmd_strip(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_strip(args: argparse.Namespace) -> int:
-    from ...bench.strip import bench_strip
-
     keeps = {"drop": (False,), "keep": (True,), "both": (False, True)}[args.legacy]
     folders = [(t.folder, t.name) for t in resolve_all(args)]
     return bench_strip(folders, keeps, args.repeat, args.work, args.naive,

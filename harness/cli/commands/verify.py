@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ...checkpoint.reader import open_folder
+from ...console import print_json
 from ..options import add_json, add_spec_options, spec_from_args
 
 
@@ -23,8 +25,7 @@ def register(sub, bench) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from ...checkpoint.reader import open_folder
-    from ...console import print_json
+    # heavy: torch
     from ...synth.verify import check_quantized, config_problems, data_problems, layout_problems
 
     spec = spec_from_args(args)

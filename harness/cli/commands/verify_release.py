@@ -8,6 +8,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from ...bench.check import bench_reads, verify_release_bench
+from ...console import print_json
+from ...release.verify import verify_release
 from ..options import add_json, add_results_output, positive_int, results_target
 
 
@@ -29,16 +32,11 @@ def register(sub, bench) -> None:
 
 
 def cmd_bench_verify_release(args: argparse.Namespace) -> int:
-    from ...bench.check import bench_reads, verify_release_bench
-
     return bench_reads([(verify_release_bench(args.manifest), args.manifest.parent.name)],
                        args.repeat, results_target(args))
 
 
 def cmd_verify_release(args: argparse.Namespace) -> int:
-    from ...console import print_json
-    from ...release.verify import verify_release
-
     report = verify_release(args.manifest)
     stream = sys.stderr if args.json else sys.stdout
     for outcome in report.outcomes:

@@ -7,16 +7,19 @@ config) raises NotApplicable in that rule; the rule that owns the defect reports
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
 
+from ...checkpoint.paths import inside
 from ...checkpoint.problems import CheckpointError
-from ...checkpoint.reader import CheckpointFolder, open_folder, read_file, read_json
-from ..config import (CONFIG, config_problems, is_hf_layout, lm_fields, read_config,
-                      tower_problems)
+from ...checkpoint.reader import (CheckpointFolder, consistency_problems, open_folder, read_file,
+                                  read_json)
+from ..config import CONFIG, config_problems, is_hf_layout, lm_fields, read_config, tower_problems
 from ..errors import ContractError
-from ..keys import LAYOUT_MAPS, KeyMapError
+from ..keys import LAYOUT_MAPS, KeyMapError, layout_of
 from ..kinds import PROJECTOR_FILES, Detected, detect_kind, has_file, has_weights
+from ..tensors import canonical_shapes, logical_shapes_of
 from .model import NotApplicable
 from .values import ValueStats, scan_values
 
@@ -101,8 +104,6 @@ class Context:
     @cached_property
     def weight_problems(self) -> list[str]:
         """Every way the shards and their index are unreadable or disagree."""
-        from ...checkpoint.reader import consistency_problems
-
         if not has_weights(self.path):
             return []  # weights-missing says so
         try:
@@ -127,8 +128,6 @@ class Context:
     def logical(self) -> dict[str, tuple[int, ...]]:
         """Every tensor's logical shape (a quantized linear as its float weight), under its
         stored name."""
-        from ..tensors import logical_shapes_of
-
         try:
             return logical_shapes_of(self.sources, self.config, self.path)
         except (CheckpointError, ContractError) as exc:
@@ -138,8 +137,6 @@ class Context:
     def canonical(self) -> dict[str, tuple[int, ...]]:
         """The logical shapes under their original-layout names (names the layout's map does
         not cover are left out: `unknown-tensors` names them)."""
-        from ..tensors import canonical_shapes
-
         try:
             keys_layout(self.config, self.sources)
             return canonical_shapes(self.logical, self.config)
@@ -156,8 +153,6 @@ class Context:
     def prefetch_values(self) -> None:
         """Start the values pass in a thread now: it is bound by the disk, and the other rules
         (transformers' import and the tokenizer, above all) then run while it reads."""
-        from concurrent.futures import ThreadPoolExecutor
-
         try:
             sources = self.sources
         except NotApplicable:
@@ -173,14 +168,12 @@ class Context:
         when unreadable (raised for the rule to report)."""
         if not self.has(name):
             raise NotApplicable(f"the folder has no {name}")
-        from ...checkpoint.paths import inside
 
         return read_json(inside(self.path, name), self.path / name)
 
     def tensor_file(self, name: str) -> dict:
         if not self.has(name):
             raise NotApplicable(f"the folder has no {name}")
-        from ...checkpoint.paths import inside
 
         return read_file(inside(self.path, name))
 
@@ -217,8 +210,6 @@ class Context:
 
 def keys_layout(config: dict, keys) -> str:
     """The key layout the config describes, cross-checked against the keys (KeyMapError)."""
-    from ..keys import layout_of
-
     return layout_of(config, keys)
 
 

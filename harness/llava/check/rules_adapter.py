@@ -8,7 +8,8 @@ from ..adapter import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MULTIMODAL_KEYWORDS, NON
                        PEFT_PREFIX, adapter_config_problems, adapter_keys, empty_adapter,
                        llava_trainable_keys)
 from ..config import CONFIG
-from ..keys import PROJECTOR_MARK, ORIGINAL
+from ..keys import ORIGINAL, PROJECTOR_MARK
+from ..tensors import shape_problems
 from .context import Context
 from .model import NotApplicable, rule
 
@@ -157,8 +158,6 @@ def adapter_base_mismatch(ctx: Context):
       "config that describes other tensors", "ship the config.json of the base the adapter "
       "was trained on", "haotian-liu/LLaVA#1406 (a merge into the wrong base)")
 def adapter_config_base_mismatch(ctx: Context):
-    from ..tensors import shape_problems
-
     if ctx.base is None:
         raise NotApplicable("no --base given")
     for problem in shape_problems(ctx.config, ctx.base.canonical, ctx.file(CONFIG),

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...checkpoint.problems import CheckpointError
-from ..config import CONFIG, architectures, names_of
+from ..config import CONFIG, architectures, is_llava_field, missing_fields, names_of
 from ..errors import ContractError
-from ..keys import IMAGE_NEWLINE, PROJECTOR_PREFIX, VISION_TOWER, KeyMapError
+from ..keys import IMAGE_NEWLINE, LAYOUT_MAPS, PROJECTOR_PREFIX, VISION_TOWER, KeyMapError
 from ..kinds import kind_from_name
 from ..projector import DEFAULT_TYPE, infer_projector
 from ..tensors import shape_problems
@@ -50,8 +50,6 @@ def config_field(ctx: Context):
       "with a KeyError; transformers builds its own defaults", "add the field with the value "
       "the weights have", "haotian-liu/LLaVA#1161")
 def config_incomplete(ctx: Context):
-    from ..config import missing_fields
-
     for name in missing_fields(ctx.config):
         yield ctx.file(CONFIG), name, "missing"
 
@@ -97,8 +95,6 @@ def layout_mismatch(ctx: Context):
       "from_pretrained warns 'weights not used' and drops them", "remove them, or fix their names",
       "ggml-org/llama.cpp#5248")
 def unknown_tensors(ctx: Context):
-    from ..keys import LAYOUT_MAPS
-
     layout = LAYOUT_MAPS[ctx.layout]
     for key in sorted(ctx.logical):
         if not layout.covers(key):
@@ -234,8 +230,6 @@ def plain_leftovers(ctx: Context):
       "does)",
       "ggml-org/llama.cpp#5248")
 def plain_llava_fields(ctx: Context):
-    from ..config import is_llava_field
-
     config = ctx.config
     for name in sorted(config):
         if is_llava_field(name):

@@ -4,6 +4,9 @@ rows: what LLaVA's loader reads with `AutoTokenizer.from_pretrained(path, use_fa
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 from ...checkpoint.problems import CheckpointError
 from ..config import CONFIG
 from ..kinds import TOKENIZER_FILES
@@ -48,9 +51,8 @@ def _load_tokenizer(ctx: Context):
     if not any(ctx.has(n) for n in TOKENIZER_FILES):
         return None, "the folder has no tokenizer files"
     ctx.config  # a malformed config.json would fail the tokenizer for the config's sake
-    import warnings
 
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: transformers
 
     try:
         with warnings.catch_warnings():
@@ -75,6 +77,7 @@ def tokenizer_missing(ctx: Context):
       "exist or is not currently imported'", "set tokenizer_class to LlamaTokenizer",
       "huggingface/transformers#22222, haotian-liu/LLaVA#1309")
 def tokenizer_class_stale(ctx: Context):
+    # heavy: transformers
     from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
 
     data = ctx.json_file(TOKENIZER_CONFIG)
@@ -169,9 +172,7 @@ def special_token_out_of_range(ctx: Context):
       "save it: a merge or finetune script that calls save_pretrained stops",
       "set do_sample: true, or drop the sampling settings", "haotian-liu/LLaVA#1144, PR #1115")
 def generation_config_invalid(ctx: Context):
-    import logging
-
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig  # heavy: transformers
 
     try:
         data = ctx.json_file(GENERATION_CONFIG)

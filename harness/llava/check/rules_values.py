@@ -3,6 +3,9 @@ shipped as full ones. One streaming pass over every tensor (values.py) serves th
 
 from __future__ import annotations
 
+from ...checkpoint.paths import inside
+from ...checkpoint.reader import scan_file
+from ..kinds import ADAPTER_WEIGHTS, NON_LORA_TRAINABLES
 from .context import Context
 from .model import NotApplicable, rule
 from .values import FP16_MAX, ValueStats, scan_values
@@ -19,10 +22,6 @@ def scanned(ctx: Context) -> dict[str, dict[str, ValueStats]]:
 
 
 def _scan(ctx: Context) -> dict[str, dict[str, ValueStats]]:
-    from ...checkpoint.paths import inside
-    from ...checkpoint.reader import scan_file
-    from ..kinds import ADAPTER_WEIGHTS, NON_LORA_TRAINABLES
-
     out: dict[str, dict[str, ValueStats]] = {}
     if ctx.kind in ("llava", "llava-hf", "language_model"):
         out[str(ctx.path)] = ctx.values

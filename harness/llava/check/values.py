@@ -12,7 +12,11 @@ weights (integer dtypes) are bytes, not values: only their emptiness is looked a
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+
+from ...checkpoint.formats import DTYPE_BYTES
+from ...checkpoint.reader import as_tensor
 
 FLOATS = ("float16", "bfloat16", "float32", "float64")
 WINDOW_BYTES = 64 << 20
@@ -38,7 +42,7 @@ class _Running:
 
     def add(self, window) -> bool:
         """Fold a window in; False once a non-finite value is seen (nothing more to learn)."""
-        import torch
+        import torch  # heavy: torch
 
         low, high = (float(v) for v in torch.aminmax(window))
         if not (math.isfinite(low) and math.isfinite(high)):
@@ -61,8 +65,6 @@ class _Running:
 
 def _windows(key: str, source, window: int):
     """(key, piece, offset, nbytes) for each window of a contiguous tensor's bytes."""
-    from ...checkpoint.formats import DTYPE_BYTES
-
     step = window - window % DTYPE_BYTES[source.dtype]
     for piece in source.pieces:
         for start in range(0, piece.nbytes, step):
@@ -90,9 +92,7 @@ def _stream_stats(sources: dict) -> dict[str, ValueStats]:
     """Every contiguous float tensor's stats. One thread reads the next window into one buffer
     while the values of the last are folded in from the other: reading and arithmetic overlap,
     so the pass costs about the reading alone."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import torch
+    import torch  # heavy: torch
 
     windows = [w for key, source in sources.items() for w in _windows(key, source, WINDOW_BYTES)]
     running = {key: _Running(source.numel) for key, source in sources.items()}
@@ -122,8 +122,6 @@ def tensor_stats(tensor) -> ValueStats:
 
 def scan_values(sources: dict) -> dict[str, ValueStats]:
     """Stats of every tensor, key by key; integer tensors get their size only."""
-    from ...checkpoint.reader import as_tensor
-
     out: dict[str, ValueStats] = {}
     streamed = {}
     for key, source in sources.items():
