@@ -97,19 +97,8 @@ def setup(force: bool = False, log=print) -> Path:
     return exe
 
 
-# Run inside the litgpt environment: load the export as litgpt does, strictly, and save the
-# float32 logits of the given ids.
-CHILD = """
-import sys, torch
-from litgpt import GPT, Config
-folder, ids, out = sys.argv[1], sys.argv[2], sys.argv[3]
-model = GPT(Config.from_file(f"{folder}/model_config.yaml"))
-state = torch.load(f"{folder}/lit_model.pth", weights_only=True, mmap=True)
-model.load_state_dict(state, strict=True)
-with torch.no_grad():
-    logits = model.eval()(torch.tensor([[int(i) for i in ids.split(",")]]))
-torch.save(logits, out)
-"""
+# Run by path inside the litgpt environment: litgpt loads the export and saves its logits.
+CHILD_SCRIPT = Path(__file__).with_name("litgpt_child.py")
 
 
 def litgpt_logits(folder: Path, ids: list[int], out: Path):
@@ -120,6 +109,6 @@ def litgpt_logits(folder: Path, ids: list[int], out: Path):
     if exe is None:
         raise LitgptEnvError(f"{env_folder()}: the litgpt environment is not made; run "
                              "'llava-harness litgpt setup'")
-    _step([exe, "-I", "-c", CHILD, folder, ",".join(map(str, ids)), out],
+    _step([exe, "-I", CHILD_SCRIPT, folder, ",".join(map(str, ids)), out],
           f"litgpt.GPT on {folder}")
     return torch.load(out, weights_only=True)
