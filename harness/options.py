@@ -71,6 +71,11 @@ def results_file(text: str):
     return load_results(Path(text).expanduser())
 
 
+def plugin_flag(name: str) -> str:
+    """The plugin's flag for option `name`: how the main job hands its options to pytest."""
+    return f"--{PLUGIN_PREFIX}{name}"
+
+
 def spellings(name: str, prefix: str) -> list[str]:
     """The flags of option `name` on the side whose prefix is `prefix`, its own spelling first
     (argparse and pytest name the attribute after the first)."""

@@ -24,7 +24,7 @@ from ..checkpoint.reader import open_folder
 from ..console import print_json
 from ..data import SUITES, suites_dir
 from ..errors import HarnessError
-from ..options import unanchored_check
+from ..options import plugin_flag, unanchored_check
 from ..report.environment import current
 from ..report.gate import baseline_for, evaluate, machine_class
 from ..report.results import OUTCOMES, ResultsError, load_results, new_run_id
@@ -101,14 +101,14 @@ def pytest_command(files: list[Path], opts: RunOptions, run_id: str) -> list[str
     # one this process runs, never a checkout that happens to be the current folder.
     cmd = [sys.executable, "-P", "-m", "pytest", *map(str, files), "-q", "-p",
            "no:cacheprovider", "--tb=line",
-           "--llava-report-dir", str(Path(opts.report_dir).absolute()),
-           "--llava-run-id", run_id, "--llava-preset", opts.preset]
+           plugin_flag("report-dir"), str(Path(opts.report_dir).absolute()),
+           plugin_flag("run-id"), run_id, plugin_flag("preset"), opts.preset]
     if opts.checkpoint is not None:
-        cmd += ["--llava-checkpoint", str(Path(opts.checkpoint).absolute())]
+        cmd += [plugin_flag("checkpoint"), str(Path(opts.checkpoint).absolute())]
         if opts.base is not None:
-            cmd += ["--llava-base", str(Path(opts.base).absolute())]
+            cmd += [plugin_flag("base"), str(Path(opts.base).absolute())]
     if opts.realsize:
-        cmd.append("--llava-realsize")
+        cmd.append(plugin_flag("realsize"))
     if opts.select:
         cmd += ["-k", opts.select]
     if opts.workers:
