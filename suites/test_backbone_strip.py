@@ -626,3 +626,21 @@ def test_the_strict_checks_target_class_is_remembered(tmp_path, monkeypatch):
     (tmp_path / "out" / "config.json").write_text(json.dumps({**config, "vocab_size": 640}))
     assert strip_ops.expected_state(tmp_path / "out")["lm_head.weight"][0] == (640, 64)
     assert len(built) == 2
+
+
+def test_bench_strip_measures_strip_against_its_floors(tmp_path, monkeypatch, capsys):
+    """`bench strip` on the tiny preset: strip, the naive load/filter/save and a raw copy of
+    the output's bytes, each measured; the ratios are those of the walls it recorded, and no
+    output is left beside the cached build (no suite ran the command before)."""
+    monkeypatch.setenv("LLAVA_HARNESS_CACHE", str(tmp_path))
+    assert main(["bench", "strip", "--preset", "tiny", "--format", "safetensors", "--legacy",
+                 "drop", "--json"]) == 0
+    (record,) = json.loads(capsys.readouterr().out)["records"]
+    assert record["case"] == "tiny-safetensors-drop-legacy"
+    value = {name: m["value"] for name, m in record["metrics"].items()}
+    assert value["strip_over_raw"] == pytest.approx(value["strip_wall_s"] / value["raw_wall_s"])
+    assert value["strip_over_naive"] == pytest.approx(
+        value["strip_wall_s"] / value["naive_wall_s"])
+    assert value["bytes"] > 0 and value["strip_peak_rss"] > 0
+    assert {p.name for p in tmp_path.iterdir()} <= {
+        "expected-state", *(p.name for p in tmp_path.glob("tiny-safetensors-*"))}

@@ -539,3 +539,17 @@ def test_bench_check_records_the_check_against_one_read(controls, tmp_path):
     assert {"check_wall_s", "read_wall_s", "check_over_read", "check_peak_anon"} <= \
         set(record.metrics)
     assert record.metrics["check_over_read"].value > 0
+
+
+def test_bench_check_measures_check_against_one_read(tmp_path, monkeypatch, capsys):
+    """`bench check` on the tiny preset: `llava-harness check` and one read of the same bytes,
+    each measured in a child; the ratio is that of the walls it recorded (no suite ran the
+    command before)."""
+    monkeypatch.setenv("LLAVA_HARNESS_CACHE", str(tmp_path))
+    assert main(["bench", "check", "--preset", "tiny", "--format", "safetensors", "--repeat",
+                 "1", "--json"]) == 0
+    (record,) = json.loads(capsys.readouterr().out)["records"]
+    assert record["case"] == "tiny-safetensors"
+    value = {name: m["value"] for name, m in record["metrics"].items()}
+    assert value["check_over_read"] == pytest.approx(value["check_wall_s"] / value["read_wall_s"])
+    assert value["bytes"] > 0 and value["check_peak_rss"] > 0
