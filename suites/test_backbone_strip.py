@@ -628,16 +628,13 @@ def test_the_strict_checks_target_class_is_remembered(tmp_path, monkeypatch):
     assert len(built) == 2
 
 
-def test_bench_strip_measures_strip_against_its_floors(tmp_path, monkeypatch, capsys):
+def test_bench_strip_measures_strip_against_its_floors(bench_json, tmp_path):
     """`bench strip` on the tiny preset: strip, the naive load/filter/save and a raw copy of
     the output's bytes, each measured; the ratios are those of the walls it recorded, and no
     output is left beside the cached build (no suite ran the command before)."""
-    monkeypatch.setenv("LLAVA_HARNESS_CACHE", str(tmp_path))
-    assert main(["bench", "strip", "--preset", "tiny", "--format", "safetensors", "--legacy",
-                 "drop", "--json"]) == 0
-    (record,) = json.loads(capsys.readouterr().out)["records"]
-    assert record["case"] == "tiny-safetensors-drop-legacy"
-    value = {name: m["value"] for name, m in record["metrics"].items()}
+    case, value, _ = bench_json("strip", "--preset", "tiny", "--format", "safetensors",
+                                "--legacy", "drop")
+    assert case == "tiny-safetensors-drop-legacy"
     assert value["strip_over_raw"] == pytest.approx(value["strip_wall_s"] / value["raw_wall_s"])
     assert value["strip_over_naive"] == pytest.approx(
         value["strip_wall_s"] / value["naive_wall_s"])

@@ -312,17 +312,13 @@ def test_a_cache_entry_is_built_once_by_concurrent_processes(tmp_path):
     assert log.read_text().count("built") == 1
 
 
-def test_bench_build_records_its_figures_as_json(tmp_path, monkeypatch, capsys):
+def test_bench_build_records_its_figures_as_json(bench_json, tmp_path):
     """`bench build --json`: the build child and the raw write, measured, as one results file
     on stdout (the table goes to stderr) and nothing left in the cache (it once passed an
     argument the benchmark did not take, and no test ran it)."""
-    from harness.cli.app import main
-
-    monkeypatch.setenv("LLAVA_HARNESS_CACHE", str(tmp_path))
-    assert main(["bench", "build", "--preset", "tiny", "--json"]) == 0
-    out = capsys.readouterr()
-    records = json.loads(out.out)["records"]
-    assert [r["case"] for r in records] == ["tiny-bin"]
-    assert {"build_wall_s", "raw_write_s", "build_peak_rss"} <= set(records[0]["metrics"]), records[0]["metrics"]
-    assert "build tiny bin" in out.err
+    case, value, err = bench_json("build", "--preset", "tiny")
+    assert case == "tiny-bin"
+    assert value["build_speed_ratio"] == pytest.approx(value["raw_write_s"] / value["build_wall_s"])
+    assert value["build_peak_rss"] > 0
+    assert "build tiny bin" in err
     assert list(tmp_path.iterdir()) == []

@@ -541,15 +541,12 @@ def test_bench_check_records_the_check_against_one_read(controls, tmp_path):
     assert record.metrics["check_over_read"].value > 0
 
 
-def test_bench_check_measures_check_against_one_read(tmp_path, monkeypatch, capsys):
+def test_bench_check_measures_check_against_one_read(bench_json):
     """`bench check` on the tiny preset: `llava-harness check` and one read of the same bytes,
     each measured in a child; the ratio is that of the walls it recorded (no suite ran the
     command before)."""
-    monkeypatch.setenv("LLAVA_HARNESS_CACHE", str(tmp_path))
-    assert main(["bench", "check", "--preset", "tiny", "--format", "safetensors", "--repeat",
-                 "1", "--json"]) == 0
-    (record,) = json.loads(capsys.readouterr().out)["records"]
-    assert record["case"] == "tiny-safetensors"
-    value = {name: m["value"] for name, m in record["metrics"].items()}
+    case, value, _ = bench_json("check", "--preset", "tiny", "--format", "safetensors",
+                                "--repeat", "1")
+    assert case == "tiny-safetensors"
     assert value["check_over_read"] == pytest.approx(value["check_wall_s"] / value["read_wall_s"])
     assert value["bytes"] > 0 and value["check_peak_rss"] > 0
