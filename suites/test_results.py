@@ -253,3 +253,20 @@ def test_a_repeated_measurement_round_trips_with_every_value():
     assert again == run and again.to_json() == text
     assert again.records[0].metrics["bench_s"].sample.values == (0.3, 0.1, 0.2, 0.25, 0.15)
     assert Metric.of([1, 2, 3], "s") != Metric.of([1, 2, 3, 2], "s")  # the sample counts
+
+
+def test_a_test_id_no_results_file_can_hold_fails_only_the_report():
+    """The plugin collects in every pytest session where the harness is installed; a foreign
+    test id over the results file's 1,000-character bound is checked when a report is written,
+    not while the session runs (checking it while collecting once made such a session end in
+    INTERNALERROR)."""
+    from harness.report.collector import Collector
+    from harness.report.environment import current
+
+    collector = Collector({})
+    nodeid = "suites/test_x.py::test_a[" + "a" * 1200 + "]"
+    collector.outcome(nodeid, "passed")
+    collector.add_metric(nodeid, "x_s", Metric.of([0.5], "s", "lower"))
+    collector.outcome(nodeid, "skipped", "why")
+    with pytest.raises(ResultsError, match="more than 1,000"):
+        collector.results("r1", current())
