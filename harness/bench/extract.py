@@ -11,7 +11,6 @@ come from the launcher.
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from pathlib import Path
 
 from ..report.results import make_record, save_records
 from .launcher import launch, launch_cli
-from .measure import Measured, checked
+from .measure import Measured, checked_figures
 from .naive import whole_shard_extract
 
 SUITE = "bench-extract"
@@ -32,7 +31,8 @@ class Run:
 
 
 def _run(what: str, measured: Measured, stats: Path) -> Run:
-    return Run(checked(what, measured), json.loads(stats.read_text())["work_s"])
+    measured, figures = checked_figures(what, measured, stats)
+    return Run(measured, figures["work_s"])
 
 
 def _cli(folder: Path, patterns: tuple[str, ...], work: Path, i: int) -> Run:

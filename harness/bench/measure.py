@@ -14,6 +14,7 @@ Inside the child, a phase's own RSS peak is VmHWM after resetting it just before
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import statistics
@@ -116,6 +117,11 @@ def checked(what: str, measured: Measured, ok: tuple[int, ...] = (0,)) -> Measur
         last = measured.stderr.strip().splitlines()[-1:] or ["no output"]
         raise BenchError(f"{what}: exit {measured.returncode}: {last[0]}")
     return measured
+
+
+def checked_figures(what: str, measured: Measured, figures: Path) -> tuple[Measured, dict]:
+    """`checked(what, measured)`, and the JSON figures file the child wrote, read once."""
+    return checked(what, measured), json.loads(figures.read_text())
 
 
 def self_peak_rss_bytes() -> int:

@@ -8,15 +8,14 @@ shards, anonymous memory is what the process really holds). The output is spot-c
 first and last adapted weights against an independent float32 formula, bit for bit, and an
 untouched tensor against the base.
 
-`--naive` adds LLaVA's own way for comparison (naive.load_all_merge: load the whole base in the
-merge dtype, load the trainables, `PeftModel.from_pretrained(...).merge_and_unload()`,
+`--naive` adds LLaVA's own way for comparison (naive_merge.load_all_merge: load the whole base
+in the merge dtype, load the trainables, `PeftModel.from_pretrained(...).merge_and_unload()`,
 `save_pretrained`), only when the machine has the memory for it; otherwise its peak is
 estimated (model + float32 adapter, as peft upcasts it) and reported as an estimate.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
@@ -28,8 +27,8 @@ from safetensors import safe_open
 from ..checkpoint.reader import open_folder
 from ..report.results import make_record, save_records
 from .launcher import launch, launch_cli
-from .measure import BenchError, Measured, checked
-from .naive import load_all_merge
+from .measure import BenchError, checked_figures
+from .naive_merge import load_all_merge
 
 SUITE = "bench-merge"
 # Headroom over the estimated peak before the naive child is started on a shared machine.
@@ -61,11 +60,6 @@ def _check_disk(work: Path, need: int) -> None:
     if free < need:
         raise BenchError(f"{work}: {free / 2**30:.1f} GiB free, the benchmark needs "
                          f"{need / 2**30:.1f} GiB")
-
-
-def _work_s(what: str, measured: Measured, stats: Path) -> tuple[Measured, float]:
-    """The child checked, and the work time from its figures file `stats`."""
-    return checked(what, measured), json.loads(stats.read_text())["work_s"]
 
 
 def spot_check(base: Path, adapter: Path, merged: Path, dtype: str) -> list[str]:
@@ -114,12 +108,11 @@ def _run(bench: MergeBench, work: Path) -> dict:
     figures = {"adapter_build_s": time.perf_counter() - start, "model_bytes": model_bytes,
                "adapter_bytes": (adapter / "adapter_model.safetensors").stat().st_size}
     stats = work / "merge.json"
-    measured, work_s = _work_s("merge-lora", launch_cli(
+    measured, summary = checked_figures("merge-lora", launch_cli(
         "merge-lora", "--adapter", str(adapter), "--base", str(bench.base), "-o",
         str(work / "merged"), "--dtype", bench.dtype, "--device", bench.device, "--json",
         stdout=stats), stats)
-    summary = json.loads(stats.read_text())
-    figures |= {"wall_s": measured.wall_s, "work_s": work_s,
+    figures |= {"wall_s": measured.wall_s, "work_s": summary["work_s"],
                 "peak_rss": measured.peak_rss_bytes, "peak_anon": measured.peak_anon_bytes or 0,
                 "merged_layers": summary["merged_layers"], "output_bytes": summary["bytes"]}
     figures["problems"] = spot_check(bench.base, adapter, work / "merged", bench.dtype)
@@ -137,11 +130,11 @@ def _run_naive(bench: MergeBench, adapter: Path, work: Path, estimate: int) -> d
         return {"naive_skipped": f"needs ~{estimate / 2**30:.1f} GiB (+{NAIVE_HEADROOM - 1:.0%}"
                                  f" headroom), {available / 2**30:.1f} GiB available"}
     stats = work / "naive.json"
-    measured, work_s = _work_s("naive merge", launch(
+    measured, naive = checked_figures("naive merge", launch(
         load_all_merge, str(adapter), str(bench.base), str(work / "naive"), bench.dtype,
         str(stats)), stats)
     shutil.rmtree(work / "naive", ignore_errors=True)
-    return {"naive_wall_s": measured.wall_s, "naive_work_s": work_s,
+    return {"naive_wall_s": measured.wall_s, "naive_work_s": naive["work_s"],
             "naive_peak_rss": measured.peak_rss_bytes,
             "naive_peak_anon": measured.peak_anon_bytes or 0}
 

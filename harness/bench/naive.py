@@ -6,8 +6,9 @@ does what a hand-written script does (scripts/extract_mm_projector.py, a load/fi
 strip, peft's merge_and_unload): whole shards through `torch.load` (weights-only) or
 safetensors' `load_file`, nothing streamed. They are the yardstick, so they must stay exactly
 this slow and this large: no harness readers or writers here, only torch, safetensors and the
-file names. torch is imported inside each function, so the parent (which imports this module
-to name the child) stays light; a child's work time starts after `import torch`.
+file names (the merge's baseline, which needs the harness's LLaVA classes, is naive_merge.py).
+torch is imported inside each function, so the parent (which imports this module to name the
+child) stays light; a child's work time starts after `import torch`.
 """
 
 from __future__ import annotations
@@ -15,9 +16,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
-
-from ..model.config import llava_config
 
 # Format: (index file, single-file checkpoint).
 _NAMES = {"bin": ("pytorch_model.bin.index.json", "pytorch_model.bin"),
@@ -27,8 +25,7 @@ _MULTIMODAL = ("mm_projector", "vision_tower", "vision_resampler", "image_newlin
 
 
 def _load_whole(path: str, fmt: str) -> dict:
-    # heavy: torch
-    import torch  # heavy: the child's, never the parent's
+    import torch  # heavy: torch; the child's, never the parent's
 
     if fmt == "bin":
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -37,7 +34,16 @@ def _load_whole(path: str, fmt: str) -> dict:
     return load_file(path)
 
 
-def _write_stats(stats: str, start: float) -> None:
+def _weight_map(folder: str, fmt: str) -> dict | None:
+    """The index's weight_map, or None for a single-file checkpoint."""
+    index = os.path.join(folder, _NAMES[fmt][0])
+    if not os.path.exists(index):
+        return None
+    with open(index) as f:
+        return json.load(f)["weight_map"]
+
+
+def write_stats(stats: str, start: float) -> None:
     with open(stats, "w") as f:
         json.dump({"work_s": time.perf_counter() - start}, f)
 
@@ -45,21 +51,17 @@ def _write_stats(stats: str, start: float) -> None:
 def whole_shard_extract(folder: str, fmt: str, patterns: list[str], out: str, stats: str) -> None:
     """The keys matching any of `patterns`, from every shard that holds one (each loaded
     whole), `torch.save`d to `out`; the work time to `stats`."""
-    # heavy: torch
-    import torch  # heavy: the child's, never the parent's
+    import torch  # heavy: torch; the child's, never the parent's
 
     start = time.perf_counter()
-    index_name, single = _NAMES[fmt]
-    index = os.path.join(folder, index_name)
-    if os.path.exists(index):
+    weight_map = _weight_map(folder, fmt)
+    if weight_map is None:
+        files = {_NAMES[fmt][1]: None}
+    else:
         files = {}
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
         for key, file in weight_map.items():
             if any(p in key for p in patterns):
                 files.setdefault(file, []).append(key)
-    else:
-        files = {single: None}
     picked = {}
     for file, keys in files.items():
         state = _load_whole(os.path.join(folder, file), fmt)
@@ -67,7 +69,7 @@ def whole_shard_extract(folder: str, fmt: str, patterns: list[str], out: str, st
         picked.update({k: state[k] for k in keys})
         del state
     torch.save(picked, out)
-    _write_stats(stats, start)
+    write_stats(stats, start)
 
 
 def whole_shard_strip(src: str, out: str, keep: bool) -> None:
@@ -76,12 +78,8 @@ def whole_shard_strip(src: str, out: str, keep: bool) -> None:
     llama config."""
     fmt = "safetensors" if any(f.endswith(".safetensors") for f in os.listdir(src)) else "bin"
     index_name, single = _NAMES[fmt]
-    index = os.path.join(src, index_name)
-    if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    else:
-        files = [single]
+    source_map = _weight_map(src, fmt)
+    files = [single] if source_map is None else sorted(set(source_map.values()))
     os.makedirs(out)
     weight_map, total = {}, 0
     for file in files:
@@ -94,7 +92,7 @@ def whole_shard_strip(src: str, out: str, keep: bool) -> None:
         weight_map.update({k: file for k in kept})
         total += sum(v.numel() * v.element_size() for v in kept.values())
         del kept
-    if os.path.exists(index):
+    if source_map is not None:
         with open(os.path.join(out, index_name), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f,
                       indent=2, sort_keys=True)
@@ -103,8 +101,7 @@ def whole_shard_strip(src: str, out: str, keep: bool) -> None:
 
 def _save_whole(state: dict, target: str, fmt: str) -> None:
     """`state` saved in one go and fsynced, so the step ends with its bytes on disk."""
-    # heavy: torch
-    import torch  # heavy: the child's, never the parent's
+    import torch  # heavy: torch; the child's, never the parent's
 
     if fmt == "bin":
         torch.save(state, target)
@@ -125,32 +122,3 @@ def _write_llama_config(src: str, out: str) -> None:
     config.update(model_type="llama", architectures=["LlamaForCausalLM"])
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
-
-
-def load_all_merge(adapter: str, base: str, out: str, dtype: str, stats: str) -> None:
-    """LLaVA's own merge: the whole base loaded in `dtype`, the trainables copied in (their
-    file through torch.load), `PeftModel.from_pretrained(...).merge_and_unload()`,
-    `save_pretrained`; the work time to `stats`."""
-    # heavy: torch
-    import torch  # heavy: the child's, never the parent's
-
-    start = time.perf_counter()
-    # Imported after `start`, as before: loading peft and transformers is part of the work.
-    from peft import PeftModel  # heavy: peft
-
-    from ..model.llava import MODEL_CLASSES  # heavy: torch, transformers
-    from ..ops.load import normalise_trainable_keys  # heavy: torch, transformers
-
-    adapter = Path(adapter)
-    arch, config = llava_config(adapter)
-    model = MODEL_CLASSES[arch].from_pretrained(base, config=config, dtype=getattr(torch, dtype))
-    state = model.state_dict()
-    # LLaVA's own way: the whole file through torch.load (its own synthetic adapter, trusted).
-    raw = torch.load(adapter / "non_lora_trainables.bin", map_location="cpu", weights_only=True)
-    trainables = normalise_trainable_keys(dict(raw), set(state), adapter)
-    with torch.no_grad():
-        for key, value in trainables.items():
-            state[key].copy_(value.to(state[key].dtype))
-    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    model.save_pretrained(out)
-    _write_stats(stats, start)
