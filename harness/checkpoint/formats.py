@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,6 +29,12 @@ class Entry(Protocol):
 
     @property
     def nbytes(self) -> int: ...
+
+
+# A new tensor's bytes, produced in pieces (the builder's fill, the merge's tensors), and the
+# callback a writer reports each written tensor's size to: both formats' writers take them.
+Chunks = Callable[[Entry], Iterable[bytes | memoryview]]
+Progress = Callable[[int], None]
 
 
 class Shaped:

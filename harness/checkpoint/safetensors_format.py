@@ -12,19 +12,15 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .files import DEFAULT_MODE, Output
-from .formats import DTYPE_BYTES, Entry
+from .formats import DTYPE_BYTES, Chunks, Progress
 from .problems import CheckpointError, shown
 from .tensors import SAFETENSORS_CODES, SAFETENSORS_NAMES, Piece, Source
 
 MAX_HEADER_BYTES = 100 * 10**6
 _ENTRY_FIELDS = {"dtype", "shape", "data_offsets"}
-# A new tensor's bytes, produced in pieces (the builder's fill, the merge's tensors).
-Chunks = Callable[[Entry], Iterable[bytes | memoryview]]
-Progress = Callable[[int], None]
 
 
 def _no_duplicates(pairs):
@@ -133,8 +129,9 @@ def safetensors_order(tensors: list) -> list:
 
 
 def save_file_order(tensors: list) -> list:
-    """The order safetensors' own `save_file` lays tensors out in: wider dtypes first, then by
-    name. New files (the builder's, the merge's, an extraction) are written in it."""
+    """The order new files (the builder's, the merge's, an extraction) are written in: wider
+    dtypes first, then by name. It is safetensors' own `save_file` order wherever no two dtypes
+    of one width share a file; `save_file` ranks those by dtype too (I8 before U8, say)."""
     return safetensors_order(sorted(tensors, key=lambda t: t.key))
 
 

@@ -11,10 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .files import DEFAULT_MODE, link_or_copy, mode_of
-from .formats import INDEX_NAMES, index_json, index_of, shard_name
+from .formats import INDEX_NAMES, Chunks, Progress, index_json, index_of, shard_name
 from .reader import ScannedFolder
-from .safetensors_format import (Chunks, Progress, safetensors_order, save_file_order,
-                                 write_safetensors)
+from .safetensors_format import safetensors_order, save_file_order, write_safetensors
 from .tensors import Source
 from .torch_zip import write_bin
 

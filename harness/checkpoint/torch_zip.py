@@ -32,15 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .files import DEFAULT_MODE, Output, fsync_path
-from .formats import DTYPE_BYTES, Entry, shape_numel
+from .formats import DTYPE_BYTES, Chunks, Entry, Progress, shape_numel
 from .crc import combined
 from .problems import CheckpointError, shown
 from .tensors import (STORAGE_CLASSES, STORAGE_DTYPES, BinStorage, Piece, Source,
                       contiguous_strides, is_contiguous)
 
-# A new tensor's bytes, produced in pieces (the builder's fill, the merge's tensors).
-Chunks = Callable[[Entry], Iterable[bytes | memoryview]]
-Progress = Callable[[int], None]
 
 MAX_PICKLE_BYTES = 64 << 20  # a 13B's data.pkl is ~60 KB
 MAX_PICKLE_OPS = 5_000_000
@@ -526,8 +523,7 @@ class _NewTensor:
         self.storage = storage
 
     def __reduce_ex__(self, protocol):
-        # heavy: torch
-        import torch._utils  # torch is loaded: only _write_new pickles these
+        import torch._utils  # heavy: torch, loaded already: only _write_new pickles it
 
         shape = self.storage.tensor.shape
         return (torch._utils._rebuild_tensor_v2,
@@ -538,8 +534,7 @@ class _NewPickler(pickle.Pickler):
     def persistent_id(self, obj):
         if not isinstance(obj, _NewStorage):
             return None
-        # heavy: torch
-        import torch  # loaded already: only _write_new pickles these
+        import torch  # heavy: torch, loaded already: only _write_new pickles it
 
         t = obj.tensor
         return ("storage", getattr(torch, _storage_class(t.key, t.dtype)), obj.name, "cpu",
@@ -556,8 +551,8 @@ def _new_pickle(tensors: list) -> bytes:
 
 def _write_new(path: Path, tensors: list, chunks: Chunks, progress: Progress | None,
                mode: int) -> None:
-    # heavy: torch
-    import torch  # the builder and the merge hold torch already; copies never come here
+    # heavy: torch: the builder and the merge hold torch already; copies never come here
+    import torch
 
     # One reusable buffer the size of the largest tensor: the only tensor-sized allocation.
     buffer = torch.empty(max((t.nbytes for t in tensors), default=0), dtype=torch.uint8)

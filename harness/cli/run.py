@@ -47,10 +47,6 @@ class RunError(HarnessError):
     pass
 
 
-def suites_dir_default() -> Path:
-    return suites_dir()
-
-
 def parse_suite_names(text: str) -> tuple[str, ...]:
     """'extraction,counts' -> names; 'all' -> every known suite; an unknown name is an error
     naming it and the known ones."""
@@ -135,9 +131,9 @@ def _stream(cmd: list[str], cwd: Path, log: Path) -> tuple[int, list[str]]:
 
 
 def _check_inputs(opts: RunOptions) -> Path:
-    suites_dir = Path(opts.suites_dir) if opts.suites_dir else suites_dir_default()
-    if not suites_dir.is_dir():
-        raise RunError(f"{suites_dir}: no suites folder here (pass --suites-dir DIR; every "
+    folder = Path(opts.suites_dir) if opts.suites_dir else suites_dir()
+    if not folder.is_dir():
+        raise RunError(f"{folder}: no suites folder here (pass --suites-dir DIR; every "
                        "install, editable or a non-editable install of the wheel, ships them as "
                        "harness.suites)")
     report_dir = Path(opts.report_dir)
@@ -151,7 +147,7 @@ def _check_inputs(opts: RunOptions) -> Path:
     relative = unanchored_check(opts.checks, opts.baseline)
     if relative is not None:
         raise RunError(f"--fail {relative.text!r} is relative and needs --baseline")
-    return suites_dir
+    return folder
 
 
 def summarize(results) -> list[str]:

@@ -34,8 +34,8 @@ def llava_config(folder: Path, data: dict | None = None):
 def build_config(cls, fields: dict, where: Path | str):
     """`cls(**fields)`, a refusal by transformers' own validation (a value the contract's
     schema lets through) turned into one ConfigError line naming the file."""
-    # heavy: huggingface_hub
-    from huggingface_hub.errors import StrictDataclassError  # transformers 5's field checks
+    # heavy: huggingface_hub: transformers 5's field checks
+    from huggingface_hub.errors import StrictDataclassError
 
     try:
         return cls(**fields)

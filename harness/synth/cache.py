@@ -14,15 +14,15 @@ import json
 import shutil
 from pathlib import Path
 
+from filelock import FileLock
+
 from ..data import CACHE_ENV_VAR, cache_root
 from ..errors import HarnessError
+from .plan import make_plan
+from .specs import BuildSpec
 
 __all__ = ["CacheError", "ENV_VAR", "cache_lock", "cache_path", "cache_root", "cached_build",
            "ensure_space", "is_valid", "remove", "spec_hash"]
-from filelock import FileLock
-
-from .plan import make_plan
-from .specs import BuildSpec
 
 # Bump when fill.py changes the bytes a (seed, key) produces.
 FILL_VERSION = 1
@@ -92,8 +92,8 @@ def cache_lock(entry: Path):
 
 def cached_build(spec: BuildSpec, root: Path | None = None) -> Path:
     """The cached folder for `spec`, building it first when missing or failing the check."""
-    # heavy: torch
-    from .builder import build  # imports torch; keep `import harness.synth.cache` light for the CLI
+    # heavy: torch; `import harness.synth.cache` stays light for the CLI
+    from .builder import build
 
     folder = cache_path(spec, root)
     if is_valid(folder):

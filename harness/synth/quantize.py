@@ -136,8 +136,7 @@ def _bitsandbytes(seed: int, weight: TensorInfo, scheme: Scheme, model: ModelSpe
     import bitsandbytes.functional as F  # heavy: bitsandbytes
     import torch  # heavy: torch
 
-    # heavy: torch
-    from .fill import make_tensor  # fill imports torch: planning stays without it
+    from .fill import make_tensor  # heavy: torch (fill); planning stays without it
 
     w = make_tensor(seed, weight, model)
     if scheme.bits == 8:
@@ -170,8 +169,7 @@ def _bnb_state(seed: int, weight: TensorInfo, scheme: Scheme, model: ModelSpec) 
 def _mean_absmax(seed: int, weight: TensorInfo, model: ModelSpec) -> float:
     """bitsandbytes' double-quant offset: the mean of the float32 block absmax values, each
     computed as its quantize_4bit computes it (a last, partial block on its own)."""
-    # heavy: torch
-    from .fill import make_tensor  # fill imports torch: planning stays without it
+    from .fill import make_tensor  # heavy: torch (fill); planning stays without it
 
     flat = make_tensor(seed, weight, model).reshape(-1).float()
     full = flat.numel() - flat.numel() % 64
@@ -186,8 +184,7 @@ def _mean_absmax(seed: int, weight: TensorInfo, model: ModelSpec) -> float:
 def _packed_integers(seed: int, weight: TensorInfo, scheme: Scheme) -> dict[str, bytes]:
     import torch  # heavy: torch
 
-    # heavy: torch
-    from .fill import RAW_BITS, tensor_bytes  # torch, as above
+    from .fill import RAW_BITS, tensor_bytes  # heavy: torch, as above
 
     out_f, in_f = weight.shape
     out = {}

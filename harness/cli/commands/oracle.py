@@ -59,7 +59,7 @@ def cmd_compute(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from ...oracle import live, replay, source  # heavy: torch
+    from ...oracle import replay  # heavy: torch
 
     quiet_transformers()
 

@@ -12,12 +12,12 @@ from pathlib import Path
 from ...bench.measure import BenchError
 from ...bench.quant import QuantBench, bench_quant
 from ...bench.session import run_session
+from ...data import suites_dir
 from ...ops.quant import parse_modes
 from ...options import argument_type
 from ...synth.presets import PRESET_NAMES
 from ...synth.specs import FORMATS
 from ..options import add_output, add_results_output, positive_int, results_target
-from ..run import suites_dir_default
 from ..target import resolve
 
 DEFAULT_MODES = "fp16,bf16,int8,nf4,nf4-dq,fp4"
@@ -100,4 +100,4 @@ def cmd_bench_quant(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_session(args: argparse.Namespace) -> int:
-    return run_session(args.output, args.suites_dir or suites_dir_default(), args.dry_run)
+    return run_session(args.output, args.suites_dir or suites_dir(), args.dry_run)

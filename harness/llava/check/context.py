@@ -138,7 +138,7 @@ class Context:
         """The logical shapes under their original-layout names (names the layout's map does
         not cover are left out: `unknown-tensors` names them)."""
         try:
-            keys_layout(self.config, self.sources)
+            layout_of(self.config, self.sources)
             return canonical_shapes(self.logical, self.config)
         except KeyMapError as exc:
             raise NotApplicable(f"the tensors cannot be read as a model ({exc})") from None
@@ -208,9 +208,4 @@ class Context:
                                                               dict) else data
 
 
-def keys_layout(config: dict, keys) -> str:
-    """The key layout the config describes, cross-checked against the keys (KeyMapError)."""
-    return layout_of(config, keys)
-
-
-__all__ = ["Context", "LAYOUT_MAPS", "keys_layout"]
+__all__ = ["Context", "LAYOUT_MAPS"]

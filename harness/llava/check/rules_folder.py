@@ -8,11 +8,12 @@ from pathlib import Path
 from ...checkpoint.problems import CheckpointError
 from ..config import CONFIG, architectures, is_llava_field, missing_fields, names_of
 from ..errors import ContractError
-from ..keys import IMAGE_NEWLINE, LAYOUT_MAPS, PROJECTOR_PREFIX, VISION_TOWER, KeyMapError
+from ..keys import (IMAGE_NEWLINE, LAYOUT_MAPS, PROJECTOR_PREFIX, VISION_TOWER, KeyMapError,
+                    layout_of)
 from ..kinds import kind_from_name
 from ..projector import DEFAULT_TYPE, infer_projector
 from ..tensors import shape_problems
-from .context import Context, keys_layout
+from .context import Context
 from .model import ALL_KINDS, FULL, NotApplicable, rule
 
 WEIGHTED = ("llava", "llava-hf", "language_model")
@@ -85,7 +86,7 @@ def weights_missing(ctx: Context):
       "haotian-liu/LLaVA#1567, huggingface/transformers#28404")
 def layout_mismatch(ctx: Context):
     try:
-        keys_layout(ctx.config, ctx.sources)
+        layout_of(ctx.config, ctx.sources)
     except KeyMapError as exc:
         yield ctx.file(CONFIG), "architectures", str(exc).split(": ", 1)[-1]
 
