@@ -259,20 +259,21 @@ def _heavy_loaded() -> dict:
              for p in [*_modules(), PACKAGE / "__init__.py"]}
     eager = {name: {t for node, lazy in _import_statements(path) if not lazy
                     for t in _targets(path, node)} for name, path in files.items()}
-    memo: dict[str, set[str]] = {}
 
     def loads(name: str) -> set[str]:
-        if name not in memo:
-            memo[name] = set()  # no circles (tested above); this only guards the walk
-            parts = name.split(".")
-            found = set()
+        # A plain walk of everything importing `name` runs (each package's __init__ on the way),
+        # with its own visited set: a package whose __init__ imports its submodules re-enters
+        # itself, and a cache filled mid-walk would answer for it with half a result.
+        found, seen, todo = set(), set(), [name]
+        while todo:
+            parts = todo.pop().split(".")
             for i in range(1, len(parts) + 1):
                 prefix = ".".join(parts[:i])
                 found |= {prefix} & HEAVY | {parts[0]} & OPTIONAL
-                for target in eager.get(prefix, ()):
-                    found |= loads(target)
-            memo[name] = found
-        return memo[name]
+                if prefix not in seen:
+                    seen.add(prefix)
+                    todo += eager.get(prefix, ())
+        return found
 
     return loads
 
@@ -292,7 +293,9 @@ def needless_lazy_imports(package: Path) -> list[str]:
                 if not lazy:
                     continue
                 kept_off = set().union(*map(loads, _targets(path, node))) - mine
-                said = " ".join(lines[node.lineno - 2: node.lineno])
+                above = lines[node.lineno - 2] if node.lineno > 1 else ""
+                # Its own line, or a whole-line comment above (not the line above's own remark).
+                said = lines[node.lineno - 1] + (above if above.lstrip().startswith("#") else "")
                 if not kept_off:
                     found.append(f"{rel}:{node.lineno}: {ast.unparse(node)} (keeps nothing "
                                  "heavy off this module: import it at the top)")
@@ -330,6 +333,19 @@ def test_the_lazy_import_check_catches_a_needless_one(tmp_path):
     found = needless_lazy_imports(package)
     assert [f.split(" (")[0] for f in found] == [
         "ops/user.py:2: from .light import json", "ops/user.py:4: from .heavy import torch"]
+
+
+def test_the_lazy_import_check_follows_a_package_that_imports_itself(tmp_path):
+    """check/__init__ imports a and b, a imports torch: importing check.b loads torch, so a
+    lazy import of it keeps torch off (a walk cached mid-circle once said it kept nothing)."""
+    package = tmp_path / "harness"
+    (package / "check").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "check" / "__init__.py").write_text("from . import a, b\n")
+    (package / "check" / "a.py").write_text("import torch\n")
+    (package / "check" / "b.py").write_text("import json\n")
+    (package / "user.py").write_text("def f():\n    import harness.check.b  # heavy: torch\n")
+    assert needless_lazy_imports(package) == []
 
 
 def private_imports(package: Path) -> list[str]:

@@ -61,8 +61,13 @@ def _blocks(path: Path):
                 continue
             yield start, pending + line
             pending = ""
-    fenced = _fenced(lines)
-    prose = "\n".join("" if fenced[i] else line for i, line in enumerate(lines))
+    yield from _inline_spans(lines)
+
+
+def _inline_spans(lines: list[str]):
+    """(line number, text) of each inline code span outside fenced blocks, spans broken over
+    lines joined."""
+    prose = "\n".join("" if f else line for f, line in zip(_fenced(lines), lines))
     for match in INLINE.finditer(prose.replace("\n", " ")):
         yield prose.count("\n", 0, match.start()) + 1, match.group(1)
 
@@ -260,11 +265,9 @@ def _python_blocks(path: Path):
             fence = None
         elif fence is not None:
             body.append(line)
-    prose = "\n".join("" if f else line for f, line in zip(_fenced(lines), lines))
-    for match in INLINE.finditer(prose.replace("\n", " ")):
-        text = match.group(1)
+    for line, text in _inline_spans(lines):
         if re.match(r"(from|import)\s+harness\b", text) or DEEP_CALL.search(text):
-            yield prose.count("\n", 0, match.start()) + 1, text
+            yield line, text
 
 
 def private_uses(code: str) -> list[str]:
@@ -277,7 +280,7 @@ def private_uses(code: str) -> list[str]:
         tree = ast.parse(code)
     except SyntaxError:
         return [f"not Python: {code.splitlines()[0]!r}"]
-    found = [f"harness.{m.group(0)[8:-1]}" for m in DEEP_CALL.finditer(code)]
+    found = [m.group(0)[:-1] for m in DEEP_CALL.finditer(code)]
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "harness":
             if node.module != "harness":

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from harness.cli.app import main
-from harness.cli.run import SUITES, RunError, parse_suite_names, suite_files, suites_dir_default
+from harness.cli.run import SUITES, RunError, parse_suite_names, suite_files
+from harness.data import suites_dir
 from harness.report.results import load_results
 from harness.synth.builder import build
 from harness.synth.presets import build_spec
@@ -45,7 +46,7 @@ def test_every_default_suite_name_is_known():
     from harness.cli.run import CHECKPOINT_SUITES, DEFAULT_SUITES
 
     assert set(DEFAULT_SUITES) | set(CHECKPOINT_SUITES) <= set(SUITES)
-    assert (suites_dir_default() / SUITES["checkpoint"]).is_file()
+    assert (suites_dir() / SUITES["checkpoint"]).is_file()
 
 
 def test_unknown_suite_is_refused_at_argument_time(capsys):
